@@ -1,0 +1,12 @@
+DROP TABLE events;
+ALTER TABLE campaigns DROP CONSTRAINT IF EXISTS campaigns_current_generator_id_fkey;
+DROP TABLE artifact_parents;
+DROP TABLE artifacts;
+DROP TABLE attempts;
+DROP TABLE task_edges;
+DROP TABLE tasks;
+DROP TABLE workers;
+DROP TABLE pools;
+DROP TABLE rounds;
+DROP TABLE campaigns;
+DROP TABLE api_tokens;

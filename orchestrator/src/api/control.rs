@@ -1,0 +1,220 @@
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flywheel_proto::v1::server::ControlService;
+use flywheel_proto::v1::*;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::convert;
+use crate::auth::Scope;
+use crate::error::{Error, parse_id};
+use crate::{Controller, ops, store};
+
+pub(crate) struct ControlApi {
+    pub(crate) ctl: Arc<Controller>,
+}
+
+impl ControlApi {
+    async fn rounds(&self, campaign_id: uuid::Uuid) -> Result<Vec<Round>, Error> {
+        let mut conn = self.ctl.pool.acquire().await?;
+        let rounds = store::rounds::list(&mut conn, campaign_id).await?;
+        let tasks = store::tasks::list_for_campaign(&mut conn, campaign_id).await?;
+        Ok(convert::rounds(
+            rounds,
+            tasks,
+            &self.ctl.registry.connected_capabilities(),
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl ControlService for ControlApi {
+    type StreamEventsStream = Pin<Box<dyn Stream<Item = Result<Event, Status>> + Send>>;
+
+    async fn create_campaign(
+        &self,
+        req: Request<CreateCampaignRequest>,
+    ) -> Result<Response<Campaign>, Status> {
+        let who = self.ctl.auth.require(&req, Scope::Admin).await?;
+        let c = ops::create_campaign(&self.ctl, &req.get_ref().spec_yaml, &who).await?;
+        Ok(Response::new(convert::campaign(c)))
+    }
+
+    async fn get_campaign(
+        &self,
+        req: Request<CampaignRef>,
+    ) -> Result<Response<CampaignDetail>, Status> {
+        self.ctl.auth.require(&req, Scope::Read).await?;
+        let id = parse_id("campaign_id", &req.get_ref().campaign_id)?;
+        let c = ops::get(&self.ctl, id).await?;
+        let spec_yaml = c.spec_yaml.clone();
+        let rounds = self.rounds(id).await?;
+        Ok(Response::new(CampaignDetail {
+            campaign: Some(convert::campaign(c)),
+            rounds,
+            spec_yaml,
+        }))
+    }
+
+    async fn list_campaigns(
+        &self,
+        req: Request<ListCampaignsRequest>,
+    ) -> Result<Response<ListCampaignsResponse>, Status> {
+        self.ctl.auth.require(&req, Scope::Read).await?;
+        let mut conn = self.ctl.pool.acquire().await.map_err(Error::from)?;
+        let rows = store::campaigns::list(&mut conn)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(ListCampaignsResponse {
+            campaigns: rows.into_iter().map(convert::campaign).collect(),
+        }))
+    }
+
+    async fn pause_campaign(
+        &self,
+        req: Request<CampaignAction>,
+    ) -> Result<Response<Campaign>, Status> {
+        let who = self.ctl.auth.require(&req, Scope::Admin).await?;
+        let id = parse_id("campaign_id", &req.get_ref().campaign_id)?;
+        Ok(Response::new(convert::campaign(
+            ops::pause(&self.ctl, id, &req.get_ref().reason, &who).await?,
+        )))
+    }
+
+    async fn resume_campaign(
+        &self,
+        req: Request<CampaignAction>,
+    ) -> Result<Response<Campaign>, Status> {
+        let who = self.ctl.auth.require(&req, Scope::Admin).await?;
+        let id = parse_id("campaign_id", &req.get_ref().campaign_id)?;
+        Ok(Response::new(convert::campaign(
+            ops::resume(&self.ctl, id, &req.get_ref().reason, &who).await?,
+        )))
+    }
+
+    async fn cancel_campaign(
+        &self,
+        req: Request<CampaignAction>,
+    ) -> Result<Response<Campaign>, Status> {
+        let who = self.ctl.auth.require(&req, Scope::Admin).await?;
+        let id = parse_id("campaign_id", &req.get_ref().campaign_id)?;
+        Ok(Response::new(convert::campaign(
+            ops::cancel(&self.ctl, id, &req.get_ref().reason, &who).await?,
+        )))
+    }
+
+    async fn retry_stage(
+        &self,
+        req: Request<RetryStageRequest>,
+    ) -> Result<Response<RetryStageResponse>, Status> {
+        let who = self.ctl.auth.require(&req, Scope::Admin).await?;
+        let r = req.get_ref();
+        let id = parse_id("campaign_id", &r.campaign_id)?;
+        if r.stage.trim().is_empty() {
+            return Err(Error::invalid("stage", "must name a stage of the recipe").into());
+        }
+        let ids = ops::retry_stage(&self.ctl, id, r.round_index, &r.stage, &who).await?;
+        Ok(Response::new(RetryStageResponse {
+            task_ids: ids.iter().map(ToString::to_string).collect(),
+        }))
+    }
+
+    async fn list_rounds(
+        &self,
+        req: Request<CampaignRef>,
+    ) -> Result<Response<ListRoundsResponse>, Status> {
+        self.ctl.auth.require(&req, Scope::Read).await?;
+        let id = parse_id("campaign_id", &req.get_ref().campaign_id)?;
+        ops::get(&self.ctl, id).await?;
+        Ok(Response::new(ListRoundsResponse {
+            rounds: self.rounds(id).await?,
+        }))
+    }
+
+    async fn list_workers(
+        &self,
+        req: Request<ListWorkersRequest>,
+    ) -> Result<Response<ListWorkersResponse>, Status> {
+        self.ctl.auth.require(&req, Scope::Read).await?;
+        let mut conn = self.ctl.pool.acquire().await.map_err(Error::from)?;
+        let rows = store::workers::list(&mut conn).await.map_err(Error::from)?;
+        Ok(Response::new(ListWorkersResponse {
+            workers: rows.into_iter().map(convert::worker).collect(),
+        }))
+    }
+
+    async fn list_artifacts(
+        &self,
+        req: Request<ListArtifactsRequest>,
+    ) -> Result<Response<ListArtifactsResponse>, Status> {
+        self.ctl.auth.require(&req, Scope::Read).await?;
+        let r = req.get_ref();
+        let id = parse_id("campaign_id", &r.campaign_id)?;
+        let kind = match r.kind.as_str() {
+            "" => None,
+            k @ ("dataset" | "model") => Some(k),
+            other => {
+                return Err(Error::invalid(
+                    "kind",
+                    format!("{other:?} must be \"dataset\", \"model\" or empty"),
+                )
+                .into());
+            }
+        };
+        let mut conn = self.ctl.pool.acquire().await.map_err(Error::from)?;
+        let rows = store::artifacts::list(&mut conn, id, kind)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(ListArtifactsResponse {
+            artifacts: rows.into_iter().map(convert::artifact).collect(),
+        }))
+    }
+
+    async fn stream_events(
+        &self,
+        req: Request<StreamEventsRequest>,
+    ) -> Result<Response<Self::StreamEventsStream>, Status> {
+        self.ctl.auth.require(&req, Scope::Read).await?;
+        let id = parse_id("campaign_id", &req.get_ref().campaign_id)?;
+        ops::get(&self.ctl, id).await?;
+        let mut after = req.get_ref().after_id;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let ctl = self.ctl.clone();
+        let mut changed = ctl.events.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let rows = match ctl.pool.acquire().await {
+                    Ok(mut conn) => store::events::list_after(&mut conn, id, after, 500).await,
+                    Err(e) => Err(e),
+                };
+                let rows = match rows {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(Error::from(e)))).await;
+                        return;
+                    }
+                };
+                let full = rows.len() == 500;
+                for row in rows {
+                    after = row.id;
+                    if tx.send(Ok(convert::event(row))).await.is_err() {
+                        return;
+                    }
+                }
+                if full {
+                    continue;
+                }
+                tokio::select! {
+                    _ = changed.changed() => {}
+                    // Events written by another controller on the same database.
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,208 @@
+//! Row structs → wire messages, and wire maps → JSON. The only place that knows both shapes.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use flywheel_proto::v1 as pb;
+use serde_json::{Map, Value};
+
+use crate::dispatch::Capabilities;
+use crate::error::{Error, Result};
+use crate::store::{
+    artifacts::ArtifactRow, campaigns::CampaignRow, events::EventRow, rounds::RoundRow,
+    tasks::TaskRow, workers::WorkerRow,
+};
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn opt_ts(t: Option<DateTime<Utc>>) -> String {
+    t.map(ts).unwrap_or_default()
+}
+
+fn opt_id(id: Option<uuid::Uuid>) -> String {
+    id.map(|i| i.to_string()).unwrap_or_default()
+}
+
+/// Metrics from the wire: every value must be finite.
+pub(super) fn metrics_json(field: &'static str, m: &HashMap<String, f64>) -> Result<Value> {
+    let mut out = Map::new();
+    for (k, v) in m {
+        if !v.is_finite() {
+            return Err(Error::invalid(
+                field,
+                format!("metric {k:?} is not a finite number"),
+            ));
+        }
+        out.insert(k.clone(), Value::from(*v));
+    }
+    Ok(Value::Object(out))
+}
+
+fn metrics_map(v: &Value) -> HashMap<String, f64> {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub(super) fn campaign(c: CampaignRow) -> pb::Campaign {
+    pb::Campaign {
+        id: c.id.to_string(),
+        name: c.name,
+        status: c.status,
+        rounds_total: c.rounds_total,
+        current_round: c.current_round,
+        current_generator_id: opt_id(c.current_generator_id),
+        current_generator_uri: c.current_generator_uri.unwrap_or_default(),
+        created_at: ts(c.created_at),
+        updated_at: ts(c.updated_at),
+    }
+}
+
+/// A task's state as people should read it: a queued worker task that no connected worker can
+/// run is "waiting_for_worker", not silently queued.
+fn visible_state(t: &TaskRow, workers: &[Capabilities]) -> String {
+    if t.state == "queued"
+        && t.kind != "promote"
+        && !workers
+            .iter()
+            .any(|w| w.can_run(&t.pool, &t.backend, &t.gpu_kind, t.gpu_count))
+    {
+        "waiting_for_worker".into()
+    } else {
+        t.state.clone()
+    }
+}
+
+fn stage_state(tasks: &[pb::Task]) -> String {
+    let any = |s: &str| tasks.iter().any(|t| t.state == s);
+    if tasks.iter().all(|t| t.state == "succeeded") {
+        "succeeded"
+    } else if any("failed") {
+        "failed"
+    } else if any("running") {
+        "running"
+    } else if any("waiting_for_worker") {
+        "waiting_for_worker"
+    } else if any("queued") {
+        "queued"
+    } else if any("cancelled") {
+        "cancelled"
+    } else if any("succeeded") {
+        "running"
+    } else {
+        "blocked"
+    }
+    .into()
+}
+
+pub(super) fn rounds(
+    rounds: Vec<RoundRow>,
+    tasks: Vec<TaskRow>,
+    workers: &[Capabilities],
+) -> Vec<pb::Round> {
+    rounds
+        .into_iter()
+        .map(|r| {
+            let mut stages: Vec<pb::Stage> = Vec::new();
+            for t in tasks.iter().filter(|t| t.round_id == r.id) {
+                let task = pb::Task {
+                    id: t.id.to_string(),
+                    shard_index: t.shard_index,
+                    shard_count: t.shard_count,
+                    state: visible_state(t, workers),
+                    attempt: t.attempt,
+                    max_attempts: t.max_attempts,
+                    worker_id: opt_id(t.worker_id),
+                    progress: t.progress,
+                    last_error: t.last_error.clone().unwrap_or_default(),
+                    started_at: opt_ts(t.started_at),
+                    finished_at: opt_ts(t.finished_at),
+                };
+                match stages.last_mut() {
+                    Some(s) if s.name == t.stage => s.tasks.push(task),
+                    _ => stages.push(pb::Stage {
+                        name: t.stage.clone(),
+                        kind: t.kind.clone(),
+                        state: String::new(),
+                        tasks: vec![task],
+                    }),
+                }
+            }
+            for s in &mut stages {
+                s.state = stage_state(&s.tasks);
+            }
+            pb::Round {
+                index: r.round_index,
+                status: r.status,
+                generator_id: r.generator_id.to_string(),
+                trained_model_id: opt_id(r.trained_model_id),
+                decision: r.decision.unwrap_or_default(),
+                decision_reason: r.decision_reason.unwrap_or_default(),
+                metrics: metrics_map(&r.metrics),
+                stages,
+            }
+        })
+        .collect()
+}
+
+pub(super) fn worker(w: WorkerRow) -> pb::Worker {
+    pb::Worker {
+        id: w.id.to_string(),
+        name: w.name,
+        pool: w.pool,
+        backends: w.backends,
+        gpu_kind: w.gpu_kind,
+        gpu_count: w.gpu_count.max(0) as u32,
+        labels: w
+            .labels
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        status: w.status,
+        heartbeat_age_s: w.heartbeat_age_s,
+        current_tasks: w.current_tasks.iter().map(ToString::to_string).collect(),
+        slots: w.slots.max(0) as u32,
+    }
+}
+
+pub(super) fn artifact(a: ArtifactRow) -> pb::Artifact {
+    pb::Artifact {
+        id: a.id.to_string(),
+        campaign_id: opt_id(a.campaign_id),
+        round_index: a.round_index.unwrap_or(-1),
+        kind: a.kind,
+        name: a.name,
+        uri: a.uri,
+        content_hash: a.content_hash,
+        config_hash: a.config_hash,
+        producer_task_id: opt_id(a.producer_task_id),
+        producer_stage: a.producer_stage.unwrap_or_default(),
+        parent_ids: a.parent_ids.iter().map(ToString::to_string).collect(),
+        generator_id: opt_id(a.generator_id),
+        judge_id: opt_id(a.judge_id),
+        metadata_json: a.metadata.to_string(),
+        created_at: ts(a.created_at),
+    }
+}
+
+pub(super) fn event(e: EventRow) -> pb::Event {
+    pb::Event {
+        id: e.id,
+        campaign_id: opt_id(e.campaign_id),
+        kind: e.kind,
+        message: e.message,
+        actor: e.actor,
+        data_json: e.data.to_string(),
+        created_at: ts(e.created_at),
+    }
+}

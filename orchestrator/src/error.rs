@@ -1,0 +1,63 @@
+use tonic::Status;
+
+use crate::spec::SpecError;
+
+/// Errors of the controller. Mapped to gRPC status codes in one place ([`From<Error> for Status`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("{what} {id} not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("{field}: {message}")]
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("controller is shutting down")]
+    ShuttingDown,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        match &e {
+            Error::Db(inner) => {
+                tracing::error!(error = %inner, "database error");
+                Status::unavailable("database unavailable; nothing was changed, retry later")
+            }
+            Error::Migrate(_) | Error::ShuttingDown => Status::unavailable(e.to_string()),
+            Error::Spec(_) | Error::InvalidArgument { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
+            Error::NotFound { .. } => Status::not_found(e.to_string()),
+            Error::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+        }
+    }
+}
+
+/// Parses a UUID from a request field, naming the field on error.
+pub(crate) fn parse_id(field: &'static str, value: &str) -> Result<uuid::Uuid> {
+    uuid::Uuid::parse_str(value).map_err(|_| {
+        Error::invalid(
+            field,
+            format!("{value:?} is not a valid id (expected a UUID)"),
+        )
+    })
+}

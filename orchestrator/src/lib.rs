@@ -1,0 +1,169 @@
+//! Flywheel's controller: the only process that writes campaign state to Postgres.
+//!
+//! # Layout
+//! - [`spec`]: campaign specs (YAML) and their validation with field paths.
+//! - [`store`]: all SQL, one module per table.
+//! - `planner`: round DAGs, promotion gates, settling rounds.
+//! - `dispatch`: connected workers, batched claims, the lease reaper.
+//! - `writer`: group commit of worker heartbeats, completions and failures.
+//! - `ops`: campaign operations (create, pause, resume, cancel, retry a stage).
+//! - `api`: the gRPC services (worker protocol and control API).
+//!
+//! [`serve`] runs all of it on one listener until a shutdown future resolves.
+
+pub mod auth;
+pub mod spec;
+pub mod store;
+
+mod api;
+mod dispatch;
+mod error;
+mod ops;
+mod planner;
+mod writer;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use flywheel_proto::v1::server::{ControlServiceServer, WorkerServiceServer};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use uuid::Uuid;
+
+pub use error::{Error, Result};
+
+/// Runtime settings of a controller.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Root of the artifact store: a `file://` URI (or a plain directory path).
+    pub artifact_root: String,
+    /// A running attempt whose worker has not heartbeated for this long is reclaimed.
+    pub lease_ttl_ms: u32,
+    /// How often workers are asked to heartbeat.
+    pub heartbeat_interval_ms: u32,
+}
+
+impl ControllerConfig {
+    /// Defaults: 6 s leases with 2 s heartbeats, so a dead worker's task is reclaimed within
+    /// about 6.5 s (the reaper runs every 0.5 s).
+    pub fn new(artifact_root: impl Into<String>) -> Self {
+        Self {
+            artifact_root: artifact_root.into(),
+            lease_ttl_ms: 6_000,
+            heartbeat_interval_ms: 2_000,
+        }
+    }
+}
+
+/// Shared state of one controller process.
+pub(crate) struct Controller {
+    pub(crate) pool: PgPool,
+    pub(crate) config: ControllerConfig,
+    pub(crate) registry: dispatch::Registry,
+    pub(crate) auth: auth::Auth,
+    pub(crate) dispatch_wake: Notify,
+    pub(crate) planner_wake: Notify,
+    /// Bumped after every commit that wrote events, for event streams.
+    pub(crate) events: watch::Sender<u64>,
+    pub(crate) writer: mpsc::Sender<writer::Report>,
+}
+
+impl Controller {
+    pub(crate) fn events_changed(&self) {
+        self.events.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Where an attempt writes its outputs: unique per attempt, so a stale attempt can never
+    /// overwrite the outputs of the current one.
+    pub(crate) fn output_prefix(
+        &self,
+        campaign: Uuid,
+        round: i32,
+        stage: &str,
+        shard: i32,
+        attempt: i32,
+    ) -> String {
+        let root = self.config.artifact_root.trim_end_matches('/');
+        let root = if root.contains("://") {
+            root.to_string()
+        } else {
+            format!("file://{root}")
+        };
+        format!("{root}/campaigns/{campaign}/round-{round}/{stage}/shard-{shard}/attempt-{attempt}")
+    }
+}
+
+/// Runs the controller on `listener` until `shutdown` resolves: gRPC services (worker
+/// protocol, control API, health, reflection), the dispatcher, the planner, the report writer
+/// and the lease reaper. Migrations must already be applied ([`store::migrate`]).
+pub async fn serve(
+    pool: PgPool,
+    config: ControllerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    // Workers that were running tasks when the previous controller stopped get one lease
+    // period to reconnect and heartbeat before their tasks are reclaimed.
+    {
+        let mut conn = pool.acquire().await?;
+        let extended =
+            store::tasks::extend_all_leases(&mut conn, config.lease_ttl_ms as i64).await?;
+        if extended > 0 {
+            tracing::info!(
+                tasks = extended,
+                "running tasks from before the restart get a grace period"
+            );
+        }
+    }
+    let (writer_tx, writer_rx) = writer::channel();
+    let (events, _) = watch::channel(0);
+    let ctl = Arc::new(Controller {
+        auth: auth::Auth::new(pool.clone()),
+        pool,
+        config,
+        registry: dispatch::Registry::default(),
+        dispatch_wake: Notify::new(),
+        planner_wake: Notify::new(),
+        events,
+        writer: writer_tx,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let loops = vec![
+        tokio::spawn(dispatch::run(ctl.clone(), stop_rx.clone())),
+        tokio::spawn(dispatch::run_reaper(ctl.clone(), stop_rx.clone())),
+        tokio::spawn(planner::run(ctl.clone(), stop_rx.clone())),
+        tokio::spawn(writer::run(ctl.clone(), writer_rx, stop_rx.clone())),
+    ];
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<WorkerServiceServer<api::WorkerApi>>()
+        .await;
+    health_reporter
+        .set_serving::<ControlServiceServer<api::ControlApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flywheel_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::FailedPrecondition(format!("reflection setup failed: {e}")))?;
+
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(WorkerServiceServer::new(api::WorkerApi {
+            ctl: ctl.clone(),
+        }))
+        .add_service(ControlServiceServer::new(api::ControlApi {
+            ctl: ctl.clone(),
+        }))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    for l in loops {
+        let _ = l.await;
+    }
+    result.map_err(|e| Error::FailedPrecondition(format!("grpc server failed: {e}")))
+}

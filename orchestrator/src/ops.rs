@@ -1,0 +1,275 @@
+//! Campaign operations that people trigger through the control API. Each one is a single
+//! transaction whose result, including its event, is committed before the caller hears of it.
+
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::Controller;
+use crate::auth::Principal;
+use crate::error::{Error, Result};
+use crate::planner;
+use crate::spec::CampaignSpec;
+use crate::store::{self, campaigns::CampaignRow, events::NewEvent};
+
+fn event(campaign_id: Uuid, kind: &'static str, message: String, actor: &Principal) -> NewEvent {
+    NewEvent {
+        campaign_id: Some(campaign_id),
+        task_id: None,
+        kind,
+        message,
+        actor: actor.name.clone(),
+        data: json!({}),
+    }
+}
+
+/// Validates a spec, stores the campaign and its starting models, and plans round 0.
+pub(crate) async fn create_campaign(
+    ctl: &Controller,
+    spec_yaml: &str,
+    actor: &Principal,
+) -> Result<CampaignRow> {
+    let spec = CampaignSpec::from_yaml(spec_yaml)?;
+    let id = Uuid::new_v4();
+    let mut tx = ctl.pool.begin().await?;
+    store::campaigns::insert(
+        &mut tx,
+        store::campaigns::NewCampaign {
+            id,
+            name: &spec.name,
+            spec_yaml,
+            spec: serde_json::to_value(&spec).expect("spec serializes"),
+            rounds_total: spec.rounds as i32,
+            created_by: &actor.name,
+        },
+    )
+    .await?;
+    let m = &spec.models;
+    let generator = store::artifacts::insert_external(
+        &mut tx,
+        id,
+        "model",
+        &m.generator.name,
+        &m.generator.uri,
+    )
+    .await?;
+    let base =
+        store::artifacts::insert_external(&mut tx, id, "model", &m.base.name, &m.base.uri).await?;
+    let reward =
+        store::artifacts::insert_external(&mut tx, id, "model", &m.reward.name, &m.reward.uri)
+            .await?;
+    store::campaigns::set_models(&mut tx, id, generator, base, reward).await?;
+    store::events::insert(
+        &mut tx,
+        event(
+            id,
+            "campaign_created",
+            format!(
+                "campaign {:?} created with {} rounds",
+                spec.name, spec.rounds
+            ),
+            actor,
+        ),
+    )
+    .await?;
+    planner::plan_round(&mut tx, id, &spec, 0, generator).await?;
+    tx.commit().await?;
+    ctl.dispatch_wake.notify_one();
+    ctl.events_changed();
+    tracing::info!(campaign_id = %id, name = %spec.name, "campaign created");
+    get(ctl, id).await
+}
+
+pub(crate) async fn get(ctl: &Controller, id: Uuid) -> Result<CampaignRow> {
+    let mut conn = ctl.pool.acquire().await?;
+    store::campaigns::get(&mut conn, id)
+        .await?
+        .ok_or_else(|| Error::NotFound {
+            what: "campaign",
+            id: id.to_string(),
+        })
+}
+
+async fn locked(tx: &mut store::PgConnection, id: Uuid) -> Result<CampaignRow> {
+    store::campaigns::lock(tx, id)
+        .await?
+        .ok_or_else(|| Error::NotFound {
+            what: "campaign",
+            id: id.to_string(),
+        })
+}
+
+/// Pause: running tasks finish, nothing new starts.
+pub(crate) async fn pause(
+    ctl: &Controller,
+    id: Uuid,
+    reason: &str,
+    actor: &Principal,
+) -> Result<CampaignRow> {
+    let mut tx = ctl.pool.begin().await?;
+    let c = locked(&mut tx, id).await?;
+    if c.status != "running" {
+        return Err(Error::FailedPrecondition(format!(
+            "campaign is {}, only a running campaign can be paused",
+            c.status
+        )));
+    }
+    store::campaigns::set_status(&mut tx, id, "paused").await?;
+    store::events::insert(
+        &mut tx,
+        event(
+            id,
+            "campaign_paused",
+            with_reason("campaign paused", reason),
+            actor,
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    ctl.events_changed();
+    get(ctl, id).await
+}
+
+pub(crate) async fn resume(
+    ctl: &Controller,
+    id: Uuid,
+    reason: &str,
+    actor: &Principal,
+) -> Result<CampaignRow> {
+    let mut tx = ctl.pool.begin().await?;
+    let c = locked(&mut tx, id).await?;
+    if c.status != "paused" {
+        return Err(Error::FailedPrecondition(format!(
+            "campaign is {}, only a paused campaign can be resumed",
+            c.status
+        )));
+    }
+    store::campaigns::set_status(&mut tx, id, "running").await?;
+    store::events::insert(
+        &mut tx,
+        event(
+            id,
+            "campaign_resumed",
+            with_reason("campaign resumed", reason),
+            actor,
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    ctl.dispatch_wake.notify_one();
+    ctl.planner_wake.notify_one();
+    ctl.events_changed();
+    get(ctl, id).await
+}
+
+/// Cancel: waiting tasks are cancelled now; running ones are told to stop at their next heartbeat.
+pub(crate) async fn cancel(
+    ctl: &Controller,
+    id: Uuid,
+    reason: &str,
+    actor: &Principal,
+) -> Result<CampaignRow> {
+    let mut tx = ctl.pool.begin().await?;
+    let c = locked(&mut tx, id).await?;
+    if matches!(c.status.as_str(), "succeeded" | "cancelled") {
+        return Err(Error::FailedPrecondition(format!(
+            "campaign is already {}",
+            c.status
+        )));
+    }
+    store::campaigns::set_status(&mut tx, id, "cancelled").await?;
+    let running = store::tasks::cancel_campaign(&mut tx, id).await?;
+    store::rounds::set_status_for_campaign(&mut tx, id, "running", "cancelled").await?;
+    let message = with_reason(
+        &format!(
+            "campaign cancelled; {} running task(s) told to stop",
+            running.len()
+        ),
+        reason,
+    );
+    store::events::insert(&mut tx, event(id, "campaign_cancelled", message, actor)).await?;
+    tx.commit().await?;
+    ctl.events_changed();
+    get(ctl, id).await
+}
+
+/// Re-runs a failed or cancelled stage of a round and everything downstream of it; nothing
+/// upstream runs again. Returns the ids of the tasks that will run.
+pub(crate) async fn retry_stage(
+    ctl: &Controller,
+    id: Uuid,
+    round_index: i32,
+    stage: &str,
+    actor: &Principal,
+) -> Result<Vec<Uuid>> {
+    let mut tx = ctl.pool.begin().await?;
+    let c = locked(&mut tx, id).await?;
+    if matches!(c.status.as_str(), "succeeded" | "cancelled") {
+        return Err(Error::FailedPrecondition(format!(
+            "campaign is {}; only a failed, running or paused campaign can retry a stage",
+            c.status
+        )));
+    }
+    let round = store::rounds::find(&mut tx, id, round_index)
+        .await?
+        .ok_or_else(|| {
+            Error::invalid(
+                "round_index",
+                format!("campaign has no round {round_index}"),
+            )
+        })?;
+    let stage_tasks = store::tasks::ids_of_stage(&mut tx, round.id, stage).await?;
+    if stage_tasks.is_empty() {
+        return Err(Error::invalid(
+            "stage",
+            format!("round {round_index} has no stage {stage:?}"),
+        ));
+    }
+    if !stage_tasks
+        .iter()
+        .any(|(_, s)| s == "failed" || s == "cancelled")
+    {
+        return Err(Error::FailedPrecondition(format!(
+            "stage {stage:?} of round {round_index} has no failed or cancelled task to retry"
+        )));
+    }
+    // The stage's unfinished shards and everything downstream of them; finished shards and
+    // their own descendants keep their results.
+    let roots: Vec<Uuid> = stage_tasks
+        .iter()
+        .filter(|(_, s)| s != "succeeded")
+        .map(|(t, _)| *t)
+        .collect();
+    let mut redo = roots.clone();
+    redo.extend(store::task_edges::descendants(&mut tx, &roots).await?);
+    let reset = store::tasks::reset(&mut tx, &redo).await?;
+    store::tasks::queue_ready(&mut tx, &reset).await?;
+    if round.status != "running" {
+        store::rounds::reopen(&mut tx, round.id).await?;
+    }
+    if c.status != "running" {
+        store::campaigns::set_status(&mut tx, id, "running").await?;
+    }
+    let mut e = event(
+        id,
+        "stage_retried",
+        format!(
+            "stage {stage:?} of round {round_index} retried: {} task(s) will run again",
+            reset.len()
+        ),
+        actor,
+    );
+    e.data = json!({ "round": round_index, "stage": stage, "tasks": reset });
+    store::events::insert(&mut tx, e).await?;
+    tx.commit().await?;
+    ctl.dispatch_wake.notify_one();
+    ctl.events_changed();
+    Ok(reset)
+}
+
+fn with_reason(message: &str, reason: &str) -> String {
+    if reason.trim().is_empty() {
+        message.to_string()
+    } else {
+        format!("{message}: {reason}")
+    }
+}

@@ -1,0 +1,196 @@
+//! `artifacts` and `artifact_parents`: references to datasets and models in the artifact store,
+//! with their lineage. Content lives behind `uri`; only references and hashes are stored here.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ArtifactRow {
+    pub id: Uuid,
+    pub campaign_id: Option<Uuid>,
+    pub round_index: Option<i32>,
+    pub kind: String,
+    pub name: String,
+    pub uri: String,
+    pub content_hash: String,
+    pub config_hash: String,
+    pub producer_task_id: Option<Uuid>,
+    pub producer_stage: Option<String>,
+    pub parent_ids: Vec<Uuid>,
+    pub generator_id: Option<Uuid>,
+    pub judge_id: Option<Uuid>,
+    pub metadata: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// An input handed to a task: an artifact and the role the task uses it in.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct InputRow {
+    pub task_id: Uuid,
+    pub id: Uuid,
+    pub role: String,
+    pub kind: String,
+    pub uri: String,
+    pub content_hash: String,
+    pub name: String,
+}
+
+/// An output reported by a worker for an accepted completion.
+#[derive(Debug, Clone)]
+pub struct NewOutput {
+    pub task_id: Uuid,
+    pub attempt: i32,
+    pub kind: String,
+    pub name: String,
+    pub uri: String,
+    pub content_hash: String,
+    pub metadata: Value,
+}
+
+/// Registers a model or dataset that exists outside Flywheel (a campaign's starting models).
+pub async fn insert_external(
+    conn: &mut PgConnection,
+    campaign_id: Uuid,
+    kind: &str,
+    name: &str,
+    uri: &str,
+) -> Result<Uuid, sqlx::Error> {
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO artifacts (id, campaign_id, kind, name, uri) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id)
+    .bind(campaign_id)
+    .bind(kind)
+    .bind(name)
+    .bind(uri)
+    .execute(conn)
+    .await?;
+    Ok(id)
+}
+
+/// Inserts task outputs with their lineage: producer, config hash, generator and judge of the
+/// round, and as parents every artifact the task consumed (its dependencies' outputs and, for
+/// training stages, the base model). Returns the new ids.
+pub async fn insert_outputs(
+    conn: &mut PgConnection,
+    outputs: &[NewOutput],
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    if outputs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = outputs.iter().map(|_| Uuid::new_v4()).collect();
+    let task: Vec<_> = outputs.iter().map(|o| o.task_id).collect();
+    let attempt: Vec<_> = outputs.iter().map(|o| o.attempt).collect();
+    let kind: Vec<_> = outputs.iter().map(|o| o.kind.as_str()).collect();
+    let name: Vec<_> = outputs.iter().map(|o| o.name.as_str()).collect();
+    let uri: Vec<_> = outputs.iter().map(|o| o.uri.as_str()).collect();
+    let hash: Vec<_> = outputs.iter().map(|o| o.content_hash.as_str()).collect();
+    let meta: Vec<_> = outputs.iter().map(|o| o.metadata.clone()).collect();
+    sqlx::query(
+        "INSERT INTO artifacts (id, campaign_id, round_index, kind, name, uri, content_hash,
+             config_hash, producer_task_id, producer_attempt, generator_id, judge_id, metadata)
+         SELECT u.id, t.campaign_id, t.round_index, u.kind, u.name, u.uri, u.hash, t.config_hash,
+                t.id, u.attempt, r.generator_id, c.reward_model_id, u.meta
+         FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[], $7::text[], $8::jsonb[])
+              AS u(id, task, attempt, kind, name, uri, hash, meta)
+         JOIN tasks t ON t.id = u.task
+         JOIN rounds r ON r.id = t.round_id
+         JOIN campaigns c ON c.id = t.campaign_id",
+    )
+    .bind(&ids)
+    .bind(task)
+    .bind(attempt)
+    .bind(kind)
+    .bind(name)
+    .bind(uri)
+    .bind(hash)
+    .bind(meta)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "INSERT INTO artifact_parents (artifact_id, parent_id)
+         SELECT a.id, p.id FROM artifacts a
+         JOIN task_edges e ON e.task_id = a.producer_task_id
+         JOIN tasks d ON d.id = e.depends_on
+         JOIN artifacts p ON p.producer_task_id = d.id AND p.producer_attempt = d.attempt
+         WHERE a.id = ANY($1)
+         UNION
+         SELECT a.id, c.base_model_id FROM artifacts a
+         JOIN tasks t ON t.id = a.producer_task_id
+         JOIN campaigns c ON c.id = t.campaign_id
+         WHERE a.id = ANY($1) AND t.kind = 'sft' AND c.base_model_id IS NOT NULL
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&ids)
+    .execute(conn)
+    .await?;
+    Ok(ids)
+}
+
+/// Inputs of each task: the current outputs of the tasks it depends on (role = output name),
+/// and the round's generator, the campaign's base model and its reward model.
+pub async fn inputs_for(
+    conn: &mut PgConnection,
+    task_ids: &[Uuid],
+) -> Result<Vec<InputRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT e.task_id, a.id, a.name AS role, a.kind, a.uri, a.content_hash, a.name
+         FROM task_edges e
+         JOIN tasks d ON d.id = e.depends_on
+         JOIN artifacts a ON a.producer_task_id = d.id AND a.producer_attempt = d.attempt
+         WHERE e.task_id = ANY($1)
+         UNION ALL
+         SELECT t.id, a.id, m.role, a.kind, a.uri, a.content_hash, a.name
+         FROM tasks t
+         JOIN rounds r ON r.id = t.round_id
+         JOIN campaigns c ON c.id = t.campaign_id
+         CROSS JOIN LATERAL (VALUES ('generator', r.generator_id), ('base', c.base_model_id),
+                                    ('reward', c.reward_model_id)) AS m(role, artifact_id)
+         JOIN artifacts a ON a.id = m.artifact_id
+         WHERE t.id = ANY($1)",
+    )
+    .bind(task_ids)
+    .fetch_all(conn)
+    .await
+}
+
+/// The current `model` output of the given task, if it has succeeded.
+pub async fn model_of_task(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+) -> Result<Option<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT a.id FROM artifacts a JOIN tasks t ON t.id = a.producer_task_id
+         WHERE t.id = $1 AND a.producer_attempt = t.attempt AND a.kind = 'model'
+         ORDER BY a.created_at DESC LIMIT 1",
+    )
+    .bind(task_id)
+    .fetch_optional(conn)
+    .await
+}
+
+pub async fn list(
+    conn: &mut PgConnection,
+    campaign_id: Uuid,
+    kind: Option<&str>,
+) -> Result<Vec<ArtifactRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT a.id, a.campaign_id, a.round_index, a.kind, a.name, a.uri, a.content_hash,
+                a.config_hash, a.producer_task_id, t.stage AS producer_stage,
+                coalesce(array_agg(p.parent_id) FILTER (WHERE p.parent_id IS NOT NULL), '{}') AS parent_ids,
+                a.generator_id, a.judge_id, a.metadata, a.created_at
+         FROM artifacts a
+         LEFT JOIN tasks t ON t.id = a.producer_task_id
+         LEFT JOIN artifact_parents p ON p.artifact_id = a.id
+         WHERE a.campaign_id = $1 AND ($2::text IS NULL OR a.kind = $2)
+         GROUP BY a.id, t.stage
+         ORDER BY a.created_at, a.name",
+    )
+    .bind(campaign_id)
+    .bind(kind)
+    .fetch_all(conn)
+    .await
+}

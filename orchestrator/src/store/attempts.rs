@@ -1,0 +1,52 @@
+//! `attempts`: one row per claim of a task, with how it ended. The history behind `tasks.attempt`.
+
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+pub async fn insert_started(
+    conn: &mut PgConnection,
+    started: &[(Uuid, i32, Uuid)],
+) -> Result<(), sqlx::Error> {
+    if started.is_empty() {
+        return Ok(());
+    }
+    let task: Vec<_> = started.iter().map(|s| s.0).collect();
+    let attempt: Vec<_> = started.iter().map(|s| s.1).collect();
+    let worker: Vec<_> = started.iter().map(|s| s.2).collect();
+    sqlx::query(
+        "INSERT INTO attempts (task_id, attempt, worker_id, state)
+         SELECT t, a, w, 'running' FROM unnest($1::uuid[], $2::int[], $3::uuid[]) AS u(t, a, w)",
+    )
+    .bind(task)
+    .bind(attempt)
+    .bind(worker)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Closes running attempts: `(task, attempt, state, error)`.
+pub async fn finish_many(
+    conn: &mut PgConnection,
+    finished: &[(Uuid, i32, &str, Option<&str>)],
+) -> Result<(), sqlx::Error> {
+    if finished.is_empty() {
+        return Ok(());
+    }
+    let task: Vec<_> = finished.iter().map(|f| f.0).collect();
+    let attempt: Vec<_> = finished.iter().map(|f| f.1).collect();
+    let state: Vec<_> = finished.iter().map(|f| f.2).collect();
+    let error: Vec<_> = finished.iter().map(|f| f.3).collect();
+    sqlx::query(
+        "UPDATE attempts a SET state = u.s, error = u.e, finished_at = now()
+         FROM unnest($1::uuid[], $2::int[], $3::text[], $4::text[]) AS u(t, n, s, e)
+         WHERE a.task_id = u.t AND a.attempt = u.n AND a.state = 'running'",
+    )
+    .bind(task)
+    .bind(attempt)
+    .bind(state)
+    .bind(error)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

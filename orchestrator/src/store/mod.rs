@@ -1,0 +1,41 @@
+//! The Postgres store: the only place SQL lives, one module per table.
+//!
+//! Functions take a `&mut PgConnection` so that callers compose several of them into one
+//! transaction (`pool.begin()`); row structs stay here and are converted at the API edge.
+
+pub mod api_tokens;
+pub mod artifacts;
+pub mod attempts;
+pub mod campaigns;
+pub mod events;
+pub mod pools;
+pub mod rounds;
+pub mod task_edges;
+pub mod tasks;
+pub mod workers;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+
+pub use sqlx::PgConnection;
+
+/// Embedded migrations from the workspace's `migrations/` folder.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Opens a pool. Statement logging is off: the hot paths run thousands of statements a second.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.disable_statement_logging();
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+}
+
+/// Applies pending migrations. sqlx takes a Postgres advisory lock for the duration, so two
+/// controllers starting at once apply them exactly once.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}

@@ -1,0 +1,11 @@
+//! `pools`: the named worker pools, created the first time a worker registers with one.
+
+use sqlx::PgConnection;
+
+pub async fn ensure(conn: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO pools (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
+        .bind(name)
+        .execute(conn)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,498 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use flywheel_orchestrator::{ControllerConfig, auth, store};
+use flywheel_proto::ControlClient;
+use flywheel_proto::v1::{CampaignAction, Capabilities, ListArtifactsRequest, RetryStageRequest};
+use flywheel_worker::{Backend, WorkerConfig, test_backend::TestBackend};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "flywheel",
+    version,
+    about = "Iterative alignment campaigns: controller, workers and CLI"
+)]
+pub(crate) struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ControlOpts {
+    /// Controller address.
+    #[arg(
+        long,
+        env = "FLYWHEEL_CONTROLLER",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    controller: String,
+    /// API token (scope `read` for reads, `admin` for changes).
+    #[arg(long, env = "FLYWHEEL_TOKEN", hide_env_values = true)]
+    token: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller: gRPC worker protocol and control API.
+    Server {
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        grpc_addr: SocketAddr,
+        /// Root of the artifact store (a directory, or a file:// uri).
+        #[arg(long, default_value = ".flywheel/artifacts")]
+        artifact_root: String,
+        #[arg(long, default_value_t = 6000)]
+        lease_ttl_ms: u32,
+        #[arg(long, default_value_t = 2000)]
+        heartbeat_interval_ms: u32,
+        /// Write the bound address here once listening (useful with port 0).
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
+    /// Run a worker process.
+    Worker {
+        #[arg(
+            long,
+            env = "FLYWHEEL_CONTROLLER",
+            default_value = "http://127.0.0.1:50051"
+        )]
+        controller: String,
+        /// A token with the `worker` scope.
+        #[arg(long, env = "FLYWHEEL_TOKEN", hide_env_values = true)]
+        token: String,
+        #[arg(long, default_value = "worker")]
+        name: String,
+        #[arg(long, default_value = "default")]
+        pool: String,
+        /// Backends this worker runs (repeatable). Available here: test.
+        #[arg(long = "backend", default_values_t = vec!["test".to_string()])]
+        backends: Vec<String>,
+        #[arg(long, default_value = "")]
+        gpu_kind: String,
+        #[arg(long, default_value_t = 0)]
+        gpu_count: u32,
+        #[arg(long, default_value_t = 1)]
+        slots: u32,
+        /// Labels, `key=value` (repeatable).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+    /// Manage campaigns.
+    Campaign {
+        #[command(subcommand)]
+        command: CampaignCommand,
+    },
+    /// Manage API tokens (talks to Postgres directly; run on the controller's host).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Inspect workers.
+    Workers {
+        #[command(subcommand)]
+        command: WorkersCommand,
+    },
+    /// Apply database migrations (the server also does this at start).
+    Migrate {
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CampaignCommand {
+    /// Validate and submit a campaign spec.
+    Create {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    List {
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    /// Rounds, stages, tasks and artifacts of a campaign.
+    Show {
+        id: String,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    Pause {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    Resume {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    Cancel {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    /// Re-run a failed stage of a round and everything downstream of it.
+    RetryStage {
+        id: String,
+        #[arg(long)]
+        round: i32,
+        #[arg(long)]
+        stage: String,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    /// Follow a campaign's events.
+    Events {
+        id: String,
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it once; only its hash is stored.
+    Create {
+        #[arg(long, value_parser = ["admin", "worker", "read"])]
+        scope: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum WorkersCommand {
+    List {
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+}
+
+fn init_tracing(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub(crate) async fn run(args: Args) -> Result<()> {
+    match args.command {
+        Command::Server {
+            database_url,
+            grpc_addr,
+            artifact_root,
+            lease_ttl_ms,
+            heartbeat_interval_ms,
+            addr_file,
+        } => {
+            init_tracing("info");
+            let pool = store::connect(&database_url, 16)
+                .await
+                .context("cannot connect to Postgres")?;
+            store::migrate(&pool).await.context("migrations failed")?;
+            let root = if artifact_root.contains("://") {
+                artifact_root
+            } else {
+                std::fs::create_dir_all(&artifact_root)
+                    .with_context(|| format!("cannot create {artifact_root}"))?;
+                format!(
+                    "file://{}",
+                    std::fs::canonicalize(&artifact_root)?.display()
+                )
+            };
+            let listener = tokio::net::TcpListener::bind(grpc_addr)
+                .await
+                .with_context(|| format!("cannot listen on {grpc_addr}"))?;
+            let bound = listener.local_addr()?;
+            if let Some(f) = addr_file {
+                let tmp = f.with_extension("tmp");
+                std::fs::write(&tmp, bound.to_string())?;
+                std::fs::rename(&tmp, &f)?;
+            }
+            tracing::info!(addr = %bound, artifact_root = %root, "controller listening");
+            let mut config = ControllerConfig::new(root);
+            config.lease_ttl_ms = lease_ttl_ms;
+            config.heartbeat_interval_ms = heartbeat_interval_ms;
+            flywheel_orchestrator::serve(pool, config, listener, shutdown_signal()).await?;
+        }
+        Command::Worker {
+            controller,
+            token,
+            name,
+            pool,
+            backends,
+            gpu_kind,
+            gpu_count,
+            slots,
+            labels,
+        } => {
+            init_tracing("info");
+            let mut impls: Vec<Arc<dyn Backend>> = Vec::new();
+            for b in &backends {
+                match b.as_str() {
+                    "test" => impls.push(Arc::new(TestBackend)),
+                    other => bail!("--backend {other:?}: unknown backend (available: test)"),
+                }
+            }
+            let labels = labels
+                .iter()
+                .map(|l| {
+                    l.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .with_context(|| format!("--label {l:?}: expected key=value"))
+                })
+                .collect::<Result<_>>()?;
+            let config = WorkerConfig {
+                controller,
+                token,
+                name,
+                capabilities: Capabilities {
+                    pool,
+                    backends,
+                    gpu_kind,
+                    gpu_count,
+                    labels,
+                },
+                slots,
+            };
+            flywheel_worker::run(config, impls, shutdown_signal()).await?;
+        }
+        Command::Campaign { command } => campaign(command).await?,
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    scope,
+                    name,
+                    database_url,
+                },
+        } => {
+            let pool = store::connect(&database_url, 1)
+                .await
+                .context("cannot connect to Postgres")?;
+            store::migrate(&pool).await.context("migrations failed")?;
+            let scope = auth::Scope::parse(&scope).context("unknown scope")?;
+            let name = name.unwrap_or_else(|| format!("{}-token", scope.as_str()));
+            let token = auth::create_token(&pool, &name, scope).await?;
+            println!("{token}");
+        }
+        Command::Workers {
+            command: WorkersCommand::List { opts },
+        } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let workers = c.list_workers().await?;
+            println!(
+                "{:<38} {:<14} {:<8} {:<14} {:<9} {:>8}  TASKS",
+                "ID", "NAME", "POOL", "GPU", "STATUS", "HB AGE"
+            );
+            for w in workers {
+                let gpu = if w.gpu_count > 0 {
+                    format!("{}x{}", w.gpu_count, w.gpu_kind)
+                } else {
+                    "-".into()
+                };
+                println!(
+                    "{:<38} {:<14} {:<8} {:<14} {:<9} {:>7.1}s  {}",
+                    w.id,
+                    w.name,
+                    w.pool,
+                    gpu,
+                    w.status,
+                    w.heartbeat_age_s,
+                    w.current_tasks.len()
+                );
+            }
+        }
+        Command::Migrate { database_url } => {
+            let pool = store::connect(&database_url, 1)
+                .await
+                .context("cannot connect to Postgres")?;
+            store::migrate(&pool).await.context("migrations failed")?;
+            println!("migrations applied");
+        }
+    }
+    Ok(())
+}
+
+async fn campaign(command: CampaignCommand) -> Result<()> {
+    match command {
+        CampaignCommand::Create { file, opts } => {
+            let spec = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let campaign = c.create_campaign(spec).await.map_err(status_error)?;
+            println!("{}", campaign.id);
+        }
+        CampaignCommand::List { opts } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            println!(
+                "{:<38} {:<28} {:<10} {:>6}",
+                "ID", "NAME", "STATUS", "ROUND"
+            );
+            for x in c.list_campaigns().await.map_err(status_error)? {
+                println!(
+                    "{:<38} {:<28} {:<10} {:>3}/{}",
+                    x.id,
+                    x.name,
+                    x.status,
+                    x.current_round + 1,
+                    x.rounds_total
+                );
+            }
+        }
+        CampaignCommand::Show { id, opts } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let d = c.get_campaign(id.clone()).await.map_err(status_error)?;
+            let x = d.campaign.context("controller sent no campaign")?;
+            println!(
+                "campaign {} ({})  status {}  round {}/{}",
+                x.name,
+                x.id,
+                x.status,
+                x.current_round + 1,
+                x.rounds_total
+            );
+            println!(
+                "generator {} {}",
+                x.current_generator_id, x.current_generator_uri
+            );
+            for r in d.rounds {
+                println!(
+                    "\nround {}: {} {} {}",
+                    r.index, r.status, r.decision, r.decision_reason
+                );
+                let mut metrics: Vec<_> = r.metrics.iter().collect();
+                metrics.sort_by(|a, b| a.0.cmp(b.0));
+                for (k, v) in metrics {
+                    println!("    {k} = {v:.4}");
+                }
+                for s in r.stages {
+                    let done = s.tasks.iter().filter(|t| t.state == "succeeded").count();
+                    println!(
+                        "  {:<12} {:<18} {:<18} {}/{} shards",
+                        s.name,
+                        s.kind,
+                        s.state,
+                        done,
+                        s.tasks.len()
+                    );
+                    for t in s.tasks.iter().filter(|t| !t.last_error.is_empty()) {
+                        println!(
+                            "      shard {} attempt {}: {}",
+                            t.shard_index, t.attempt, t.last_error
+                        );
+                    }
+                }
+            }
+            let artifacts = c
+                .list_artifacts(ListArtifactsRequest {
+                    campaign_id: id,
+                    kind: String::new(),
+                })
+                .await
+                .map_err(status_error)?;
+            println!("\nartifacts:");
+            for a in artifacts {
+                println!(
+                    "  r{:<3} {:<8} {:<10} {:<10} {}",
+                    a.round_index, a.kind, a.name, a.producer_stage, a.uri
+                );
+            }
+        }
+        CampaignCommand::Pause { id, reason, opts } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let x = c
+                .pause_campaign(CampaignAction {
+                    campaign_id: id,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?;
+            println!("{} {}", x.id, x.status);
+        }
+        CampaignCommand::Resume { id, reason, opts } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let x = c
+                .resume_campaign(CampaignAction {
+                    campaign_id: id,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?;
+            println!("{} {}", x.id, x.status);
+        }
+        CampaignCommand::Cancel { id, reason, opts } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let x = c
+                .cancel_campaign(CampaignAction {
+                    campaign_id: id,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?;
+            println!("{} {}", x.id, x.status);
+        }
+        CampaignCommand::RetryStage {
+            id,
+            round,
+            stage,
+            opts,
+        } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let ids = c
+                .retry_stage(RetryStageRequest {
+                    campaign_id: id,
+                    round_index: round,
+                    stage,
+                })
+                .await
+                .map_err(status_error)?;
+            println!("{} task(s) will run again", ids.len());
+        }
+        CampaignCommand::Events { id, after, opts } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let mut stream = c.stream_events(id, after).await.map_err(status_error)?;
+            while let Some(e) = stream.message().await.map_err(status_error)? {
+                println!(
+                    "{} {:>6} {:<18} {:<12} {}",
+                    e.created_at, e.id, e.kind, e.actor, e.message
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A gRPC error as the user should read it: the server's message, with the code for scripts.
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+}

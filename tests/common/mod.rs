@@ -1,0 +1,315 @@
+//! Test harness: a private database per test, and the real `flywheel` binary run as controller
+//! and worker processes. Waiting is done by polling a condition against a deadline.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flywheel_proto::v1::{Campaign, Round};
+use flywheel_proto::{ControlClient, WorkerClient, connect_channel};
+use sqlx::{Connection, PgConnection};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_flywheel");
+
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    let (base, _) = url
+        .rsplit_once('/')
+        .expect("DATABASE_URL has a database name");
+    format!("{base}/{db}")
+}
+
+/// A database of its own, dropped when the test ends.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let name = format!("fw_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = PgConnection::connect(&admin_url()).await.expect(
+            "cannot reach Postgres: set DATABASE_URL or run scripts/test, which starts one",
+        );
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let url = with_database(&admin_url(), &name);
+        Self { name, url }
+    }
+
+    pub async fn connect(&self) -> PgConnection {
+        PgConnection::connect(&self.url).await.unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A controller, its workers and tokens, over a private database and artifact directory.
+pub struct Cluster {
+    pub db: TestDb,
+    pub dir: PathBuf,
+    pub controller: Option<Proc>,
+    pub grpc_addr: String,
+    pub admin: String,
+    pub worker_token: String,
+    pub read_token: String,
+    pub workers: Vec<Proc>,
+}
+
+pub async fn until<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn token(db: &TestDb, scope: &str, name: &str) -> String {
+    let out = Command::new(BIN)
+        .args(["token", "create", "--scope", scope, "--name", name])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .expect("run flywheel token create");
+    assert!(
+        out.status.success(),
+        "token create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+impl Cluster {
+    pub async fn start() -> Self {
+        let db = TestDb::new().await;
+        let dir = std::env::temp_dir().join(format!("flywheel-test-{}", db.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        let admin = token(&db, "admin", "alice");
+        let worker_token = token(&db, "worker", "workers");
+        let read_token = token(&db, "read", "viewer");
+        let mut c = Self {
+            db,
+            dir,
+            controller: None,
+            grpc_addr: "127.0.0.1:0".into(),
+            admin,
+            worker_token,
+            read_token,
+            workers: Vec::new(),
+        };
+        c.start_controller().await;
+        c
+    }
+
+    /// Starts (or restarts, on the same address) the controller and waits until it listens.
+    pub async fn start_controller(&mut self) {
+        let addr_file = self.dir.join("addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("controller.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args([
+                "server",
+                "--grpc-addr",
+                &self.grpc_addr,
+                "--lease-ttl-ms",
+                "3000",
+                "--heartbeat-interval-ms",
+                "500",
+            ])
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .arg("--artifact-root")
+            .arg(self.dir.join("artifacts"))
+            .env("DATABASE_URL", &self.db.url)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn controller");
+        self.controller = Some(Proc {
+            child,
+            name: "controller".into(),
+        });
+        self.grpc_addr = until("controller to listen", Duration::from_secs(20), || {
+            let f = addr_file.clone();
+            async move { std::fs::read_to_string(f).ok() }
+        })
+        .await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// Starts a worker process: `pool`, and extra args such as `--gpu-kind h100`.
+    pub fn add_worker(&mut self, name: &str, pool: &str, extra: &[&str]) -> usize {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
+        let child = Command::new(BIN)
+            .args([
+                "worker",
+                "--controller",
+                &self.url(),
+                "--name",
+                name,
+                "--pool",
+                pool,
+                "--backend",
+                "test",
+            ])
+            .args(extra)
+            .env("FLYWHEEL_TOKEN", &self.worker_token)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn worker");
+        self.workers.push(Proc {
+            child,
+            name: name.into(),
+        });
+        self.workers.len() - 1
+    }
+
+    pub async fn admin_client(&self) -> ControlClient {
+        ControlClient::connect(&self.url(), &self.admin)
+            .await
+            .unwrap()
+    }
+
+    pub async fn client_with(&self, token: &str) -> ControlClient {
+        ControlClient::connect(&self.url(), token).await.unwrap()
+    }
+
+    pub async fn worker_client(&self) -> WorkerClient {
+        WorkerClient::new(
+            connect_channel(&self.url()).await.unwrap(),
+            &self.worker_token,
+        )
+        .unwrap()
+    }
+
+    pub async fn create(&self, spec: &str) -> Campaign {
+        self.admin_client()
+            .await
+            .create_campaign(spec.to_string())
+            .await
+            .expect("create campaign")
+    }
+
+    /// Waits until the campaign reaches `status`, failing early on another terminal status.
+    pub async fn wait_status(&self, id: &str, status: &str, timeout: Duration) -> Campaign {
+        let url = self.url();
+        let admin = self.admin.clone();
+        let log = self.dir.join("controller.log");
+        until(
+            &format!("campaign {id} to be {status} (log: {})", log.display()),
+            timeout,
+            || {
+                let (url, admin, id) = (url.clone(), admin.clone(), id.to_string());
+                async move {
+                    let mut c = ControlClient::connect(&url, &admin).await.ok()?;
+                    let d = c.get_campaign(id).await.ok()?;
+                    let campaign = d.campaign?;
+                    if campaign.status != status
+                        && ["succeeded", "failed", "cancelled"].contains(&campaign.status.as_str())
+                    {
+                        panic!(
+                            "campaign ended {} instead of {status}: {:#?}",
+                            campaign.status, d.rounds
+                        );
+                    }
+                    (campaign.status == status).then_some(campaign)
+                }
+            },
+        )
+        .await
+    }
+
+    pub async fn rounds(&self, id: &str) -> Vec<Round> {
+        self.admin_client()
+            .await
+            .list_rounds(id.to_string())
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.workers.clear();
+        self.controller = None;
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The shipped example spec with some text replaced.
+pub fn example_spec(replacements: &[(&str, &str)]) -> String {
+    let mut s = include_str!("../../examples/test-backend.yaml").to_string();
+    for (from, to) in replacements {
+        assert!(s.contains(from), "example spec has no {from:?}");
+        s = s.replace(from, to);
+    }
+    s
+}

@@ -1,0 +1,163 @@
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use flywheel_proto::v1::{ArtifactRef, Assignment};
+use serde_json::Value;
+
+/// An assignment as a backend sees it, with its parameters parsed.
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub assignment: Assignment,
+    pub params: Value,
+}
+
+impl Task {
+    pub fn new(assignment: Assignment) -> Result<Self, TaskError> {
+        let params = if assignment.params_json.is_empty() {
+            Value::Object(Default::default())
+        } else {
+            serde_json::from_str(&assignment.params_json)
+                .map_err(|e| TaskError::permanent(format!("params_json is not valid JSON: {e}")))?
+        };
+        Ok(Self { assignment, params })
+    }
+
+    /// All inputs with this role (a fan-in stage gets one per upstream shard).
+    pub fn inputs(&self, role: &str) -> Vec<&ArtifactRef> {
+        self.assignment
+            .inputs
+            .iter()
+            .filter(|i| i.role == role)
+            .collect()
+    }
+
+    pub fn input(&self, role: &str) -> Result<&ArtifactRef, TaskError> {
+        self.inputs(role).into_iter().next().ok_or_else(|| {
+            TaskError::permanent(format!(
+                "stage {} ({}) needs an input {role:?}; check the recipe's needs",
+                self.assignment.stage, self.assignment.kind
+            ))
+        })
+    }
+
+    pub fn param_u64(&self, key: &str, default: u64) -> u64 {
+        self.params
+            .get(key)
+            .and_then(Value::as_u64)
+            .unwrap_or(default)
+    }
+
+    pub fn param_f64(&self, key: &str, default: f64) -> f64 {
+        self.params
+            .get(key)
+            .and_then(Value::as_f64)
+            .unwrap_or(default)
+    }
+}
+
+/// An output a backend produced (already written to the artifact store).
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub name: String,
+    pub kind: &'static str,
+    pub uri: String,
+    pub content_hash: String,
+    pub metadata: Value,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TaskResult {
+    pub outputs: Vec<Output>,
+    pub metrics: HashMap<String, f64>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct TaskError {
+    pub message: String,
+    pub retryable: bool,
+    /// The task stopped because the controller cancelled or abandoned it.
+    pub cancelled: bool,
+}
+
+impl TaskError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: true,
+            cancelled: false,
+        }
+    }
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: false,
+            cancelled: false,
+        }
+    }
+    pub fn cancelled() -> Self {
+        Self {
+            message: "cancelled by the controller".into(),
+            retryable: false,
+            cancelled: true,
+        }
+    }
+}
+
+impl From<crate::artifacts::ArtifactError> for TaskError {
+    fn from(e: crate::artifacts::ArtifactError) -> Self {
+        match e {
+            crate::artifacts::ArtifactError::HashMismatch { .. } => Self::permanent(e.to_string()),
+            _ => Self::retryable(e.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Progress {
+    pub(crate) fraction: f64,
+    pub(crate) message: String,
+    pub(crate) metrics: HashMap<String, f64>,
+}
+
+/// What a running task shares with the agent: progress for heartbeats, and the stop flag that
+/// heartbeat replies set.
+#[derive(Clone, Default)]
+pub struct TaskContext {
+    pub(crate) progress: Arc<Mutex<Progress>>,
+    pub(crate) stop: Arc<AtomicBool>,
+}
+
+impl TaskContext {
+    /// Records progress (0..1), a short message and metrics; sent with the next heartbeat.
+    pub fn report(&self, fraction: f64, message: impl Into<String>, metrics: &[(&str, f64)]) {
+        let mut p = self.progress.lock().expect("progress");
+        p.fraction = fraction.clamp(0.0, 1.0);
+        p.message = message.into();
+        for (k, v) in metrics {
+            p.metrics.insert((*k).to_string(), *v);
+        }
+    }
+
+    /// True once the controller has cancelled or abandoned this attempt: stop soon.
+    pub fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// `Err(cancelled)` once the task should stop; call it between units of work.
+    pub fn checkpoint(&self) -> Result<(), TaskError> {
+        if self.should_stop() {
+            Err(TaskError::cancelled())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A way to run tasks: `test` (deterministic, no ML), `builtin` (the CPU engine), ...
+/// `run` is called on a blocking thread; it may take minutes.
+pub trait Backend: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    fn run(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError>;
+}

@@ -1,0 +1,342 @@
+//! The `test` backend: a deterministic stand-in for ML, for exercising the controller.
+//!
+//! It is **not** machine learning. Every stage reads its real inputs from the artifact store and
+//! writes small, honest artifacts derived from them (JSONL datasets in TRL's shapes, JSON "model"
+//! files), so lineage, hashes and data flow are checked for real. A "model" is a JSON file with
+//! a `quality` number; training raises it by an amount computed from the training data, and
+//! evaluation reports it back. Initial models named `test://...?quality=Q` start at Q.
+//!
+//! Stage params that steer it in tests: `sleep_ms` (work slowly, honouring cancellation),
+//! `fail_attempts: N` (attempts 1..=N fail, retryably), `fail_permanently: true`,
+//! `crash_attempts: N` (attempts 1..=N abort the whole worker process).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::artifacts;
+use crate::backend::{Backend, Output, Task, TaskContext, TaskError, TaskResult};
+
+/// HelpSteer2 attribute weights (helpfulness, correctness, coherence, complexity, verbosity).
+const DEFAULT_WEIGHTS: [f64; 5] = [0.3, 0.74, 0.46, 0.47, -0.33];
+
+pub struct TestBackend;
+
+impl Backend for TestBackend {
+    fn name(&self) -> &str {
+        "test"
+    }
+
+    fn run(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
+        let attempt = task.assignment.attempt as u64;
+        if attempt <= task.param_u64("crash_attempts", 0) {
+            tracing::error!(
+                attempt,
+                "test backend: crashing the worker process as asked"
+            );
+            std::process::abort();
+        }
+        work_for(task.param_u64("sleep_ms", 0), ctx)?;
+        if attempt <= task.param_u64("fail_attempts", 0) {
+            return Err(TaskError::retryable(format!(
+                "test backend: attempt {attempt} fails as asked"
+            )));
+        }
+        if task.params.get("fail_permanently").and_then(Value::as_bool) == Some(true) {
+            return Err(TaskError::permanent(
+                "test backend: fails permanently as asked",
+            ));
+        }
+        let prefix = task.assignment.output_prefix.as_str();
+        let r = match task.assignment.kind.as_str() {
+            "synthesize_prompts" => synthesize(task, prefix),
+            "generate" => generate(task, prefix),
+            "score" => score(task, prefix),
+            "filter" => filter(task, prefix),
+            "sft" | "preference" => train(task, prefix),
+            "evaluate" => evaluate(task),
+            "custom" => Ok(TaskResult::default()),
+            other => Err(TaskError::permanent(format!(
+                "test backend has no stage kind {other:?}"
+            ))),
+        }?;
+        ctx.report(1.0, "done", &[]);
+        Ok(r)
+    }
+}
+
+fn work_for(ms: u64, ctx: &TaskContext) -> Result<(), TaskError> {
+    let start = Instant::now();
+    let total = Duration::from_millis(ms);
+    while start.elapsed() < total {
+        ctx.checkpoint()?;
+        let done = start.elapsed().as_secs_f64() / total.as_secs_f64();
+        ctx.report(done * 0.9, "working", &[]);
+        std::thread::sleep(Duration::from_millis(10).min(total - start.elapsed().min(total)));
+    }
+    ctx.checkpoint()
+}
+
+fn unit_hash(parts: &[&str]) -> f64 {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    let d = h.finalize();
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes")) as f64 / u64::MAX as f64
+}
+
+fn read_jsonl(inputs: &[&flywheel_proto::v1::ArtifactRef]) -> Result<Vec<Value>, TaskError> {
+    let mut rows = Vec::new();
+    for i in inputs {
+        let bytes = artifacts::read(&i.uri, &i.content_hash)?;
+        for line in String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+        {
+            rows.push(
+                serde_json::from_str(line)
+                    .map_err(|e| TaskError::permanent(format!("{}: bad JSONL: {e}", i.uri)))?,
+            );
+        }
+    }
+    Ok(rows)
+}
+
+fn write_jsonl(
+    prefix: &str,
+    name: &str,
+    format: &str,
+    rows: &[Value],
+) -> Result<Output, TaskError> {
+    let mut text = String::new();
+    for r in rows {
+        text.push_str(&r.to_string());
+        text.push('\n');
+    }
+    let (uri, content_hash) = artifacts::write(prefix, &format!("{name}.jsonl"), text.as_bytes())?;
+    Ok(Output {
+        name: name.into(),
+        kind: "dataset",
+        uri,
+        content_hash,
+        metadata: json!({ "records": rows.len(), "format": format }),
+    })
+}
+
+/// A model's quality: from a test model file, or `?quality=Q` on an external uri (default 0.3).
+fn model_quality(m: &flywheel_proto::v1::ArtifactRef) -> Result<f64, TaskError> {
+    if m.uri.starts_with("file://") {
+        let bytes = artifacts::read(&m.uri, &m.content_hash)?;
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| TaskError::permanent(format!("{}: not a test model: {e}", m.uri)))?;
+        return v
+            .get("quality")
+            .and_then(Value::as_f64)
+            .ok_or_else(|| TaskError::permanent(format!("{}: no quality", m.uri)));
+    }
+    Ok(m.uri
+        .split("quality=")
+        .nth(1)
+        .and_then(|q| q.parse().ok())
+        .unwrap_or(0.3))
+}
+
+fn synthesize(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
+    let a = &task.assignment;
+    let count = task.param_u64("count", 8);
+    let rows: Vec<Value> = (0..count)
+        .map(|i| json!({ "id": format!("r{}-p{i}", a.round_index), "prompt": format!("round {} task {i}: add {} and {}", a.round_index, i, i * 7 % 13) }))
+        .collect();
+    let out = write_jsonl(prefix, "prompts", "flywheel.prompts", &rows)?;
+    Ok(TaskResult {
+        outputs: vec![out],
+        metrics: [("prompts".to_string(), count as f64)].into(),
+    })
+}
+
+fn generate(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
+    let a = &task.assignment;
+    let generator = task.input("generator")?;
+    let quality = model_quality(generator)?;
+    let k = task.param_u64("k", 4);
+    let prompts = read_jsonl(&task.inputs("prompts"))?;
+    let mut rows = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        if i as i32 % a.shard_count.max(1) != a.shard_index {
+            continue;
+        }
+        for s in 0..k {
+            rows.push(json!({
+                "prompt_id": p["id"], "prompt": p["prompt"], "sample": s,
+                "response": format!("{} answer #{s} to: {}", generator.name, p["prompt"].as_str().unwrap_or_default()),
+                "generator": generator.id, "generator_quality": quality,
+            }));
+        }
+    }
+    let n = rows.len() as f64;
+    let out = write_jsonl(prefix, "responses", "flywheel.responses", &rows)?;
+    Ok(TaskResult {
+        outputs: vec![out],
+        metrics: [("responses".to_string(), n)].into(),
+    })
+}
+
+fn score(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
+    let weights: Vec<f64> = task
+        .params
+        .get("weights")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_else(|| DEFAULT_WEIGHTS.to_vec());
+    let mut rows = read_jsonl(&task.inputs("responses"))?;
+    for r in &mut rows {
+        let q = r["generator_quality"].as_f64().unwrap_or(0.3);
+        let id = format!("{}#{}", r["prompt_id"], r["sample"]);
+        let attrs: Vec<f64> = [
+            "helpfulness",
+            "correctness",
+            "coherence",
+            "complexity",
+            "verbosity",
+        ]
+        .iter()
+        .map(|name| (4.0 * q + 1.5 * (unit_hash(&[&id, name]) - 0.5)).clamp(0.0, 4.0))
+        .collect();
+        let reward: f64 = attrs.iter().zip(&weights).map(|(a, w)| a * w).sum();
+        r["attributes"] = json!({ "helpfulness": attrs[0], "correctness": attrs[1], "coherence": attrs[2], "complexity": attrs[3], "verbosity": attrs[4] });
+        r["reward"] = json!(reward);
+    }
+    let mean = rows
+        .iter()
+        .filter_map(|r| r["reward"].as_f64())
+        .sum::<f64>()
+        / rows.len().max(1) as f64;
+    let out = write_jsonl(prefix, "scores", "flywheel.scores", &rows)?;
+    Ok(TaskResult {
+        outputs: vec![out],
+        metrics: [
+            ("records".to_string(), rows.len() as f64),
+            ("mean_reward".to_string(), mean),
+        ]
+        .into(),
+    })
+}
+
+fn filter(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
+    let margin = task.param_f64("margin", 0.0);
+    let rows = read_jsonl(&task.inputs("scores"))?;
+    let mut by_prompt: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for r in &rows {
+        by_prompt
+            .entry(r["prompt_id"].to_string())
+            .or_default()
+            .push(r);
+    }
+    let reward = |r: &Value| r["reward"].as_f64().unwrap_or(0.0);
+    let mut sft = Vec::new();
+    let mut pairs = Vec::new();
+    for samples in by_prompt.values() {
+        let best = samples
+            .iter()
+            .max_by(|a, b| reward(a).total_cmp(&reward(b)))
+            .expect("non-empty");
+        let worst = samples
+            .iter()
+            .min_by(|a, b| reward(a).total_cmp(&reward(b)))
+            .expect("non-empty");
+        sft.push(json!({ "messages": [
+            { "role": "user", "content": best["prompt"] },
+            { "role": "assistant", "content": best["response"] },
+        ], "reward": reward(best) }));
+        if reward(best) - reward(worst) >= margin && samples.len() > 1 {
+            pairs.push(json!({
+                "prompt": best["prompt"], "chosen": best["response"], "rejected": worst["response"],
+                "chosen_reward": reward(best), "rejected_reward": reward(worst),
+            }));
+        }
+    }
+    let metrics = [
+        ("sft_records".to_string(), sft.len() as f64),
+        ("pair_records".to_string(), pairs.len() as f64),
+    ]
+    .into();
+    let outputs = vec![
+        write_jsonl(prefix, "sft", "trl.messages", &sft)?,
+        write_jsonl(prefix, "pairs", "trl.preference", &pairs)?,
+    ];
+    Ok(TaskResult { outputs, metrics })
+}
+
+/// "Training": the new quality moves toward the quality of the data (mean reward / 4) plus a
+/// bonus that grows with the amount of data. SFT starts from the base model, preference
+/// training from its `model` input (the SFT model).
+fn train(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
+    let a = &task.assignment;
+    let (start, data_role) = if a.kind == "sft" {
+        (task.input("base")?, "sft")
+    } else {
+        (task.input("model")?, "pairs")
+    };
+    let start_q = model_quality(start)?;
+    let data = read_jsonl(&task.inputs(data_role))?;
+    if data.is_empty() {
+        return Err(TaskError::permanent(format!(
+            "no {data_role} records to train on"
+        )));
+    }
+    let rewards: Vec<f64> = data
+        .iter()
+        .filter_map(|r| {
+            r.get("reward")
+                .or_else(|| r.get("chosen_reward"))
+                .and_then(Value::as_f64)
+        })
+        .collect();
+    let data_q = (rewards.iter().sum::<f64>()
+        / rewards.len().max(1) as f64
+        / (4.0 * DEFAULT_WEIGHTS.iter().filter(|w| **w > 0.0).sum::<f64>()))
+    .clamp(0.0, 1.0);
+    let bonus = 0.15 * (data.len() as f64 / 20.0).min(1.0);
+    let quality = (start_q.max(data_q) + bonus * (1.0 - start_q.max(data_q))).min(0.99);
+    let model = json!({
+        "format": "flywheel-test-model", "name": format!("{}-r{}", a.stage, a.round_index),
+        "quality": quality, "trained_from": start.id, "records": data.len(),
+    });
+    let (uri, content_hash) = artifacts::write(prefix, "model.json", model.to_string().as_bytes())?;
+    let out = Output {
+        name: "model".into(),
+        kind: "model",
+        uri,
+        content_hash,
+        metadata: json!({ "format": "flywheel-test-model" }),
+    };
+    Ok(TaskResult {
+        outputs: vec![out],
+        metrics: [
+            ("loss".to_string(), 1.0 - quality),
+            ("records".to_string(), data.len() as f64),
+        ]
+        .into(),
+    })
+}
+
+fn evaluate(task: &Task) -> Result<TaskResult, TaskError> {
+    let candidate = model_quality(task.input("model")?)?;
+    let generator = model_quality(task.input("generator")?)?;
+    let win_rate = 1.0 / (1.0 + (-(candidate - generator) * 10.0).exp());
+    Ok(TaskResult {
+        outputs: Vec::new(),
+        metrics: [
+            ("accuracy".to_string(), candidate),
+            ("generator_accuracy".to_string(), generator),
+            ("accuracy_gain".to_string(), candidate - generator),
+            ("win_rate".to_string(), win_rate),
+            ("mean_reward".to_string(), candidate * 4.0),
+        ]
+        .into(),
+    })
+}
