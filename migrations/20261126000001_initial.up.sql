@@ -99,9 +99,16 @@ CREATE TABLE tasks (
     started_at       timestamptz,
     finished_at      timestamptz
 );
-CREATE INDEX tasks_claimable ON tasks (pool, next_run_at) WHERE state = 'queued';
+-- Claim order: earlier rounds and stages first. Matches the claim query's ORDER BY so a claim
+-- reads only the rows it takes.
+CREATE INDEX tasks_claimable ON tasks (pool, round_index, stage_order, next_run_at, shard_index)
+    WHERE state = 'queued';
+-- Unfinished tasks per stage: "is this stage / round done?" is one index probe.
+CREATE INDEX tasks_unfinished ON tasks (round_id, stage) WHERE state <> 'succeeded';
 CREATE INDEX tasks_leases ON tasks (lease_expires_at) WHERE state = 'running';
-CREATE INDEX tasks_round ON tasks (round_id, stage_order);
+CREATE INDEX tasks_round ON tasks (round_id, stage, shard_index);
+CREATE INDEX tasks_failed ON tasks (round_id) WHERE state = 'failed';
+CREATE INDEX tasks_ready_promotions ON tasks (campaign_id) WHERE state = 'queued' AND kind = 'promote';
 CREATE INDEX tasks_campaign ON tasks (campaign_id, round_index);
 
 CREATE TABLE task_edges (

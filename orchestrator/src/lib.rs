@@ -29,7 +29,6 @@ use flywheel_proto::v1::server::{ControlServiceServer, WorkerServiceServer};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc, watch};
-use tokio_stream::wrappers::TcpListenerStream;
 use uuid::Uuid;
 
 pub use error::{Error, Result};
@@ -159,7 +158,10 @@ pub async fn serve(
         .add_service(ControlServiceServer::new(api::ControlApi {
             ctl: ctl.clone(),
         }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await;
     let _ = stop_tx.send(true);
     for l in loops {

@@ -159,11 +159,12 @@ pub async fn claim(
     sqlx::query_as(
         "WITH picked AS (
              SELECT id, row_number() OVER () AS n FROM (
-                 SELECT t.id FROM tasks t JOIN campaigns c ON c.id = t.campaign_id
+                 SELECT t.id FROM tasks t
                  WHERE t.state = 'queued' AND t.pool = $1 AND t.backend = ANY($2)
                    AND (t.gpu_kind = '' OR t.gpu_kind = $3) AND t.gpu_count <= $4
-                   AND t.next_run_at <= now() AND t.kind <> 'promote' AND c.status = 'running'
-                 ORDER BY t.round_index, t.stage_order, t.next_run_at, t.shard_index
+                   AND t.next_run_at <= now() AND t.kind <> 'promote'
+                   AND EXISTS (SELECT 1 FROM campaigns c WHERE c.id = t.campaign_id AND c.status = 'running')
+                 ORDER BY t.pool, t.round_index, t.stage_order, t.next_run_at, t.shard_index
                  LIMIT cardinality($5::uuid[])
                  FOR UPDATE OF t SKIP LOCKED
              ) AS locked
@@ -356,13 +357,14 @@ pub async fn completed_stages(
     if pairs.is_empty() {
         return Ok(Vec::new());
     }
-    let (round, stage): (Vec<Uuid>, Vec<String>) = pairs.iter().cloned().unzip();
+    let unique: std::collections::BTreeSet<_> = pairs.iter().cloned().collect();
+    let (round, stage): (Vec<Uuid>, Vec<String>) = unique.into_iter().unzip();
     sqlx::query_as(
-        "SELECT t.campaign_id, t.round_id, min(t.round_index), t.stage
-         FROM tasks t JOIN (SELECT DISTINCT * FROM unnest($1::uuid[], $2::text[])) AS u(r, s)
-              ON t.round_id = u.r AND t.stage = u.s
-         GROUP BY t.campaign_id, t.round_id, t.stage
-         HAVING bool_and(t.state = 'succeeded')",
+        "SELECT t.campaign_id, t.round_id, t.round_index, t.stage
+         FROM unnest($1::uuid[], $2::text[]) AS u(r, s)
+         JOIN tasks t ON t.round_id = u.r AND t.stage = u.s AND t.shard_index = 0
+         WHERE NOT EXISTS (SELECT 1 FROM tasks o WHERE o.round_id = u.r AND o.stage = u.s
+                           AND o.state <> 'succeeded')",
     )
     .bind(round)
     .bind(stage)
