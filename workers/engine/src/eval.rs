@@ -1,0 +1,36 @@
+//! Evaluation: held-out accuracy by verifier, mean reward, and head-to-head win rate judged by
+//! the reward model.
+
+use crate::EngineError;
+use crate::model::Transformer;
+use crate::reward::{self, DEFAULT_WEIGHTS};
+use crate::sample::{SampleConfig, sample};
+use crate::tasks;
+
+/// Greedy answers of `model` to `prompts`.
+pub fn answers(model: &Transformer, prompts: &[String]) -> Result<Vec<String>, EngineError> {
+    let out = sample(model, prompts, 1, &SampleConfig::greedy(24), &mut |_, _| true)?;
+    Ok(out.into_iter().map(|mut v| v.remove(0)).collect())
+}
+
+/// Fraction of prompts whose answer the verifier accepts.
+pub fn accuracy(prompts: &[String], answers: &[String]) -> f64 {
+    let ok = prompts.iter().zip(answers).filter(|(p, a)| tasks::verify(p, a)).count();
+    ok as f64 / prompts.len().max(1) as f64
+}
+
+/// Scalar rewards of answers.
+pub fn rewards(rm: &Transformer, prompts: &[String], answers: &[String]) -> Result<Vec<f64>, EngineError> {
+    let rows: Vec<(&str, &str)> = prompts.iter().zip(answers).map(|(p, a)| (p.as_str(), a.as_str())).collect();
+    Ok(reward::score(rm, &rows, 128)?.iter().map(|a| reward::scalar(a, &DEFAULT_WEIGHTS)).collect())
+}
+
+/// Win rate of A over B on the same prompts: 1 per higher reward, ½ per tie.
+pub fn win_rate(rewards_a: &[f64], rewards_b: &[f64]) -> f64 {
+    let score: f64 = rewards_a
+        .iter()
+        .zip(rewards_b)
+        .map(|(a, b)| if (a - b).abs() < 1e-6 { 0.5 } else if a > b { 1.0 } else { 0.0 })
+        .sum();
+    score / rewards_a.len().max(1) as f64
+}

@@ -1,0 +1,38 @@
+//! Flywheel's builtin alignment engine, on candle (CPU, or CUDA with the `cuda` feature).
+//!
+//! A small decoder-only transformer ([`model`]) with a byte-level tokenizer ([`tokenizer`]),
+//! safetensors checkpoints ([`checkpoint`]), a task world with verifiers ([`tasks`]), batched
+//! KV-cached sampling ([`sample`]), SFT / DPO / RPO and reward-model training ([`train`]), a
+//! 5-attribute reward model ([`reward`]), evaluation ([`eval`]), and the worker backend
+//! `builtin` that runs campaign stages on all of it ([`backend`]).
+//!
+//! Only worker processes link this crate; the controller never compiles it.
+
+pub mod backend;
+pub mod checkpoint;
+pub mod eval;
+pub mod model;
+pub mod reward;
+pub mod rng;
+pub mod sample;
+pub mod tasks;
+pub mod tokenizer;
+pub mod train;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("tensor error: {0}")]
+    Tensor(#[from] candle_core::Error),
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("checkpoint error: {0}")]
+    Checkpoint(String),
+    #[error("cannot access {0}: {1}")]
+    Io(String, std::io::Error),
+    #[error("no {0} data to train on")]
+    NoData(&'static str),
+    #[error("training diverged at step {0}: loss {1}")]
+    Diverged(usize, f64),
+    #[error("cancelled")]
+    Cancelled,
+}

@@ -1,0 +1,115 @@
+//! Batched sampling with a KV cache: temperature, top-k and top-p, K samples per prompt,
+//! reproducible for a seed (each sample draws from its own generator).
+
+use candle_core::Tensor;
+
+use crate::EngineError;
+use crate::model::Transformer;
+use crate::rng::Rng;
+use crate::tokenizer::{END, PAD, decode, encode_prompt};
+
+#[derive(Debug, Clone)]
+pub struct SampleConfig {
+    /// 0 means greedy.
+    pub temperature: f64,
+    /// 0 means no top-k cut.
+    pub top_k: usize,
+    pub top_p: f64,
+    pub max_tokens: usize,
+    pub seed: u64,
+    pub batch_size: usize,
+}
+
+impl SampleConfig {
+    pub fn greedy(max_tokens: usize) -> Self {
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, max_tokens, seed: 0, batch_size: 64 }
+    }
+}
+
+fn pick_token(logits: &[f32], cfg: &SampleConfig, rng: &mut Rng) -> u32 {
+    if cfg.temperature <= 0.0 {
+        return logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(END, |(i, _)| i as u32);
+    }
+    let mut order: Vec<usize> = (0..logits.len()).filter(|&i| i as u32 != PAD).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if cfg.top_k > 0 {
+        order.truncate(cfg.top_k);
+    }
+    let max = logits[order[0]] as f64;
+    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / cfg.temperature).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    let mut kept = 0.0;
+    let mut cut = probs.len();
+    for (n, p) in probs.iter_mut().enumerate() {
+        *p /= total;
+        kept += *p;
+        if kept >= cfg.top_p {
+            cut = n + 1;
+            break;
+        }
+    }
+    let mass: f64 = probs[..cut].iter().sum();
+    let mut u = rng.unit() * mass;
+    for (n, p) in probs[..cut].iter().enumerate() {
+        u -= p;
+        if u <= 0.0 {
+            return order[n] as u32;
+        }
+    }
+    order[cut - 1] as u32
+}
+
+/// `k` responses for each prompt: `out[i][j]` is sample j of prompt i. `progress(done, total)` is
+/// called after each batch; returning `false` stops with `Cancelled`.
+pub fn sample(
+    model: &Transformer,
+    prompts: &[String],
+    k: usize,
+    cfg: &SampleConfig,
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<Vec<Vec<String>>, EngineError> {
+    let requests: Vec<(usize, usize)> = (0..prompts.len()).flat_map(|i| (0..k).map(move |j| (i, j))).collect();
+    let mut out = vec![vec![String::new(); k]; prompts.len()];
+    let dev = model.device().clone();
+    for (chunk_no, chunk) in requests.chunks(cfg.batch_size.max(1)).enumerate() {
+        let encoded: Vec<Vec<u32>> = chunk.iter().map(|(i, _)| encode_prompt(&prompts[*i])).collect();
+        let width = encoded.iter().map(Vec::len).max().unwrap_or(1);
+        let budget = cfg.max_tokens.min(model.config.max_seq.saturating_sub(width));
+        let pads: Vec<usize> = encoded.iter().map(|e| width - e.len()).collect();
+        let mut ids = Vec::with_capacity(chunk.len() * width);
+        for (e, p) in encoded.iter().zip(&pads) {
+            ids.extend(std::iter::repeat_n(PAD, *p));
+            ids.extend(e);
+        }
+        let mut rngs: Vec<Rng> = chunk.iter().map(|(i, j)| Rng::derive(cfg.seed, &[*i as u64, *j as u64])).collect();
+        let mut cache = model.new_cache(&pads)?;
+        let tokens = Tensor::from_vec(ids, (chunk.len(), width), &dev)?;
+        let mut hidden = model.hidden(&tokens, Some(&mut cache))?;
+        let mut generated: Vec<Vec<u32>> = vec![Vec::new(); chunk.len()];
+        let mut done = vec![false; chunk.len()];
+        for _ in 0..budget {
+            let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
+            let logits: Vec<Vec<f32>> = model.logits_of_hidden(&last)?.squeeze(1)?.to_vec2()?;
+            let mut next = Vec::with_capacity(chunk.len());
+            for (r, row) in logits.iter().enumerate() {
+                let t = if done[r] { PAD } else { pick_token(row, cfg, &mut rngs[r]) };
+                if !done[r] {
+                    generated[r].push(t);
+                    done[r] = t == END;
+                }
+                next.push(t);
+            }
+            if done.iter().all(|d| *d) {
+                break;
+            }
+            hidden = model.hidden(&Tensor::from_vec(next, (chunk.len(), 1), &dev)?, Some(&mut cache))?;
+        }
+        for ((i, j), g) in chunk.iter().zip(&generated) {
+            out[*i][*j] = decode(g);
+        }
+        if !progress((chunk_no + 1) * cfg.batch_size.max(1), requests.len()) {
+            return Err(EngineError::Cancelled);
+        }
+    }
+    Ok(out)
+}
