@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use flywheel_engine::backend::BuiltinBackend;
 use flywheel_orchestrator::{ControllerConfig, auth, store};
 use flywheel_proto::ControlClient;
 use flywheel_proto::v1::{CampaignAction, Capabilities, ListArtifactsRequest, RetryStageRequest};
@@ -69,7 +70,7 @@ enum Command {
         name: String,
         #[arg(long, default_value = "default")]
         pool: String,
-        /// Backends this worker runs (repeatable). Available here: test.
+        /// Backends this worker runs (repeatable): builtin (the CPU engine), test (no ML).
         #[arg(long = "backend", default_values_t = vec!["test".to_string()])]
         backends: Vec<String>,
         #[arg(long, default_value = "")]
@@ -97,6 +98,8 @@ enum Command {
         #[command(subcommand)]
         command: WorkersCommand,
     },
+    /// Run a full weak-to-strong campaign on this machine (Postgres, controller, workers, models).
+    Demo(crate::demo::DemoArgs),
     /// Apply database migrations (the server also does this at start).
     Migrate {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -261,7 +264,10 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             for b in &backends {
                 match b.as_str() {
                     "test" => impls.push(Arc::new(TestBackend)),
-                    other => bail!("--backend {other:?}: unknown backend (available: test)"),
+                    "builtin" => impls.push(Arc::new(BuiltinBackend::new())),
+                    other => {
+                        bail!("--backend {other:?}: unknown backend (available: test, builtin)")
+                    }
                 }
             }
             let labels = labels
@@ -288,6 +294,10 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             flywheel_worker::run(config, impls, shutdown_signal()).await?;
         }
         Command::Campaign { command } => campaign(command).await?,
+        Command::Demo(args) => {
+            init_tracing("warn");
+            crate::demo::run(args).await?;
+        }
         Command::Token {
             command:
                 TokenCommand::Create {

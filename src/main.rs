@@ -2,6 +2,8 @@
 //! arguments and wires the library crates together.
 
 mod cli;
+mod demo;
+mod pg;
 
 use std::process::ExitCode;
 

@@ -619,8 +619,12 @@ impl Validator {
                 ("top_k", IntAtLeast(0)),
                 ("max_tokens", IntAtLeast(1)),
             ],
-            StageKind::Score => &[("batch_size", IntAtLeast(1))],
-            StageKind::Filter => &[("margin", AtLeast(0.0)), ("min_reward", Any)],
+            StageKind::Score => &[("batch_size", IntAtLeast(1)), ("verifier", Bool)],
+            StageKind::Filter => &[
+                ("margin", AtLeast(0.0)),
+                ("min_reward", Any),
+                ("require_verified", Bool),
+            ],
             StageKind::Sft => &[
                 ("lr", Positive),
                 ("epochs", IntAtLeast(1)),
@@ -635,7 +639,11 @@ impl Validator {
                 ("steps", IntAtLeast(1)),
                 ("batch_size", IntAtLeast(1)),
             ],
-            StageKind::Evaluate => &[("prompts", IntAtLeast(1)), ("seed", IntAtLeast(0))],
+            StageKind::Evaluate => &[
+                ("prompts", IntAtLeast(1)),
+                ("seed", IntAtLeast(0)),
+                ("verifier", Bool),
+            ],
             StageKind::Promote | StageKind::Custom => &[],
         };
         for (key, bound) in rules {
@@ -739,6 +747,7 @@ enum Bound {
     AtLeast(f64),
     Positive,
     Fraction,
+    Bool,
     Any,
 }
 
@@ -765,6 +774,7 @@ impl Bound {
                 Some(_) => Some("must be in (0, 1]".into()),
                 None => Some("must be a number".into()),
             },
+            Bound::Bool => (!v.is_boolean()).then(|| "must be true or false".into()),
             Bound::Any => None,
         }
     }

@@ -72,6 +72,46 @@ pub fn read(uri: &str, expected_hash: &str) -> Result<Vec<u8>, ArtifactError> {
     Ok(bytes)
 }
 
+/// Content hash of a directory: SHA-256 over its files' names and bytes, in name order.
+pub fn hash_dir(dir: &Path) -> Result<String, ArtifactError> {
+    let uri = format!("file://{}", dir.display());
+    let err = |source| ArtifactError::Read {
+        uri: uri.clone(),
+        source,
+    };
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map_err(err)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    let mut h = Sha256::new();
+    for name in names {
+        h.update(name.as_encoded_bytes());
+        h.update([0]);
+        h.update(std::fs::read(dir.join(&name)).map_err(err)?);
+    }
+    Ok(format!("sha256:{:x}", h.finalize()))
+}
+
+/// The local directory behind a `file://` uri, after checking its content hash (when one is
+/// recorded).
+pub fn verified_dir(uri: &str, expected_hash: &str) -> Result<PathBuf, ArtifactError> {
+    let path = path_of(uri)?;
+    if !expected_hash.is_empty() {
+        let actual = hash_dir(&path)?;
+        if actual != expected_hash {
+            return Err(ArtifactError::HashMismatch {
+                uri: uri.to_string(),
+                expected: expected_hash.to_string(),
+                actual,
+            });
+        }
+    }
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

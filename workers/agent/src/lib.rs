@@ -9,6 +9,7 @@
 mod agent;
 pub mod artifacts;
 mod backend;
+pub mod datasets;
 pub mod test_backend;
 
 pub use agent::{WorkerConfig, WorkerError, run};

@@ -10,7 +10,6 @@
 //! `fail_attempts: N` (attempts 1..=N fail, retryably), `fail_permanently: true`,
 //! `crash_attempts: N` (attempts 1..=N abort the whole worker process).
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -18,6 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::artifacts;
 use crate::backend::{Backend, Output, Task, TaskContext, TaskError, TaskResult};
+use crate::datasets::{self, read_jsonl, write_jsonl};
 
 /// HelpSteer2 attribute weights (helpfulness, correctness, coherence, complexity, verbosity).
 const DEFAULT_WEIGHTS: [f64; 5] = [0.3, 0.74, 0.46, 0.47, -0.33];
@@ -87,44 +87,6 @@ fn unit_hash(parts: &[&str]) -> f64 {
     }
     let d = h.finalize();
     u64::from_le_bytes(d[..8].try_into().expect("8 bytes")) as f64 / u64::MAX as f64
-}
-
-fn read_jsonl(inputs: &[&flywheel_proto::v1::ArtifactRef]) -> Result<Vec<Value>, TaskError> {
-    let mut rows = Vec::new();
-    for i in inputs {
-        let bytes = artifacts::read(&i.uri, &i.content_hash)?;
-        for line in String::from_utf8_lossy(&bytes)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-        {
-            rows.push(
-                serde_json::from_str(line)
-                    .map_err(|e| TaskError::permanent(format!("{}: bad JSONL: {e}", i.uri)))?,
-            );
-        }
-    }
-    Ok(rows)
-}
-
-fn write_jsonl(
-    prefix: &str,
-    name: &str,
-    format: &str,
-    rows: &[Value],
-) -> Result<Output, TaskError> {
-    let mut text = String::new();
-    for r in rows {
-        text.push_str(&r.to_string());
-        text.push('\n');
-    }
-    let (uri, content_hash) = artifacts::write(prefix, &format!("{name}.jsonl"), text.as_bytes())?;
-    Ok(Output {
-        name: name.into(),
-        kind: "dataset",
-        uri,
-        content_hash,
-        metadata: json!({ "records": rows.len(), "format": format }),
-    })
 }
 
 /// A model's quality: from a test model file, or `?quality=Q` on an external uri (default 0.3).
@@ -227,38 +189,13 @@ fn score(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
 }
 
 fn filter(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
-    let margin = task.param_f64("margin", 0.0);
     let rows = read_jsonl(&task.inputs("scores"))?;
-    let mut by_prompt: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
-    for r in &rows {
-        by_prompt
-            .entry(r["prompt_id"].to_string())
-            .or_default()
-            .push(r);
-    }
-    let reward = |r: &Value| r["reward"].as_f64().unwrap_or(0.0);
-    let mut sft = Vec::new();
-    let mut pairs = Vec::new();
-    for samples in by_prompt.values() {
-        let best = samples
-            .iter()
-            .max_by(|a, b| reward(a).total_cmp(&reward(b)))
-            .expect("non-empty");
-        let worst = samples
-            .iter()
-            .min_by(|a, b| reward(a).total_cmp(&reward(b)))
-            .expect("non-empty");
-        sft.push(json!({ "messages": [
-            { "role": "user", "content": best["prompt"] },
-            { "role": "assistant", "content": best["response"] },
-        ], "reward": reward(best) }));
-        if reward(best) - reward(worst) >= margin && samples.len() > 1 {
-            pairs.push(json!({
-                "prompt": best["prompt"], "chosen": best["response"], "rejected": worst["response"],
-                "chosen_reward": reward(best), "rejected_reward": reward(worst),
-            }));
-        }
-    }
+    let (sft, pairs) = datasets::filter(
+        &rows,
+        task.param_f64("margin", 0.0),
+        f64::NEG_INFINITY,
+        false,
+    );
     let metrics = [
         ("sft_records".to_string(), sft.len() as f64),
         ("pair_records".to_string(), pairs.len() as f64),

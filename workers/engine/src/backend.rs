@@ -1,1 +1,493 @@
-pub struct Placeholder;
+//! The worker backend `builtin`: campaign stages on the engine.
+//!
+//! Inputs and outputs go through the artifact store: datasets as JSONL (TRL formats), models as
+//! checkpoint directories (`config.json` + `model.safetensors`) whose content hash covers both.
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use candle_core::Device;
+use candle_nn::VarMap;
+use flywheel_proto::v1::ArtifactRef;
+use flywheel_worker::artifacts;
+use flywheel_worker::datasets::{self, read_jsonl, write_jsonl};
+use flywheel_worker::{Backend, Output, Task, TaskContext, TaskError, TaskResult};
+use serde_json::{Value, json};
+
+use crate::reward::{self, ATTRIBUTES, DEFAULT_WEIGHTS};
+use crate::sample::{SampleConfig, sample};
+use crate::tasks::{self, Mix, Split};
+use crate::train::{self, Pair, PreferenceLoss, PreferenceObjective, TrainConfig};
+use crate::{EngineError, checkpoint, eval};
+
+pub struct BuiltinBackend {
+    device: Device,
+}
+
+impl BuiltinBackend {
+    /// On the GPU when built with `cuda` and one is present, else on the CPU.
+    pub fn new() -> Self {
+        #[cfg(feature = "cuda")]
+        let device = Device::cuda_if_available(0).unwrap_or(Device::Cpu);
+        #[cfg(not(feature = "cuda"))]
+        let device = Device::Cpu;
+        Self { device }
+    }
+}
+
+impl Default for BuiltinBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl From<EngineError> for TaskError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Cancelled => TaskError::cancelled(),
+            EngineError::Io(..) | EngineError::Tensor(_) => TaskError::retryable(e.to_string()),
+            _ => TaskError::permanent(e.to_string()),
+        }
+    }
+}
+
+/// A stable 64-bit seed from text (the campaign id, stage, round, shard).
+fn seed_of(parts: &[&str]) -> u64 {
+    parts
+        .iter()
+        .flat_map(|p| p.bytes().chain([0]))
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        })
+}
+
+fn model_dir(m: &ArtifactRef) -> Result<std::path::PathBuf, TaskError> {
+    Ok(artifacts::verified_dir(&m.uri, &m.content_hash)?)
+}
+
+fn str_list(v: &Value, key: &str) -> Option<Vec<String>> {
+    v.get(key)?.as_array().map(|a| {
+        a.iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect()
+    })
+}
+
+fn mix(task: &Task, split: Split) -> Mix {
+    let d = Mix::default();
+    Mix {
+        subtopics: str_list(&task.params, "subtopics").unwrap_or(d.subtopics),
+        max_difficulty: task.param_u64("max_difficulty", d.max_difficulty as u64) as u32,
+        brackets: task.param_f64("brackets", d.brackets),
+        split,
+    }
+}
+
+fn train_config(task: &Task, steps: u64, lr: f64) -> TrainConfig {
+    TrainConfig {
+        steps: task.param_u64("steps", steps) as usize,
+        batch_size: task.param_u64("batch_size", 32) as usize,
+        lr: task.param_f64("lr", lr),
+        warmup: task.param_u64("warmup", 20) as usize,
+        seed: task.param_u64(
+            "seed",
+            seed_of(&[&task.assignment.campaign_id, &task.assignment.stage]),
+        ),
+        ..TrainConfig::default()
+    }
+}
+
+fn save_model(
+    prefix: &str,
+    config: &crate::model::ModelConfig,
+    varmap: &VarMap,
+    parent: &ArtifactRef,
+) -> Result<Output, TaskError> {
+    let uri = format!("{}/model", prefix.trim_end_matches('/'));
+    let dir = artifacts::path_of(&uri)?;
+    checkpoint::save(&dir, config, varmap)?;
+    let content_hash = artifacts::hash_dir(&dir)?;
+    Ok(Output {
+        name: "model".into(),
+        kind: "model",
+        uri,
+        content_hash,
+        metadata: json!({ "format": "flywheel-builtin", "trained_from": parent.id, "config": config }),
+    })
+}
+
+impl Backend for BuiltinBackend {
+    fn name(&self) -> &str {
+        "builtin"
+    }
+
+    fn run(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
+        let prefix = task.assignment.output_prefix.as_str();
+        match task.assignment.kind.as_str() {
+            "synthesize_prompts" => self.synthesize(task, prefix),
+            "generate" => self.generate(task, ctx, prefix),
+            "score" => self.score(task, prefix),
+            "filter" => self.filter(task, prefix),
+            "sft" => self.sft(task, ctx, prefix),
+            "preference" => self.preference(task, ctx, prefix),
+            "evaluate" => self.evaluate(task, ctx),
+            other => Err(TaskError::permanent(format!(
+                "the builtin backend has no stage kind {other:?}"
+            ))),
+        }
+    }
+}
+
+fn progress_reporter<'a>(
+    ctx: &'a TaskContext,
+    total: usize,
+    what: &'a str,
+) -> impl FnMut(usize, f64) -> bool + 'a {
+    move |step, loss| {
+        if step % 10 == 0 || step + 1 == total {
+            ctx.report(
+                (step + 1) as f64 / total as f64,
+                format!("{what} step {}/{total}", step + 1),
+                &[("loss", loss), ("step", step as f64)],
+            );
+        }
+        !ctx.should_stop()
+    }
+}
+
+impl BuiltinBackend {
+    fn synthesize(&self, task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
+        let a = &task.assignment;
+        let count = task.param_u64("count", 64) as usize;
+        let seed = task.param_u64(
+            "seed",
+            seed_of(&[&a.campaign_id, "prompts", &a.round_index.to_string()]),
+        );
+        let prompts = tasks::generate(
+            seed,
+            count,
+            &mix(task, Split::Train),
+            &format!("r{}-", a.round_index),
+            &HashSet::new(),
+        );
+        let rows: Vec<Value> = prompts
+            .iter()
+            .map(|p| serde_json::to_value(p).expect("prompt serializes"))
+            .collect();
+        let out = write_jsonl(prefix, "prompts", "flywheel.prompts", &rows)?;
+        Ok(TaskResult {
+            outputs: vec![out],
+            metrics: [("prompts".to_string(), rows.len() as f64)].into(),
+        })
+    }
+
+    fn generate(
+        &self,
+        task: &Task,
+        ctx: &TaskContext,
+        prefix: &str,
+    ) -> Result<TaskResult, TaskError> {
+        let a = &task.assignment;
+        let generator = task.input("generator")?;
+        let model = checkpoint::load_frozen(&model_dir(generator)?, &self.device)?;
+        let rows = read_jsonl(&task.inputs("prompts"))?;
+        let mine: Vec<&Value> = rows
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i as i32 % a.shard_count.max(1) == a.shard_index)
+            .map(|(_, r)| r)
+            .collect();
+        let prompts: Vec<String> = mine
+            .iter()
+            .map(|r| r["prompt"].as_str().unwrap_or_default().to_string())
+            .collect();
+        let k = task.param_u64("k", 4) as usize;
+        let cfg = SampleConfig {
+            temperature: task.param_f64("temperature", 1.0),
+            top_k: task.param_u64("top_k", 0) as usize,
+            top_p: task.param_f64("top_p", 1.0),
+            max_tokens: task.param_u64("max_tokens", 24) as usize,
+            seed: task.param_u64(
+                "seed",
+                seed_of(&[
+                    &a.campaign_id,
+                    "generate",
+                    &a.round_index.to_string(),
+                    &a.shard_index.to_string(),
+                ]),
+            ),
+            batch_size: task.param_u64("batch_size", 128) as usize,
+        };
+        let samples = sample(&model, &prompts, k, &cfg, &mut |done, total| {
+            ctx.report(
+                done.min(total) as f64 / total.max(1) as f64,
+                format!("sampled {}/{total}", done.min(total)),
+                &[],
+            );
+            !ctx.should_stop()
+        })?;
+        let mut out = Vec::new();
+        let mut tokens = 0usize;
+        for (row, responses) in mine.iter().zip(samples) {
+            for (s, response) in responses.into_iter().enumerate() {
+                tokens += response.len() + 1;
+                out.push(json!({ "prompt_id": row["id"], "prompt": row["prompt"], "sample": s, "response": response, "generator": generator.id }));
+            }
+        }
+        let n = out.len() as f64;
+        let file = write_jsonl(prefix, "responses", "flywheel.responses", &out)?;
+        Ok(TaskResult {
+            outputs: vec![file],
+            metrics: [
+                ("responses".to_string(), n),
+                ("tokens".to_string(), tokens as f64),
+            ]
+            .into(),
+        })
+    }
+
+    fn score(&self, task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
+        let rm = checkpoint::load_frozen(&model_dir(task.input("reward")?)?, &self.device)?;
+        let weights: [f64; 5] = match task.params.get("weights").and_then(Value::as_array) {
+            Some(w) if w.len() == 5 => std::array::from_fn(|i| w[i].as_f64().unwrap_or(0.0)),
+            _ => DEFAULT_WEIGHTS,
+        };
+        let use_verifier = task
+            .params
+            .get("verifier")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let mut rows = read_jsonl(&task.inputs("responses"))?;
+        let pairs: Vec<(String, String)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r["prompt"].as_str().unwrap_or_default().to_string(),
+                    r["response"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        let refs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(p, r)| (p.as_str(), r.as_str()))
+            .collect();
+        let scores = reward::score(&rm, &refs, 256)?;
+        let mut verified = 0usize;
+        let mut total = 0.0;
+        for ((row, (p, r)), mut attrs) in rows.iter_mut().zip(&pairs).zip(scores) {
+            if use_verifier && tasks::answer(p).is_some() {
+                // Ground truth where a verifier exists, as the recipe does; the reward model elsewhere.
+                let ok = tasks::verify(p, r);
+                attrs[1] = if ok { 4.0 } else { 0.0 };
+                verified += ok as usize;
+                row["verified"] = json!(ok);
+            }
+            let scalar = reward::scalar(&attrs, &weights);
+            total += scalar;
+            row["attributes"] = Value::Object(
+                ATTRIBUTES
+                    .iter()
+                    .zip(attrs)
+                    .map(|(k, v)| (k.to_string(), json!(v)))
+                    .collect(),
+            );
+            row["reward"] = json!(scalar);
+        }
+        let n = rows.len();
+        let out = write_jsonl(prefix, "scores", "flywheel.scores", &rows)?;
+        Ok(TaskResult {
+            outputs: vec![out],
+            metrics: [
+                ("records".to_string(), n as f64),
+                ("mean_reward".to_string(), total / n.max(1) as f64),
+                (
+                    "verified_fraction".to_string(),
+                    verified as f64 / n.max(1) as f64,
+                ),
+            ]
+            .into(),
+        })
+    }
+
+    fn filter(&self, task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
+        let rows = read_jsonl(&task.inputs("scores"))?;
+        let require_verified = task
+            .params
+            .get("require_verified")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let (sft, pairs) = datasets::filter(
+            &rows,
+            task.param_f64("margin", 0.5),
+            task.param_f64("min_reward", f64::NEG_INFINITY),
+            require_verified,
+        );
+        let metrics = [
+            ("sft_records".to_string(), sft.len() as f64),
+            ("pair_records".to_string(), pairs.len() as f64),
+        ]
+        .into();
+        let outputs = vec![
+            write_jsonl(prefix, "sft", "trl.messages", &sft)?,
+            write_jsonl(prefix, "pairs", "trl.preference", &pairs)?,
+        ];
+        Ok(TaskResult { outputs, metrics })
+    }
+
+    fn sft(&self, task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, TaskError> {
+        let init_role = task
+            .params
+            .get("init")
+            .and_then(Value::as_str)
+            .unwrap_or("base");
+        let init = task.input(init_role)?;
+        let dir = model_dir(init)?;
+        let config = checkpoint::read_config(&dir)?;
+        let varmap = VarMap::new();
+        let model = checkpoint::load_trainable(&dir, config.clone(), &varmap, &self.device)?;
+        let data: Vec<(String, String)> = read_jsonl(&task.inputs("sft"))?
+            .iter()
+            .filter_map(|r| {
+                let m = r["messages"].as_array()?;
+                Some((
+                    m.first()?["content"].as_str()?.to_string(),
+                    m.get(1)?["content"].as_str()?.to_string(),
+                ))
+            })
+            .collect();
+        let cfg = train_config(task, 300, 3e-3);
+        let loss = train::sft(
+            &model,
+            &varmap,
+            &data,
+            &cfg,
+            &mut progress_reporter(ctx, cfg.steps, "sft"),
+        )?;
+        let out = save_model(prefix, &config, &varmap, init)?;
+        Ok(TaskResult {
+            outputs: vec![out],
+            metrics: [
+                ("loss".to_string(), loss),
+                ("records".to_string(), data.len() as f64),
+                ("steps".to_string(), cfg.steps as f64),
+            ]
+            .into(),
+        })
+    }
+
+    fn preference(
+        &self,
+        task: &Task,
+        ctx: &TaskContext,
+        prefix: &str,
+    ) -> Result<TaskResult, TaskError> {
+        let init = task.input("model")?;
+        let dir = model_dir(init)?;
+        let config = checkpoint::read_config(&dir)?;
+        let varmap = VarMap::new();
+        let policy = checkpoint::load_trainable(&dir, config.clone(), &varmap, &self.device)?;
+        let reference = checkpoint::load_frozen(&dir, &self.device)?;
+        let pairs: Vec<Pair> = read_jsonl(&task.inputs("pairs"))?
+            .iter()
+            .filter_map(|r| {
+                Some(Pair {
+                    prompt: r["prompt"].as_str()?.to_string(),
+                    chosen: r["chosen"].as_str()?.to_string(),
+                    rejected: r["rejected"].as_str()?.to_string(),
+                    chosen_reward: r["chosen_reward"].as_f64().unwrap_or(1.0),
+                    rejected_reward: r["rejected_reward"].as_f64().unwrap_or(0.0),
+                })
+            })
+            .collect();
+        let loss_kind = match task.params.get("algorithm").and_then(Value::as_str) {
+            Some("dpo") => PreferenceLoss::Dpo,
+            _ => PreferenceLoss::Rpo {
+                eta: task.param_f64("eta", 1.0),
+            },
+        };
+        let cfg = train_config(task, 100, 1e-3);
+        let loss = train::preference(
+            &policy,
+            &varmap,
+            &reference,
+            &pairs,
+            PreferenceObjective {
+                loss: loss_kind,
+                beta: task.param_f64("beta", 0.1),
+                sft_weight: task.param_f64("sft_weight", 0.1),
+            },
+            &cfg,
+            &mut progress_reporter(ctx, cfg.steps, "preference"),
+        )?;
+        let out = save_model(prefix, &config, &varmap, init)?;
+        Ok(TaskResult {
+            outputs: vec![out],
+            metrics: [
+                ("loss".to_string(), loss),
+                ("records".to_string(), pairs.len() as f64),
+            ]
+            .into(),
+        })
+    }
+
+    fn evaluate(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
+        let candidate = checkpoint::load_frozen(&model_dir(task.input("model")?)?, &self.device)?;
+        let generator =
+            checkpoint::load_frozen(&model_dir(task.input("generator")?)?, &self.device)?;
+        let rm = checkpoint::load_frozen(&model_dir(task.input("reward")?)?, &self.device)?;
+        let count = task.param_u64("prompts", 200) as usize;
+        let seed = task.param_u64("seed", 1234);
+        let prompts: Vec<String> = tasks::generate(
+            seed,
+            count,
+            &mix(task, Split::HeldOut),
+            "eval-",
+            &HashSet::new(),
+        )
+        .into_iter()
+        .map(|p| p.prompt)
+        .collect();
+        ctx.checkpoint()?;
+        let cand = eval::answers(&candidate, &prompts)?;
+        ctx.report(0.5, "candidate evaluated", &[]);
+        ctx.checkpoint()?;
+        let gen_answers = eval::answers(&generator, &prompts)?;
+        let verifier = task
+            .params
+            .get("verifier")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let cand_rewards = eval::rewards(&rm, &prompts, &cand, verifier)?;
+        let gen_rewards = eval::rewards(&rm, &prompts, &gen_answers, verifier)?;
+        let accuracy = eval::accuracy(&prompts, &cand);
+        let generator_accuracy = eval::accuracy(&prompts, &gen_answers);
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        Ok(TaskResult {
+            outputs: Vec::new(),
+            metrics: [
+                ("accuracy".to_string(), accuracy),
+                ("generator_accuracy".to_string(), generator_accuracy),
+                ("accuracy_gain".to_string(), accuracy - generator_accuracy),
+                ("mean_reward".to_string(), mean(&cand_rewards)),
+                ("generator_mean_reward".to_string(), mean(&gen_rewards)),
+                (
+                    "win_rate".to_string(),
+                    eval::win_rate(&cand_rewards, &gen_rewards),
+                ),
+                ("prompts".to_string(), prompts.len() as f64),
+            ]
+            .into(),
+        })
+    }
+}
+
+/// Writes a model checkpoint to `dir` and returns its content hash (used to bootstrap models
+/// outside a campaign, e.g. by the demo).
+pub fn save_checkpoint(
+    dir: &Path,
+    config: &crate::model::ModelConfig,
+    varmap: &VarMap,
+) -> Result<String, EngineError> {
+    checkpoint::save(dir, config, varmap)?;
+    artifacts::hash_dir(dir).map_err(|e| EngineError::Checkpoint(e.to_string()))
+}

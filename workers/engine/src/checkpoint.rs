@@ -16,7 +16,8 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub fn save(dir: &Path, config: &ModelConfig, varmap: &VarMap) -> Result<(), EngineError> {
     std::fs::create_dir_all(dir).map_err(|e| EngineError::Io(dir.display().to_string(), e))?;
     let cfg = serde_json::to_vec_pretty(config).expect("config serializes");
-    std::fs::write(dir.join(CONFIG_FILE), cfg).map_err(|e| EngineError::Io(dir.display().to_string(), e))?;
+    std::fs::write(dir.join(CONFIG_FILE), cfg)
+        .map_err(|e| EngineError::Io(dir.display().to_string(), e))?;
     varmap.save(dir.join(WEIGHTS_FILE))?;
     Ok(())
 }
@@ -24,12 +25,17 @@ pub fn save(dir: &Path, config: &ModelConfig, varmap: &VarMap) -> Result<(), Eng
 pub fn read_config(dir: &Path) -> Result<ModelConfig, EngineError> {
     let path = dir.join(CONFIG_FILE);
     let bytes = std::fs::read(&path).map_err(|e| EngineError::Io(path.display().to_string(), e))?;
-    serde_json::from_slice(&bytes).map_err(|e| EngineError::Checkpoint(format!("{}: bad config: {e}", path.display())))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| EngineError::Checkpoint(format!("{}: bad config: {e}", path.display())))
 }
 
-fn tensors(dir: &Path, device: &Device) -> Result<std::collections::HashMap<String, Tensor>, EngineError> {
+fn tensors(
+    dir: &Path,
+    device: &Device,
+) -> Result<std::collections::HashMap<String, Tensor>, EngineError> {
     let path = dir.join(WEIGHTS_FILE);
-    candle_core::safetensors::load(&path, device).map_err(|e| EngineError::Checkpoint(format!("{}: {e}", path.display())))
+    candle_core::safetensors::load(&path, device)
+        .map_err(|e| EngineError::Checkpoint(format!("{}: {e}", path.display())))
 }
 
 /// Loads a frozen model (plain tensors, no gradient tracking): for sampling, scoring, and as a
@@ -43,7 +49,12 @@ pub fn load_frozen(dir: &Path, device: &Device) -> Result<Transformer, EngineErr
 
 /// Loads a checkpoint into a trainable model with `config`. The checkpoint must match `config`'s
 /// shapes; only a reward head that `config` adds may be absent from it (it starts fresh).
-pub fn load_trainable(dir: &Path, config: ModelConfig, varmap: &VarMap, device: &Device) -> Result<Transformer, EngineError> {
+pub fn load_trainable(
+    dir: &Path,
+    config: ModelConfig,
+    varmap: &VarMap,
+    device: &Device,
+) -> Result<Transformer, EngineError> {
     let model = Transformer::fresh(config.clone(), varmap, device)?;
     let map = tensors(dir, device)?;
     check_shapes(dir, &config, &map, true)?;
@@ -76,7 +87,12 @@ fn check_shapes(
                 )));
             }
             None if new_head_allowed && name == "reward_head" => {}
-            None => return Err(EngineError::Checkpoint(format!("{}: tensor {name} is missing", dir.display()))),
+            None => {
+                return Err(EngineError::Checkpoint(format!(
+                    "{}: tensor {name} is missing",
+                    dir.display()
+                )));
+            }
         }
     }
     Ok(())

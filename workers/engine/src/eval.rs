@@ -9,20 +9,46 @@ use crate::tasks;
 
 /// Greedy answers of `model` to `prompts`.
 pub fn answers(model: &Transformer, prompts: &[String]) -> Result<Vec<String>, EngineError> {
-    let out = sample(model, prompts, 1, &SampleConfig::greedy(24), &mut |_, _| true)?;
+    let out = sample(model, prompts, 1, &SampleConfig::greedy(24), &mut |_, _| {
+        true
+    })?;
     Ok(out.into_iter().map(|mut v| v.remove(0)).collect())
 }
 
 /// Fraction of prompts whose answer the verifier accepts.
 pub fn accuracy(prompts: &[String], answers: &[String]) -> f64 {
-    let ok = prompts.iter().zip(answers).filter(|(p, a)| tasks::verify(p, a)).count();
+    let ok = prompts
+        .iter()
+        .zip(answers)
+        .filter(|(p, a)| tasks::verify(p, a))
+        .count();
     ok as f64 / prompts.len().max(1) as f64
 }
 
-/// Scalar rewards of answers.
-pub fn rewards(rm: &Transformer, prompts: &[String], answers: &[String]) -> Result<Vec<f64>, EngineError> {
-    let rows: Vec<(&str, &str)> = prompts.iter().zip(answers).map(|(p, a)| (p.as_str(), a.as_str())).collect();
-    Ok(reward::score(rm, &rows, 128)?.iter().map(|a| reward::scalar(a, &DEFAULT_WEIGHTS)).collect())
+/// Scalar rewards of answers by the reward model; with `verifier`, the correctness attribute
+/// comes from the task's verifier wherever one exists (as in the score stage).
+pub fn rewards(
+    rm: &Transformer,
+    prompts: &[String],
+    answers: &[String],
+    verifier: bool,
+) -> Result<Vec<f64>, EngineError> {
+    let rows: Vec<(&str, &str)> = prompts
+        .iter()
+        .zip(answers)
+        .map(|(p, a)| (p.as_str(), a.as_str()))
+        .collect();
+    let scores = reward::score(rm, &rows, 128)?;
+    Ok(scores
+        .into_iter()
+        .zip(&rows)
+        .map(|(mut attrs, (p, a))| {
+            if verifier && tasks::answer(p).is_some() {
+                attrs[1] = if tasks::verify(p, a) { 4.0 } else { 0.0 };
+            }
+            reward::scalar(&attrs, &DEFAULT_WEIGHTS)
+        })
+        .collect())
 }
 
 /// Win rate of A over B on the same prompts: 1 per higher reward, ½ per tie.
@@ -30,7 +56,15 @@ pub fn win_rate(rewards_a: &[f64], rewards_b: &[f64]) -> f64 {
     let score: f64 = rewards_a
         .iter()
         .zip(rewards_b)
-        .map(|(a, b)| if (a - b).abs() < 1e-6 { 0.5 } else if a > b { 1.0 } else { 0.0 })
+        .map(|(a, b)| {
+            if (a - b).abs() < 1e-6 {
+                0.5
+            } else if a > b {
+                1.0
+            } else {
+                0.0
+            }
+        })
         .sum();
     score / rewards_a.len().max(1) as f64
 }

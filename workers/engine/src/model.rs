@@ -46,7 +46,15 @@ impl ModelConfig {
 
     /// A tiny size for tests.
     pub fn tiny() -> Self {
-        Self { d_model: 32, n_layers: 1, n_heads: 2, n_kv_heads: 1, d_ff: 64, max_seq: 64, ..Self::small() }
+        Self {
+            d_model: 32,
+            n_layers: 1,
+            n_heads: 2,
+            n_kv_heads: 1,
+            d_ff: 64,
+            max_seq: 64,
+            ..Self::small()
+        }
     }
 
     pub fn head_dim(&self) -> usize {
@@ -55,13 +63,13 @@ impl ModelConfig {
 
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |m: &str| Err(EngineError::Config(m.to_string()));
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return bad("d_model must be a multiple of n_heads");
         }
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad("n_heads must be a multiple of n_kv_heads");
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad("head dimension must be even (RoPE)");
         }
         Ok(())
@@ -134,7 +142,10 @@ fn repeat_kv(x: Tensor, rep: usize) -> candle_core::Result<Tensor> {
         return Ok(x);
     }
     let (b, kvh, t, d) = x.dims4()?;
-    x.unsqueeze(2)?.broadcast_as((b, kvh, rep, t, d))?.contiguous()?.reshape((b, kvh * rep, t, d))
+    x.unsqueeze(2)?
+        .broadcast_as((b, kvh, rep, t, d))?
+        .contiguous()?
+        .reshape((b, kvh * rep, t, d))
 }
 
 impl Transformer {
@@ -143,8 +154,14 @@ impl Transformer {
         config.validate()?;
         let c = &config;
         let dh = c.head_dim();
-        let init = candle_nn::init::Init::Randn { mean: 0.0, stdev: 0.02 };
-        let out_init = candle_nn::init::Init::Randn { mean: 0.0, stdev: 0.02 / (2.0 * c.n_layers as f64).sqrt() };
+        let init = candle_nn::init::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let out_init = candle_nn::init::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02 / (2.0 * c.n_layers as f64).sqrt(),
+        };
         let ones = candle_nn::init::Init::Const(1.0);
         let embed = vb.get_with_hints((c.vocab, c.d_model), "embed", init)?;
         let mut layers = Vec::new();
@@ -164,16 +181,38 @@ impl Transformer {
         }
         let final_norm = vb.get_with_hints(c.d_model, "final_norm", ones)?;
         let lm_head = vb.get_with_hints((c.vocab, c.d_model), "lm_head", init)?;
-        let reward_head = if c.reward_head { Some(vb.get_with_hints((5, c.d_model), "reward_head", init)?) } else { None };
+        let reward_head = if c.reward_head {
+            Some(vb.get_with_hints((5, c.d_model), "reward_head", init)?)
+        } else {
+            None
+        };
         let device = vb.device().clone();
-        let inv: Vec<f32> = (0..dh / 2).map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f32 / dh as f32)).collect();
-        let angles: Vec<f32> = (0..c.max_seq).flat_map(|p| inv.iter().map(move |f| p as f32 * f)).collect();
+        let inv: Vec<f32> = (0..dh / 2)
+            .map(|i| 1.0 / c.rope_theta.powf(2.0 * i as f32 / dh as f32))
+            .collect();
+        let angles: Vec<f32> = (0..c.max_seq)
+            .flat_map(|p| inv.iter().map(move |f| p as f32 * f))
+            .collect();
         let angles = Tensor::from_vec(angles, (c.max_seq, dh / 2), &device)?;
-        Ok(Self { cos: angles.cos()?, sin: angles.sin()?, embed, layers, final_norm, lm_head, reward_head, config, device })
+        Ok(Self {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            reward_head,
+            config,
+            device,
+        })
     }
 
     /// A freshly initialised model whose variables live in `varmap` (for training).
-    pub fn fresh(config: ModelConfig, varmap: &VarMap, device: &Device) -> Result<Self, EngineError> {
+    pub fn fresh(
+        config: ModelConfig,
+        varmap: &VarMap,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
         Self::new(config, VarBuilder::from_varmap(varmap, DType::F32, device))
     }
 
@@ -191,24 +230,44 @@ impl Transformer {
 
     /// Hidden states `(b, t, d)` of `tokens` `(b, t)`. With a cache, the tokens continue the
     /// cached sequence and their keys and values are appended to it.
-    pub fn hidden(&self, tokens: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor, EngineError> {
+    pub fn hidden(
+        &self,
+        tokens: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor, EngineError> {
         let (b, t) = tokens.dims2()?;
         let c = &self.config;
         let pos = cache.as_ref().map_or(0, |k| k.pos);
         if pos + t > c.max_seq {
-            return Err(EngineError::Config(format!("sequence of {} tokens exceeds max_seq {}", pos + t, c.max_seq)));
+            return Err(EngineError::Config(format!(
+                "sequence of {} tokens exceeds max_seq {}",
+                pos + t,
+                c.max_seq
+            )));
         }
         let dh = c.head_dim();
-        let mut x = self.embed.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, c.d_model))?;
+        let mut x = self
+            .embed
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, c.d_model))?;
         let mut mask = self.causal_mask(t, pos)?;
         if let Some(km) = cache.as_ref().and_then(|k| k.key_mask.as_ref()) {
             mask = mask.broadcast_add(&km.narrow(3, 0, pos + t)?)?;
         }
         for (i, l) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &l.attn_norm)?;
-            let q = linear(&h, &l.wq)?.reshape((b, t, c.n_heads, dh))?.transpose(1, 2)?.contiguous()?;
-            let k = linear(&h, &l.wk)?.reshape((b, t, c.n_kv_heads, dh))?.transpose(1, 2)?.contiguous()?;
-            let v = linear(&h, &l.wv)?.reshape((b, t, c.n_kv_heads, dh))?.transpose(1, 2)?.contiguous()?;
+            let q = linear(&h, &l.wq)?
+                .reshape((b, t, c.n_heads, dh))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = linear(&h, &l.wk)?
+                .reshape((b, t, c.n_kv_heads, dh))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = linear(&h, &l.wv)?
+                .reshape((b, t, c.n_kv_heads, dh))?
+                .transpose(1, 2)?
+                .contiguous()?;
             let q = rope(&q, &self.cos, &self.sin, pos)?;
             let mut k = rope(&k, &self.cos, &self.sin, pos)?;
             let mut v = v;
@@ -224,10 +283,14 @@ impl Transformer {
             let v = repeat_kv(v, rep)?;
             let att = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?.broadcast_add(&mask)?;
             let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-            let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c.n_heads * dh))?;
+            let o = att
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, t, c.n_heads * dh))?;
             x = (x + linear(&o, &l.wo)?)?;
             let h = rms_norm(&x, &l.mlp_norm)?;
-            let gated = (candle_nn::Activation::Silu.forward(&linear(&h, &l.w_gate)?)? * linear(&h, &l.w_up)?)?;
+            let gated = (candle_nn::Activation::Silu.forward(&linear(&h, &l.w_gate)?)?
+                * linear(&h, &l.w_up)?)?;
             x = (x + linear(&gated, &l.w_down)?)?;
         }
         if let Some(cache) = cache {
@@ -247,10 +310,16 @@ impl Transformer {
 
     /// The 5 attribute scores `(b, 5)` read at `positions` (the end-of-response token of each row).
     pub fn attributes(&self, tokens: &Tensor, positions: &Tensor) -> Result<Tensor, EngineError> {
-        let head = self.reward_head.as_ref().ok_or(EngineError::Config("this model has no reward head".into()))?;
+        let head = self
+            .reward_head
+            .as_ref()
+            .ok_or(EngineError::Config("this model has no reward head".into()))?;
         let h = self.hidden(tokens, None)?;
         let (b, _, d) = h.dims3()?;
-        let idx = positions.reshape((b, 1, 1))?.broadcast_as((b, 1, d))?.contiguous()?;
+        let idx = positions
+            .reshape((b, 1, 1))?
+            .broadcast_as((b, 1, d))?
+            .contiguous()?;
         let last = h.gather(&idx, 1)?.reshape((b, d))?;
         Ok(linear(&last, head)?)
     }
@@ -259,9 +328,15 @@ impl Transformer {
     pub fn new_cache(&self, pads: &[usize]) -> Result<KvCache, EngineError> {
         let mask: Vec<f32> = pads
             .iter()
-            .flat_map(|&p| (0..self.config.max_seq).map(move |j| if j < p { MASKED as f32 } else { 0.0 }))
+            .flat_map(|&p| {
+                (0..self.config.max_seq).map(move |j| if j < p { MASKED as f32 } else { 0.0 })
+            })
             .collect();
         let full = Tensor::from_vec(mask, (pads.len(), 1, 1, self.config.max_seq), &self.device)?;
-        Ok(KvCache { layers: vec![None; self.config.n_layers], key_mask: Some(full), pos: 0 })
+        Ok(KvCache {
+            layers: vec![None; self.config.n_layers],
+            key_mask: Some(full),
+            pos: 0,
+        })
     }
 }

@@ -7,12 +7,22 @@ use crate::model::Transformer;
 use crate::tasks;
 use crate::train::batch;
 
-pub const ATTRIBUTES: [&str; 5] = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"];
+pub const ATTRIBUTES: [&str; 5] = [
+    "helpfulness",
+    "correctness",
+    "coherence",
+    "complexity",
+    "verbosity",
+];
 /// HelpSteer2 weights of the Nemotron-4-340B-Reward card.
 pub const DEFAULT_WEIGHTS: [f64; 5] = [0.3, 0.74, 0.46, 0.47, -0.33];
 
 pub fn scalar(attributes: &[f32; 5], weights: &[f64; 5]) -> f64 {
-    attributes.iter().zip(weights).map(|(a, w)| *a as f64 * w).sum()
+    attributes
+        .iter()
+        .zip(weights)
+        .map(|(a, w)| *a as f64 * w)
+        .sum()
 }
 
 /// Labels (0..4) for a response, computed by program: correctness from the verifier, coherence
@@ -22,18 +32,34 @@ pub fn labels(prompt: &str, response: &str) -> [f32; 5] {
     let correct = tasks::verify(prompt, response);
     let expected_len = tasks::answer(prompt).map_or(8, |a| a.len()).max(1) as f32;
     let well_formed = !response.is_empty()
-        && response.chars().all(|c| c.is_ascii_alphanumeric() || "[]-".contains(c))
+        && response
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "[]-".contains(c))
         && (response.starts_with('[') == response.ends_with(']'));
-    let coherence = if well_formed { 4.0 } else if response.is_empty() { 0.0 } else { 1.5 };
+    let coherence = if well_formed {
+        4.0
+    } else if response.is_empty() {
+        0.0
+    } else {
+        1.5
+    };
     let verbosity = (2.0 * response.len() as f32 / expected_len).min(4.0);
     let complexity = tasks::difficulty(prompt) as f32 * 4.0 / 3.0;
     let correctness = if correct { 4.0 } else { 0.0 };
-    let helpfulness = if correct { 3.0 + coherence / 4.0 } else { coherence / 4.0 };
+    let helpfulness = if correct {
+        3.0 + coherence / 4.0
+    } else {
+        coherence / 4.0
+    };
     [helpfulness, correctness, coherence, complexity, verbosity]
 }
 
 /// Attribute scores for `(prompt, response)` pairs.
-pub fn score(model: &Transformer, rows: &[(&str, &str)], batch_size: usize) -> Result<Vec<[f32; 5]>, EngineError> {
+pub fn score(
+    model: &Transformer,
+    rows: &[(&str, &str)],
+    batch_size: usize,
+) -> Result<Vec<[f32; 5]>, EngineError> {
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch_size.max(1)) {
         let b = batch(chunk, model.config.max_seq, model.device())?;

@@ -22,13 +22,24 @@ pub struct SampleConfig {
 
 impl SampleConfig {
     pub fn greedy(max_tokens: usize) -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, max_tokens, seed: 0, batch_size: 64 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_tokens,
+            seed: 0,
+            batch_size: 64,
+        }
     }
 }
 
 fn pick_token(logits: &[f32], cfg: &SampleConfig, rng: &mut Rng) -> u32 {
     if cfg.temperature <= 0.0 {
-        return logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(END, |(i, _)| i as u32);
+        return logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(END, |(i, _)| i as u32);
     }
     let mut order: Vec<usize> = (0..logits.len()).filter(|&i| i as u32 != PAD).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
@@ -36,7 +47,10 @@ fn pick_token(logits: &[f32], cfg: &SampleConfig, rng: &mut Rng) -> u32 {
         order.truncate(cfg.top_k);
     }
     let max = logits[order[0]] as f64;
-    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / cfg.temperature).exp()).collect();
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / cfg.temperature).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     let mut kept = 0.0;
     let mut cut = probs.len();
@@ -68,20 +82,30 @@ pub fn sample(
     cfg: &SampleConfig,
     progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<Vec<Vec<String>>, EngineError> {
-    let requests: Vec<(usize, usize)> = (0..prompts.len()).flat_map(|i| (0..k).map(move |j| (i, j))).collect();
+    let requests: Vec<(usize, usize)> = (0..prompts.len())
+        .flat_map(|i| (0..k).map(move |j| (i, j)))
+        .collect();
     let mut out = vec![vec![String::new(); k]; prompts.len()];
     let dev = model.device().clone();
     for (chunk_no, chunk) in requests.chunks(cfg.batch_size.max(1)).enumerate() {
-        let encoded: Vec<Vec<u32>> = chunk.iter().map(|(i, _)| encode_prompt(&prompts[*i])).collect();
+        let encoded: Vec<Vec<u32>> = chunk
+            .iter()
+            .map(|(i, _)| encode_prompt(&prompts[*i]))
+            .collect();
         let width = encoded.iter().map(Vec::len).max().unwrap_or(1);
-        let budget = cfg.max_tokens.min(model.config.max_seq.saturating_sub(width));
+        let budget = cfg
+            .max_tokens
+            .min(model.config.max_seq.saturating_sub(width));
         let pads: Vec<usize> = encoded.iter().map(|e| width - e.len()).collect();
         let mut ids = Vec::with_capacity(chunk.len() * width);
         for (e, p) in encoded.iter().zip(&pads) {
             ids.extend(std::iter::repeat_n(PAD, *p));
             ids.extend(e);
         }
-        let mut rngs: Vec<Rng> = chunk.iter().map(|(i, j)| Rng::derive(cfg.seed, &[*i as u64, *j as u64])).collect();
+        let mut rngs: Vec<Rng> = chunk
+            .iter()
+            .map(|(i, j)| Rng::derive(cfg.seed, &[*i as u64, *j as u64]))
+            .collect();
         let mut cache = model.new_cache(&pads)?;
         let tokens = Tensor::from_vec(ids, (chunk.len(), width), &dev)?;
         let mut hidden = model.hidden(&tokens, Some(&mut cache))?;
@@ -92,7 +116,11 @@ pub fn sample(
             let logits: Vec<Vec<f32>> = model.logits_of_hidden(&last)?.squeeze(1)?.to_vec2()?;
             let mut next = Vec::with_capacity(chunk.len());
             for (r, row) in logits.iter().enumerate() {
-                let t = if done[r] { PAD } else { pick_token(row, cfg, &mut rngs[r]) };
+                let t = if done[r] {
+                    PAD
+                } else {
+                    pick_token(row, cfg, &mut rngs[r])
+                };
                 if !done[r] {
                     generated[r].push(t);
                     done[r] = t == END;
@@ -102,7 +130,10 @@ pub fn sample(
             if done.iter().all(|d| *d) {
                 break;
             }
-            hidden = model.hidden(&Tensor::from_vec(next, (chunk.len(), 1), &dev)?, Some(&mut cache))?;
+            hidden = model.hidden(
+                &Tensor::from_vec(next, (chunk.len(), 1), &dev)?,
+                Some(&mut cache),
+            )?;
         }
         for ((i, j), g) in chunk.iter().zip(&generated) {
             out[*i][*j] = decode(g);

@@ -67,7 +67,9 @@ pub fn difficulty(prompt: &str) -> u32 {
 }
 
 fn word(rng: &mut Rng, len: usize) -> String {
-    (0..len).map(|_| (b'a' + rng.below(8) as u8) as char).collect()
+    (0..len)
+        .map(|_| (b'a' + rng.below(8) as u8) as char)
+        .collect()
 }
 
 /// One prompt of `subtopic` at `difficulty` (1..=3).
@@ -83,11 +85,41 @@ pub fn make(rng: &mut Rng, subtopic: &str, difficulty: u32, brackets: bool) -> S
         "upper" => format!("upper {}", word(rng, len)),
         _ => {
             let w = word(rng, len + 2);
-            let c = w.chars().nth(rng.below(w.len() as u64) as usize).unwrap_or('a');
+            let c = w
+                .chars()
+                .nth(rng.below(w.len() as u64) as usize)
+                .unwrap_or('a');
             format!("count {c} {w}")
         }
     };
-    if brackets { format!("{body} in brackets") } else { body }
+    if brackets {
+        format!("{body} in brackets")
+    } else {
+        body
+    }
+}
+
+/// Which part of the prompt space: every prompt text belongs to exactly one, by a hash of the
+/// text, so training prompts can never leak into held-out evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    HeldOut,
+    Any,
+}
+
+impl Split {
+    pub fn contains(self, text: &str) -> bool {
+        // FNV-1a: stable across platforms and releases.
+        let h = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        });
+        match self {
+            Split::Any => true,
+            Split::HeldOut => h % 5 == 0,
+            Split::Train => h % 5 != 0,
+        }
+    }
 }
 
 /// Settings of the prompt generator.
@@ -97,21 +129,32 @@ pub struct Mix {
     pub max_difficulty: u32,
     /// Fraction of prompts with the bracket format constraint.
     pub brackets: f64,
+    pub split: Split,
 }
 
 impl Default for Mix {
     fn default() -> Self {
         Self {
-            subtopics: TOPICS.iter().flat_map(|(_, s)| s.iter().map(|x| x.to_string())).collect(),
+            subtopics: TOPICS
+                .iter()
+                .flat_map(|(_, s)| s.iter().map(|x| x.to_string()))
+                .collect(),
             max_difficulty: 2,
             brackets: 0.3,
+            split: Split::Any,
         }
     }
 }
 
 /// `count` distinct prompts: topic → subtopic → prompt, de-duplicated by text (and against
 /// `exclude`, e.g. held-out evaluation prompts).
-pub fn generate(seed: u64, count: usize, mix: &Mix, id_prefix: &str, exclude: &HashSet<String>) -> Vec<Prompt> {
+pub fn generate(
+    seed: u64,
+    count: usize,
+    mix: &Mix,
+    id_prefix: &str,
+    exclude: &HashSet<String>,
+) -> Vec<Prompt> {
     let mut rng = Rng::new(seed);
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(count);
@@ -119,11 +162,14 @@ pub fn generate(seed: u64, count: usize, mix: &Mix, id_prefix: &str, exclude: &H
     while out.len() < count && tries < count * 50 {
         tries += 1;
         let subtopic = &mix.subtopics[rng.below(mix.subtopics.len() as u64) as usize];
-        let topic = TOPICS.iter().find(|(_, s)| s.contains(&subtopic.as_str())).map_or("other", |(t, _)| t);
+        let topic = TOPICS
+            .iter()
+            .find(|(_, s)| s.contains(&subtopic.as_str()))
+            .map_or("other", |(t, _)| t);
         let difficulty = 1 + rng.below(mix.max_difficulty.max(1) as u64) as u32;
         let brackets = rng.unit() < mix.brackets;
         let text = make(&mut rng, subtopic, difficulty, brackets);
-        if exclude.contains(&text) || !seen.insert(text.clone()) {
+        if !mix.split.contains(&text) || exclude.contains(&text) || !seen.insert(text.clone()) {
             continue;
         }
         out.push(Prompt {
@@ -165,5 +211,31 @@ mod tests {
         assert!(a.iter().all(|p| answer(&p.prompt).is_some()));
         let held_out = generate(8, 50, &Mix::default(), "e", &texts);
         assert!(held_out.iter().all(|p| !texts.contains(&p.prompt)));
+        let train = generate(
+            9,
+            100,
+            &Mix {
+                split: Split::Train,
+                ..Mix::default()
+            },
+            "t",
+            &HashSet::new(),
+        );
+        let eval = generate(
+            9,
+            100,
+            &Mix {
+                split: Split::HeldOut,
+                ..Mix::default()
+            },
+            "e",
+            &HashSet::new(),
+        );
+        assert!(
+            train
+                .iter()
+                .all(|p| !eval.iter().any(|e| e.prompt == p.prompt))
+        );
+        assert!(eval.iter().all(|p| Split::HeldOut.contains(&p.prompt)));
     }
 }

@@ -24,7 +24,12 @@ pub fn encode_response(response: &str) -> Vec<u32> {
 
 /// Text of generated ids, stopping at `<|end|>`; other special tokens are dropped.
 pub fn decode(ids: &[u32]) -> String {
-    let bytes: Vec<u8> = ids.iter().take_while(|&&t| t != END).filter(|&&t| t < 256).map(|&t| t as u8).collect();
+    let bytes: Vec<u8> = ids
+        .iter()
+        .take_while(|&&t| t != END)
+        .filter(|&&t| t < 256)
+        .map(|&t| t as u8)
+        .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 

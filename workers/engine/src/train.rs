@@ -24,7 +24,15 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     fn default() -> Self {
-        Self { steps: 200, batch_size: 32, lr: 3e-3, warmup: 20, weight_decay: 0.01, grad_clip: 1.0, seed: 0 }
+        Self {
+            steps: 200,
+            batch_size: 32,
+            lr: 3e-3,
+            warmup: 20,
+            weight_decay: 0.01,
+            grad_clip: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -41,7 +49,11 @@ pub struct Batch {
     pub last: Tensor,
 }
 
-pub fn batch(examples: &[(&str, &str)], max_seq: usize, device: &Device) -> Result<Batch, EngineError> {
+pub fn batch(
+    examples: &[(&str, &str)],
+    max_seq: usize,
+    device: &Device,
+) -> Result<Batch, EngineError> {
     let seqs: Vec<(Vec<u32>, usize)> = examples
         .iter()
         .map(|(p, r)| {
@@ -55,12 +67,17 @@ pub fn batch(examples: &[(&str, &str)], max_seq: usize, device: &Device) -> Resu
         .collect();
     // Inputs hold the whole sequence (the end token too, for the reward head); its target is a pad.
     let t = seqs.iter().map(|(s, _)| s.len()).max().unwrap_or(1).max(1);
-    let (mut inputs, mut targets, mut mask, mut last) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut inputs, mut targets, mut mask, mut last) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (ids, prompt_len) in &seqs {
         for i in 0..t {
             inputs.push(*ids.get(i).unwrap_or(&PAD));
             targets.push(*ids.get(i + 1).unwrap_or(&PAD));
-            mask.push(if i + 1 >= *prompt_len && i + 1 < ids.len() { 1f32 } else { 0.0 });
+            mask.push(if i + 1 >= *prompt_len && i + 1 < ids.len() {
+                1f32
+            } else {
+                0.0
+            });
         }
         last.push((ids.len() - 1) as u32);
     }
@@ -77,7 +94,9 @@ pub fn batch(examples: &[(&str, &str)], max_seq: usize, device: &Device) -> Resu
 pub fn token_logprobs(model: &Transformer, b: &Batch) -> Result<Tensor, EngineError> {
     let logits = model.logits(&b.inputs)?;
     let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    Ok(logp.gather(&b.targets.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?)
+    Ok(logp
+        .gather(&b.targets.unsqueeze(D::Minus1)?, D::Minus1)?
+        .squeeze(D::Minus1)?)
 }
 
 /// Mean negative log-likelihood over masked (response) tokens.
@@ -99,7 +118,13 @@ pub fn log_sigmoid(x: &Tensor) -> Result<Tensor, EngineError> {
 }
 
 /// DPO: mean of −log σ(β·Δ), Δ = (π_c − ref_c) − (π_r − ref_r) (sequence log-probs).
-pub fn dpo_loss(pc: &Tensor, pr: &Tensor, rc: &Tensor, rr: &Tensor, beta: f64) -> Result<Tensor, EngineError> {
+pub fn dpo_loss(
+    pc: &Tensor,
+    pr: &Tensor,
+    rc: &Tensor,
+    rr: &Tensor,
+    beta: f64,
+) -> Result<Tensor, EngineError> {
     let delta = ((pc - rc)? - (pr - rr)?)?;
     Ok(log_sigmoid(&(delta * beta)?)?.neg()?.mean_all()?)
 }
@@ -107,7 +132,16 @@ pub fn dpo_loss(pc: &Tensor, pr: &Tensor, rc: &Tensor, rr: &Tensor, beta: f64) -
 /// RPO with the backward-KL distance (NeMo-Aligner `rpo_bwd_kl`): mean of D[a‖b] with
 /// a = β·Δ and b = η·(r_c − r_l), D[a‖b] = σ(b)(logσ(b) − logσ(a)) + σ(−b)(logσ(−b) − logσ(−a)).
 #[allow(clippy::too_many_arguments)]
-pub fn rpo_loss(pc: &Tensor, pr: &Tensor, rc: &Tensor, rr: &Tensor, reward_c: &Tensor, reward_r: &Tensor, beta: f64, eta: f64) -> Result<Tensor, EngineError> {
+pub fn rpo_loss(
+    pc: &Tensor,
+    pr: &Tensor,
+    rc: &Tensor,
+    rr: &Tensor,
+    reward_c: &Tensor,
+    reward_r: &Tensor,
+    beta: f64,
+    eta: f64,
+) -> Result<Tensor, EngineError> {
     let a = ((((pc - rc)? - (pr - rr)?)?) * beta)?;
     let b = ((reward_c - reward_r)? * eta)?;
     let (la, lna) = (log_sigmoid(&a)?, log_sigmoid(&a.neg()?)?);
@@ -134,7 +168,14 @@ pub fn train_loop(
     mut loss_fn: impl FnMut(usize, &mut Rng) -> Result<Tensor, EngineError>,
 ) -> Result<f64, EngineError> {
     let vars = varmap.all_vars();
-    let mut opt = AdamW::new(vars.clone(), ParamsAdamW { lr: cfg.lr, weight_decay: cfg.weight_decay, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        vars.clone(),
+        ParamsAdamW {
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            ..Default::default()
+        },
+    )?;
     let mut rng = Rng::new(cfg.seed);
     let mut tail = Vec::new();
     for step in 0..cfg.steps {
@@ -148,7 +189,11 @@ pub fn train_loop(
         let mut norm2 = 0.0;
         for v in &vars {
             if let Some(g) = grads.get(v) {
-                norm2 += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                norm2 += g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?;
             }
         }
         let norm = norm2.sqrt();
@@ -173,16 +218,27 @@ pub fn train_loop(
 }
 
 fn pick<'a, T>(data: &'a [T], n: usize, rng: &mut Rng) -> Vec<&'a T> {
-    (0..n).map(|_| &data[rng.below(data.len() as u64) as usize]).collect()
+    (0..n)
+        .map(|_| &data[rng.below(data.len() as u64) as usize])
+        .collect()
 }
 
 /// Supervised fine-tuning on `(prompt, response)` pairs.
-pub fn sft(model: &Transformer, varmap: &VarMap, data: &[(String, String)], cfg: &TrainConfig, progress: Progress<'_>) -> Result<f64, EngineError> {
+pub fn sft(
+    model: &Transformer,
+    varmap: &VarMap,
+    data: &[(String, String)],
+    cfg: &TrainConfig,
+    progress: Progress<'_>,
+) -> Result<f64, EngineError> {
     if data.is_empty() {
         return Err(EngineError::NoData("sft"));
     }
     train_loop(varmap, cfg, progress, |_, rng| {
-        let rows: Vec<(&str, &str)> = pick(data, cfg.batch_size, rng).into_iter().map(|(p, r)| (p.as_str(), r.as_str())).collect();
+        let rows: Vec<(&str, &str)> = pick(data, cfg.batch_size, rng)
+            .into_iter()
+            .map(|(p, r)| (p.as_str(), r.as_str()))
+            .collect();
         let b = batch(&rows, model.config.max_seq, model.device())?;
         sft_loss(&token_logprobs(model, &b)?, &b.mask)
     })
@@ -204,18 +260,30 @@ pub enum PreferenceLoss {
     Rpo { eta: f64 },
 }
 
-/// DPO or RPO against a frozen reference, plus `sft_weight` × SFT loss on the chosen responses.
+/// The preference objective: `loss` at KL coefficient `beta`, plus `sft_weight` × SFT loss on
+/// the chosen responses.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PreferenceObjective {
+    pub loss: PreferenceLoss,
+    pub beta: f64,
+    pub sft_weight: f64,
+}
+
+/// DPO or RPO against a frozen reference, plus the SFT term on the chosen responses.
 pub fn preference(
     policy: &Transformer,
     varmap: &VarMap,
     reference: &Transformer,
     pairs: &[Pair],
-    loss: PreferenceLoss,
-    beta: f64,
-    sft_weight: f64,
+    objective: PreferenceObjective,
     cfg: &TrainConfig,
     progress: Progress<'_>,
 ) -> Result<f64, EngineError> {
+    let PreferenceObjective {
+        loss,
+        beta,
+        sft_weight,
+    } = objective;
     if pairs.is_empty() {
         return Err(EngineError::NoData("preference"));
     }
@@ -223,19 +291,37 @@ pub fn preference(
     train_loop(varmap, cfg, progress, |_, rng| {
         let chosen = pick(pairs, cfg.batch_size, rng);
         let n = chosen.len();
-        let mut rows: Vec<(&str, &str)> = chosen.iter().map(|p| (p.prompt.as_str(), p.chosen.as_str())).collect();
-        rows.extend(chosen.iter().map(|p| (p.prompt.as_str(), p.rejected.as_str())));
+        let mut rows: Vec<(&str, &str)> = chosen
+            .iter()
+            .map(|p| (p.prompt.as_str(), p.chosen.as_str()))
+            .collect();
+        rows.extend(
+            chosen
+                .iter()
+                .map(|p| (p.prompt.as_str(), p.rejected.as_str())),
+        );
         let b = batch(&rows, policy.config.max_seq, &dev)?;
         let lp = token_logprobs(policy, &b)?;
         let seq = sequence_logprob(&lp, &b.mask)?;
         let reference_seq = sequence_logprob(&token_logprobs(reference, &b)?, &b.mask)?.detach();
         let (pc, pr) = (seq.narrow(0, 0, n)?, seq.narrow(0, n, n)?);
-        let (rc, rr) = (reference_seq.narrow(0, 0, n)?, reference_seq.narrow(0, n, n)?);
+        let (rc, rr) = (
+            reference_seq.narrow(0, 0, n)?,
+            reference_seq.narrow(0, n, n)?,
+        );
         let pref = match loss {
             PreferenceLoss::Dpo => dpo_loss(&pc, &pr, &rc, &rr, beta)?,
             PreferenceLoss::Rpo { eta } => {
-                let rw_c = Tensor::from_vec(chosen.iter().map(|p| p.chosen_reward as f32).collect(), n, &dev)?;
-                let rw_r = Tensor::from_vec(chosen.iter().map(|p| p.rejected_reward as f32).collect(), n, &dev)?;
+                let rw_c = Tensor::from_vec(
+                    chosen.iter().map(|p| p.chosen_reward as f32).collect(),
+                    n,
+                    &dev,
+                )?;
+                let rw_r = Tensor::from_vec(
+                    chosen.iter().map(|p| p.rejected_reward as f32).collect(),
+                    n,
+                    &dev,
+                )?;
                 rpo_loss(&pc, &pr, &rc, &rr, &rw_c, &rw_r, beta, eta)?
             }
         };
@@ -250,15 +336,27 @@ pub fn preference(
 }
 
 /// Reward-model regression: MSE between the 5 predicted attributes and the labels.
-pub fn reward_model(model: &Transformer, varmap: &VarMap, data: &[(String, String, [f32; 5])], cfg: &TrainConfig, progress: Progress<'_>) -> Result<f64, EngineError> {
+pub fn reward_model(
+    model: &Transformer,
+    varmap: &VarMap,
+    data: &[(String, String, [f32; 5])],
+    cfg: &TrainConfig,
+    progress: Progress<'_>,
+) -> Result<f64, EngineError> {
     if data.is_empty() {
         return Err(EngineError::NoData("reward model"));
     }
     train_loop(varmap, cfg, progress, |_, rng| {
         let rows = pick(data, cfg.batch_size, rng);
-        let text: Vec<(&str, &str)> = rows.iter().map(|(p, r, _)| (p.as_str(), r.as_str())).collect();
+        let text: Vec<(&str, &str)> = rows
+            .iter()
+            .map(|(p, r, _)| (p.as_str(), r.as_str()))
+            .collect();
         let b = batch(&text, model.config.max_seq, model.device())?;
-        let labels: Vec<f32> = rows.iter().flat_map(|(_, _, l)| l.iter().copied()).collect();
+        let labels: Vec<f32> = rows
+            .iter()
+            .flat_map(|(_, _, l)| l.iter().copied())
+            .collect();
         let labels = Tensor::from_vec(labels, (rows.len(), 5), model.device())?;
         let pred = model.attributes(&b.inputs, &b.last)?;
         Ok((pred - labels)?.sqr()?.mean_all()?)

@@ -25,9 +25,16 @@ fn sigmoid(x: f64) -> f64 {
 
 #[test]
 fn dpo_and_rpo_losses_match_hand_computation() {
-    let (pc, pr, rc, rr) = ([-3.0f32, -5.0], [-4.0f32, -4.5], [-3.5f32, -5.0], [-3.8f32, -4.0]);
+    let (pc, pr, rc, rr) = (
+        [-3.0f32, -5.0],
+        [-4.0f32, -4.5],
+        [-3.5f32, -5.0],
+        [-3.8f32, -4.0],
+    );
     let beta = 0.5;
-    let deltas: Vec<f64> = (0..2).map(|i| (pc[i] - rc[i]) as f64 - (pr[i] - rr[i]) as f64).collect();
+    let deltas: Vec<f64> = (0..2)
+        .map(|i| (pc[i] - rc[i]) as f64 - (pr[i] - rr[i]) as f64)
+        .collect();
     let want_dpo = deltas.iter().map(|d| -sigmoid(beta * d).ln()).sum::<f64>() / 2.0;
     let got = scalar(train::dpo_loss(&t(&pc), &t(&pr), &t(&rc), &t(&rr), beta).unwrap());
     assert!((got - want_dpo).abs() < 1e-5, "{got} vs {want_dpo}");
@@ -42,10 +49,32 @@ fn dpo_and_rpo_losses_match_hand_computation() {
         })
         .sum::<f64>()
         / 2.0;
-    let got = scalar(train::rpo_loss(&t(&pc), &t(&pr), &t(&rc), &t(&rr), &t(&wc), &t(&wr), beta, eta).unwrap());
+    let got = scalar(
+        train::rpo_loss(
+            &t(&pc),
+            &t(&pr),
+            &t(&rc),
+            &t(&rr),
+            &t(&wc),
+            &t(&wr),
+            beta,
+            eta,
+        )
+        .unwrap(),
+    );
     assert!((got - want_rpo).abs() < 1e-5, "{got} vs {want_rpo}");
     // RPO is zero when the implicit reward gap already equals the scaled reward gap.
-    let zero = train::rpo_loss(&t(&[0.0]), &t(&[0.0]), &t(&[0.0]), &t(&[0.0]), &t(&[1.0]), &t(&[1.0]), beta, eta).unwrap();
+    let zero = train::rpo_loss(
+        &t(&[0.0]),
+        &t(&[0.0]),
+        &t(&[0.0]),
+        &t(&[0.0]),
+        &t(&[1.0]),
+        &t(&[1.0]),
+        beta,
+        eta,
+    )
+    .unwrap();
     assert!(scalar(zero).abs() < 1e-6);
 }
 
@@ -58,7 +87,10 @@ fn sft_loss_counts_response_tokens_only() {
     assert_eq!(mask[0], vec![0.0, 0.0, 0.0, 1.0, 1.0, 0.0]);
     let logp = Tensor::new(&[[-9.0f32, -9.0, -9.0, -1.0, -3.0, -9.0]], &dev).unwrap();
     assert!((scalar(train::sft_loss(&logp, &b.mask).unwrap()) - 2.0).abs() < 1e-6);
-    let seq = train::sequence_logprob(&logp, &b.mask).unwrap().to_vec1::<f32>().unwrap();
+    let seq = train::sequence_logprob(&logp, &b.mask)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(seq, vec![-4.0]);
 }
 
@@ -66,8 +98,16 @@ fn all_vars_get_gradients(varmap: &VarMap, loss: &Tensor) {
     let grads = loss.backward().unwrap();
     let data = varmap.data().lock().unwrap();
     for (name, var) in data.iter() {
-        let g = grads.get(var).unwrap_or_else(|| panic!("{name} received no gradient"));
-        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{name} received no gradient"));
+        let norm = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(norm > 0.0, "{name} has a zero gradient");
     }
 }
@@ -82,12 +122,24 @@ fn every_trainable_parameter_receives_a_gradient() {
     all_vars_get_gradients(&varmap, &loss);
 
     let varmap = VarMap::new();
-    let rm = Transformer::fresh(ModelConfig { reward_head: true, ..ModelConfig::tiny() }, &varmap, &dev).unwrap();
+    let rm = Transformer::fresh(
+        ModelConfig {
+            reward_head: true,
+            ..ModelConfig::tiny()
+        },
+        &varmap,
+        &dev,
+    )
+    .unwrap();
     let pred = rm.attributes(&b.inputs, &b.last).unwrap();
     let loss = pred.sqr().unwrap().mean_all().unwrap();
     let grads = loss.backward().unwrap();
     let data = varmap.data().lock().unwrap();
-    let untouched: Vec<_> = data.iter().filter(|(_, v)| grads.get(v).is_none()).map(|(n, _)| n.clone()).collect();
+    let untouched: Vec<_> = data
+        .iter()
+        .filter(|(_, v)| grads.get(v).is_none())
+        .map(|(n, _)| n.clone())
+        .collect();
     // The reward loss reads no logits, so only the LM head is out of its graph.
     assert_eq!(untouched, vec!["lm_head".to_string()]);
 }
@@ -105,11 +157,19 @@ fn checkpoints_round_trip_exactly_and_refuse_the_wrong_shape() {
     let c: Vec<Vec<Vec<f32>>> = loaded.logits(&b.inputs).unwrap().to_vec3().unwrap();
     assert_eq!(a, c);
 
-    let bigger = ModelConfig { d_model: 64, ..ModelConfig::tiny() };
-    let err = checkpoint::load_trainable(&dir, bigger, &VarMap::new(), &dev).err().expect("shape mismatch");
+    let bigger = ModelConfig {
+        d_model: 64,
+        ..ModelConfig::tiny()
+    };
+    let err = checkpoint::load_trainable(&dir, bigger, &VarMap::new(), &dev)
+        .err()
+        .expect("shape mismatch");
     assert!(err.to_string().contains("has shape"), "{err}");
     // Adding a reward head to a trained trunk is allowed.
-    let with_head = ModelConfig { reward_head: true, ..ModelConfig::tiny() };
+    let with_head = ModelConfig {
+        reward_head: true,
+        ..ModelConfig::tiny()
+    };
     assert!(checkpoint::load_trainable(&dir, with_head, &VarMap::new(), &dev).is_ok());
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -120,44 +180,89 @@ fn sampling_is_reproducible_and_the_kv_cache_matches_a_full_forward() {
     let varmap = VarMap::new();
     let model = Transformer::fresh(ModelConfig::tiny(), &varmap, &dev).unwrap();
     let prompts: Vec<String> = vec!["add 1 2".into(), "upper abcdef".into(), "x".into()];
-    let cfg = SampleConfig { temperature: 1.0, top_k: 50, top_p: 0.95, max_tokens: 12, seed: 42, batch_size: 4 };
+    let cfg = SampleConfig {
+        temperature: 1.0,
+        top_k: 50,
+        top_p: 0.95,
+        max_tokens: 12,
+        seed: 42,
+        batch_size: 4,
+    };
     let a = sample(&model, &prompts, 3, &cfg, &mut |_, _| true).unwrap();
     let b = sample(&model, &prompts, 3, &cfg, &mut |_, _| true).unwrap();
     assert_eq!(a, b);
-    let c = sample(&model, &prompts, 3, &SampleConfig { seed: 43, ..cfg.clone() }, &mut |_, _| true).unwrap();
+    let c = sample(
+        &model,
+        &prompts,
+        3,
+        &SampleConfig {
+            seed: 43,
+            ..cfg.clone()
+        },
+        &mut |_, _| true,
+    )
+    .unwrap();
     assert_ne!(a, c);
 
     // Greedy decoding with the cache (left-padded batch) equals step-by-step full forwards.
-    let greedy = sample(&model, &prompts, 1, &SampleConfig::greedy(6), &mut |_, _| true).unwrap();
+    let greedy = sample(
+        &model,
+        &prompts,
+        1,
+        &SampleConfig::greedy(6),
+        &mut |_, _| true,
+    )
+    .unwrap();
     for (p, got) in prompts.iter().zip(&greedy) {
         let mut ids = flywheel_engine::tokenizer::encode_prompt(p);
         let mut out = Vec::new();
         for _ in 0..6 {
-            let x = Tensor::new(ids.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+            let x = Tensor::new(ids.as_slice(), &dev)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
             let logits: Vec<Vec<Vec<f32>>> = model.logits(&x).unwrap().to_vec3().unwrap();
             let last = logits[0].last().unwrap();
-            let next = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+            let next = last
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0 as u32;
             out.push(next);
             if next == flywheel_engine::tokenizer::END {
                 break;
             }
             ids.push(next);
         }
-        assert_eq!(got[0], flywheel_engine::tokenizer::decode(&out), "prompt {p:?}");
+        assert_eq!(
+            got[0],
+            flywheel_engine::tokenizer::decode(&out),
+            "prompt {p:?}"
+        );
     }
 }
 
 fn corrupt(answer: &str, rng: &mut Rng) -> String {
     let mut c: Vec<char> = answer.chars().collect();
     let i = rng.below(c.len() as u64) as usize;
-    c[i] = if c[i].is_ascii_digit() { char::from(b'0' + ((c[i] as u8 - b'0' + 1 + rng.below(8) as u8) % 10)) } else { 'z' };
+    c[i] = if c[i].is_ascii_digit() {
+        char::from(b'0' + ((c[i] as u8 - b'0' + 1 + rng.below(8) as u8) % 10))
+    } else {
+        'z'
+    };
     c.into_iter().collect()
 }
 
 #[test]
 fn the_reward_head_separates_correct_from_wrong_answers() {
     let dev = Device::Cpu;
-    let mix = Mix { subtopics: vec!["upper".into(), "reverse".into()], max_difficulty: 1, brackets: 0.0 };
+    let mix = Mix {
+        subtopics: vec!["upper".into(), "reverse".into()],
+        max_difficulty: 1,
+        brackets: 0.0,
+        split: tasks::Split::Any,
+    };
     let train_prompts = tasks::generate(1, 400, &mix, "t", &HashSet::new());
     let seen: HashSet<String> = train_prompts.iter().map(|p| p.prompt.clone()).collect();
     let held_out = tasks::generate(2, 60, &mix, "h", &seen);
@@ -166,12 +271,34 @@ fn the_reward_head_separates_correct_from_wrong_answers() {
     for p in &train_prompts {
         let good = tasks::answer(&p.prompt).unwrap();
         let bad = corrupt(&good, &mut rng);
-        data.push((p.prompt.clone(), good.clone(), reward::labels(&p.prompt, &good)));
-        data.push((p.prompt.clone(), bad.clone(), reward::labels(&p.prompt, &bad)));
+        data.push((
+            p.prompt.clone(),
+            good.clone(),
+            reward::labels(&p.prompt, &good),
+        ));
+        data.push((
+            p.prompt.clone(),
+            bad.clone(),
+            reward::labels(&p.prompt, &bad),
+        ));
     }
     let varmap = VarMap::new();
-    let rm = Transformer::fresh(ModelConfig { reward_head: true, ..ModelConfig::tiny() }, &varmap, &dev).unwrap();
-    let cfg = TrainConfig { steps: 400, batch_size: 32, lr: 3e-3, warmup: 20, ..Default::default() };
+    let rm = Transformer::fresh(
+        ModelConfig {
+            reward_head: true,
+            ..ModelConfig::tiny()
+        },
+        &varmap,
+        &dev,
+    )
+    .unwrap();
+    let cfg = TrainConfig {
+        steps: 400,
+        batch_size: 32,
+        lr: 3e-3,
+        warmup: 20,
+        ..Default::default()
+    };
     train::reward_model(&rm, &varmap, &data, &cfg, &mut |_, _| true).unwrap();
     let mut rows = Vec::new();
     for p in &held_out {
@@ -179,30 +306,59 @@ fn the_reward_head_separates_correct_from_wrong_answers() {
         rows.push((p.prompt.clone(), good.clone(), true));
         rows.push((p.prompt.clone(), corrupt(&good, &mut rng), false));
     }
-    let pairs: Vec<(&str, &str)> = rows.iter().map(|(p, r, _)| (p.as_str(), r.as_str())).collect();
+    let pairs: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|(p, r, _)| (p.as_str(), r.as_str()))
+        .collect();
     let scores = reward::score(&rm, &pairs, 64).unwrap();
     let ranked_right = rows
         .chunks(2)
         .zip(scores.chunks(2))
-        .filter(|(_, s)| reward::scalar(&s[0], &reward::DEFAULT_WEIGHTS) > reward::scalar(&s[1], &reward::DEFAULT_WEIGHTS))
+        .filter(|(_, s)| {
+            reward::scalar(&s[0], &reward::DEFAULT_WEIGHTS)
+                > reward::scalar(&s[1], &reward::DEFAULT_WEIGHTS)
+        })
         .count();
     let frac = ranked_right as f64 / held_out.len() as f64;
-    assert!(frac >= 0.8, "the reward model preferred the correct answer on only {frac:.2} of held-out prompts");
+    assert!(
+        frac >= 0.8,
+        "the reward model preferred the correct answer on only {frac:.2} of held-out prompts"
+    );
 }
 
 #[test]
 fn a_small_sft_run_raises_held_out_accuracy() {
     let dev = Device::Cpu;
-    let mix = Mix { subtopics: vec!["upper".into(), "reverse".into(), "add".into()], max_difficulty: 1, brackets: 0.2 };
+    let mix = Mix {
+        subtopics: vec!["upper".into(), "reverse".into(), "add".into()],
+        max_difficulty: 1,
+        brackets: 0.2,
+        split: tasks::Split::Any,
+    };
     let train_prompts = tasks::generate(10, 600, &mix, "t", &HashSet::new());
     let seen: HashSet<String> = train_prompts.iter().map(|p| p.prompt.clone()).collect();
-    let held_out: Vec<String> = tasks::generate(11, 80, &mix, "h", &seen).into_iter().map(|p| p.prompt).collect();
-    let data: Vec<(String, String)> = train_prompts.iter().map(|p| (p.prompt.clone(), tasks::answer(&p.prompt).unwrap())).collect();
+    let held_out: Vec<String> = tasks::generate(11, 80, &mix, "h", &seen)
+        .into_iter()
+        .map(|p| p.prompt)
+        .collect();
+    let data: Vec<(String, String)> = train_prompts
+        .iter()
+        .map(|p| (p.prompt.clone(), tasks::answer(&p.prompt).unwrap()))
+        .collect();
     let varmap = VarMap::new();
     let model = Transformer::fresh(ModelConfig::tiny(), &varmap, &dev).unwrap();
     let before = eval::accuracy(&held_out, &eval::answers(&model, &held_out).unwrap());
-    let cfg = TrainConfig { steps: 500, batch_size: 32, lr: 5e-3, warmup: 20, ..Default::default() };
+    let cfg = TrainConfig {
+        steps: 500,
+        batch_size: 32,
+        lr: 5e-3,
+        warmup: 20,
+        ..Default::default()
+    };
     train::sft(&model, &varmap, &data, &cfg, &mut |_, _| true).unwrap();
     let after = eval::accuracy(&held_out, &eval::answers(&model, &held_out).unwrap());
-    assert!(after >= before + 0.4, "held-out accuracy {before:.2} -> {after:.2}");
+    assert!(
+        after >= before + 0.4,
+        "held-out accuracy {before:.2} -> {after:.2}"
+    );
 }

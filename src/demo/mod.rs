@@ -1,0 +1,468 @@
+//! `flywheel demo`: a full weak-to-strong campaign on one machine. Postgres (from DATABASE_URL
+//! or a private cluster), the controller, worker processes in two pools talking real gRPC, the
+//! bootstrapped starting models, a 3-round campaign from `examples/demo.yaml`, live progress, and
+//! a per-round table (also as JSON).
+
+mod ablation;
+mod bootstrap;
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use flywheel_orchestrator::{ControllerConfig, auth, store};
+use flywheel_proto::ControlClient;
+use flywheel_proto::v1::{ListArtifactsRequest, Round};
+use serde::Serialize;
+
+use crate::pg::PrivatePostgres;
+
+#[derive(clap::Args)]
+pub(crate) struct DemoArgs {
+    /// Campaign spec; `bootstrap://NAME` model uris are replaced by the bootstrapped models.
+    #[arg(long, default_value = "examples/demo.yaml")]
+    spec: PathBuf,
+    /// Where models, artifacts and the private database go.
+    #[arg(long, default_value = ".flywheel/demo")]
+    workdir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:0")]
+    grpc_addr: std::net::SocketAddr,
+    /// Also write the per-round table here, as JSON.
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+    /// Leave the controller and workers up afterwards (Ctrl-C stops them).
+    #[arg(long)]
+    keep_running: bool,
+    /// Also train SFT-only, SFT+DPO and SFT+RPO from round 1's data and compare them.
+    #[arg(long)]
+    ablation: bool,
+    /// Seed of the bootstrap.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Bootstrap tiny models in seconds (for tests; the models learn little).
+    #[arg(long, hide = true)]
+    tiny: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct ArtifactSummary {
+    round: i32,
+    stage: String,
+    name: String,
+    kind: String,
+    uri: String,
+    content_hash: String,
+    id: String,
+    parent_ids: Vec<String>,
+    generator_id: String,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct RoundSummary {
+    round: i32,
+    generator_accuracy: f64,
+    trained_accuracy: f64,
+    mean_reward: f64,
+    generator_mean_reward: f64,
+    win_rate_vs_generator: f64,
+    prompts: f64,
+    responses: f64,
+    sft_records: f64,
+    pair_records: f64,
+    promoted: bool,
+    decision_reason: String,
+    generator_id: String,
+    trained_model_id: String,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct Summary {
+    campaign_id: String,
+    status: String,
+    wall_time_s: f64,
+    initial_generator_accuracy: f64,
+    final_generator_accuracy: f64,
+    rounds: Vec<RoundSummary>,
+    artifact_root: String,
+    artifacts: Vec<ArtifactSummary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ablation: Option<ablation::Ablation>,
+}
+
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn say(msg: &str) {
+    println!("{msg}");
+}
+
+pub(crate) async fn run(args: DemoArgs) -> Result<()> {
+    let started = Instant::now();
+    let spec_text = std::fs::read_to_string(&args.spec)
+        .with_context(|| format!("cannot read the campaign spec {}", args.spec.display()))?;
+    std::fs::create_dir_all(&args.workdir)?;
+    let workdir = std::fs::canonicalize(&args.workdir)?;
+
+    // 1. Postgres.
+    let (private_pg, url) = match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => {
+            say("postgres: using DATABASE_URL");
+            (None, url)
+        }
+        _ => {
+            let pg = PrivatePostgres::start(&workdir.join("pg"))?;
+            say(&format!(
+                "postgres: started a private cluster in {}",
+                workdir.join("pg").display()
+            ));
+            let url = pg.url.clone();
+            (Some(pg), url)
+        }
+    };
+    let pool = store::connect(&url, 16)
+        .await
+        .context("cannot connect to Postgres")?;
+    store::migrate(&pool).await.context("migrations failed")?;
+
+    // 2. Starting models.
+    let models_dir = workdir.join("models");
+    let (seed, tiny) = (args.seed, args.tiny);
+    let models =
+        tokio::task::spawn_blocking(move || bootstrap::run(&models_dir, seed, tiny, &|m| say(m)))
+            .await??;
+    say(&format!(
+        "bootstrap: weak generator answers {:.1}% of held-out tasks",
+        models.generator_accuracy * 100.0
+    ));
+    let spec = spec_text
+        .replace(
+            "bootstrap://base",
+            &format!("file://{}", models.base.display()),
+        )
+        .replace(
+            "bootstrap://generator",
+            &format!("file://{}", models.generator.display()),
+        )
+        .replace(
+            "bootstrap://reward",
+            &format!("file://{}", models.reward.display()),
+        );
+
+    // 3. Controller (in this process) and workers (child processes, real gRPC).
+    let artifact_root = workdir.join("artifacts");
+    std::fs::create_dir_all(&artifact_root)?;
+    let admin = auth::create_token(&pool, "demo", auth::Scope::Admin).await?;
+    let worker_token = auth::create_token(&pool, "demo-workers", auth::Scope::Worker).await?;
+    let listener = tokio::net::TcpListener::bind(args.grpc_addr).await?;
+    let addr = format!("http://{}", listener.local_addr()?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(flywheel_orchestrator::serve(
+        pool.clone(),
+        ControllerConfig::new(format!("file://{}", artifact_root.display())),
+        listener,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let exe = std::env::current_exe()?;
+    let logs = workdir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let mut children = Children(Vec::new());
+    for (name, pool_name) in [("gpu-worker-1", "gpu"), ("cpu-worker-1", "cpu")] {
+        let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+        let child = Command::new(&exe)
+            .args([
+                "worker",
+                "--controller",
+                &addr,
+                "--name",
+                name,
+                "--pool",
+                pool_name,
+                "--backend",
+                "builtin",
+            ])
+            .env("FLYWHEEL_TOKEN", &worker_token)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start a worker process")?;
+        children.0.push(child);
+    }
+    say(&format!(
+        "controller: gRPC control API at {addr} (admin token for this run: {admin})"
+    ));
+    say(&format!(
+        "workers: gpu-worker-1 (pool gpu), cpu-worker-1 (pool cpu); logs in {}",
+        logs.display()
+    ));
+
+    // 4. The campaign.
+    let mut client = ControlClient::connect(&addr, &admin).await?;
+    let campaign = client
+        .create_campaign(spec)
+        .await
+        .map_err(|s| anyhow::anyhow!("campaign refused: {}", s.message()))?;
+    say(&format!(
+        "campaign {} ({}) submitted: {} rounds\n",
+        campaign.name, campaign.id, campaign.rounds_total
+    ));
+    let status = follow(&mut client, &campaign.id).await?;
+
+    // 5. Results.
+    let rounds = client.list_rounds(campaign.id.clone()).await?;
+    let summary_rounds: Vec<RoundSummary> = rounds.iter().map(round_summary).collect();
+    let last_generator = summary_rounds
+        .last()
+        .map_or(models.generator_accuracy, |r| {
+            if r.promoted {
+                r.trained_accuracy
+            } else {
+                r.generator_accuracy
+            }
+        });
+    let artifacts = client
+        .list_artifacts(ListArtifactsRequest {
+            campaign_id: campaign.id.clone(),
+            kind: String::new(),
+        })
+        .await?;
+    let mut summary = Summary {
+        campaign_id: campaign.id.clone(),
+        status,
+        wall_time_s: 0.0,
+        initial_generator_accuracy: summary_rounds
+            .first()
+            .map_or(models.generator_accuracy, |r| r.generator_accuracy),
+        final_generator_accuracy: last_generator,
+        rounds: summary_rounds,
+        artifact_root: artifact_root.display().to_string(),
+        artifacts: artifacts
+            .iter()
+            .filter(|a| a.round_index >= 0)
+            .map(|a| ArtifactSummary {
+                round: a.round_index + 1,
+                stage: a.producer_stage.clone(),
+                name: a.name.clone(),
+                kind: a.kind.clone(),
+                uri: a.uri.clone(),
+                content_hash: a.content_hash.clone(),
+                id: a.id.clone(),
+                parent_ids: a.parent_ids.clone(),
+                generator_id: a.generator_id.clone(),
+            })
+            .collect(),
+        ablation: None,
+    };
+    print_table(&summary);
+    say("\nartifacts (datasets are JSONL in TRL's formats; models are checkpoint directories):");
+    for a in artifacts
+        .iter()
+        .filter(|a| a.round_index >= 0 && matches!(a.name.as_str(), "sft" | "pairs" | "model"))
+    {
+        say(&format!(
+            "  round {} {:<6} {:<5} {}",
+            a.round_index + 1,
+            a.producer_stage,
+            a.name,
+            a.uri
+        ));
+    }
+    if args.ablation {
+        let round1 = artifacts.iter().filter(|a| a.round_index == 0);
+        let sft = round1
+            .clone()
+            .find(|a| a.name == "sft")
+            .context("round 1 produced no SFT data")?
+            .uri
+            .clone();
+        let pairs = round1
+            .clone()
+            .find(|a| a.name == "pairs")
+            .context("round 1 produced no pairs")?
+            .uri
+            .clone();
+        let generator = models.generator.clone();
+        let reward = models.reward.clone();
+        say("\nablation: training SFT-only, SFT+DPO and SFT+RPO from round 1's data");
+        let result =
+            tokio::task::spawn_blocking(move || ablation::run(&generator, &reward, &sft, &pairs))
+                .await??;
+        ablation::print(&result);
+        summary.ablation = Some(result);
+    }
+    summary.wall_time_s = started.elapsed().as_secs_f64();
+    say(&format!("\nwall time: {:.0} s", summary.wall_time_s));
+    if let Some(path) = &args.summary_json {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)?;
+        say(&format!("summary written to {}", path.display()));
+    }
+
+    if args.keep_running {
+        say(&format!(
+            "\n--keep-running: controller at {addr}; Ctrl-C to stop"
+        ));
+        tokio::signal::ctrl_c().await?;
+    }
+    drop(children);
+    let _ = stop_tx.send(());
+    let _ = controller.await;
+    pool.close().await;
+    drop(private_pg);
+    if summary.status != "succeeded" {
+        bail!("campaign ended {}", summary.status);
+    }
+    Ok(())
+}
+
+fn metric(r: &Round, key: &str) -> f64 {
+    r.metrics.get(key).copied().unwrap_or(f64::NAN)
+}
+
+fn round_summary(r: &Round) -> RoundSummary {
+    RoundSummary {
+        round: r.index + 1,
+        generator_accuracy: metric(r, "evaluate.generator_accuracy"),
+        trained_accuracy: metric(r, "evaluate.accuracy"),
+        mean_reward: metric(r, "evaluate.mean_reward"),
+        generator_mean_reward: metric(r, "evaluate.generator_mean_reward"),
+        win_rate_vs_generator: metric(r, "evaluate.win_rate"),
+        prompts: metric(r, "prompts.prompts"),
+        responses: metric(r, "generate.responses_total"),
+        sft_records: metric(r, "filter.sft_records"),
+        pair_records: metric(r, "filter.pair_records"),
+        promoted: r.decision == "promoted",
+        decision_reason: r.decision_reason.clone(),
+        generator_id: r.generator_id.clone(),
+        trained_model_id: r.trained_model_id.clone(),
+    }
+}
+
+fn print_table(s: &Summary) {
+    println!(
+        "\n{:<6} {:>9} {:>9} {:>8} {:>8} {:>7} {:>6} {:>6}  promoted",
+        "round", "gen acc", "new acc", "reward", "win rate", "samples", "sft", "pairs"
+    );
+    for r in &s.rounds {
+        println!(
+            "{:<6} {:>8.1}% {:>8.1}% {:>8.2} {:>8.2} {:>7.0} {:>6.0} {:>6.0}  {}",
+            r.round,
+            r.generator_accuracy * 100.0,
+            r.trained_accuracy * 100.0,
+            r.mean_reward,
+            r.win_rate_vs_generator,
+            r.responses,
+            r.sft_records,
+            r.pair_records,
+            if r.promoted { "yes" } else { "no" }
+        );
+    }
+    println!(
+        "generator accuracy: {:.1}% -> {:.1}% ({:+.1} points); campaign {}",
+        s.initial_generator_accuracy * 100.0,
+        s.final_generator_accuracy * 100.0,
+        (s.final_generator_accuracy - s.initial_generator_accuracy) * 100.0,
+        s.status
+    );
+}
+
+/// Shows live progress (round, stage, shards, a bar) until the campaign ends; returns its status.
+async fn follow(client: &mut ControlClient, id: &str) -> Result<String> {
+    let tty = std::io::stdout().is_terminal();
+    let mut last_line = String::new();
+    let started = Instant::now();
+    loop {
+        let detail = client.get_campaign(id.to_string()).await?;
+        let campaign = detail.campaign.context("no campaign")?;
+        if let Some(round) = detail.rounds.last() {
+            let line = progress_line(
+                round,
+                detail.rounds.len(),
+                campaign.rounds_total,
+                started.elapsed(),
+            );
+            if line != last_line {
+                if tty {
+                    print!("\r\x1b[2K{line}");
+                    std::io::stdout().flush()?;
+                } else if strip_time(&line) != strip_time(&last_line) {
+                    println!("{line}");
+                }
+                last_line = line;
+            }
+        }
+        if matches!(
+            campaign.status.as_str(),
+            "succeeded" | "failed" | "cancelled"
+        ) {
+            if tty {
+                println!();
+            }
+            return Ok(campaign.status);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn strip_time(line: &str) -> &str {
+    line.split_once("] ").map_or(line, |(_, rest)| rest)
+}
+
+fn progress_line(
+    round: &Round,
+    rounds_seen: usize,
+    rounds_total: i32,
+    elapsed: Duration,
+) -> String {
+    let stage = round
+        .stages
+        .iter()
+        .find(|s| s.state != "succeeded")
+        .or(round.stages.last());
+    let Some(stage) = stage else {
+        return String::new();
+    };
+    let total = stage.tasks.len().max(1);
+    let done = stage
+        .tasks
+        .iter()
+        .filter(|t| t.state == "succeeded")
+        .count();
+    let progress: f64 = stage
+        .tasks
+        .iter()
+        .map(|t| {
+            if t.state == "succeeded" {
+                1.0
+            } else {
+                t.progress
+            }
+        })
+        .sum::<f64>()
+        / total as f64;
+    let width = 20;
+    let filled = (progress * width as f64).round() as usize;
+    format!(
+        "[{:>4.0}s] round {}/{} stage {:<9} {:<18} [{}{}] {}/{} shards",
+        elapsed.as_secs_f64(),
+        rounds_seen,
+        rounds_total,
+        stage.name,
+        stage.state,
+        "#".repeat(filled.min(width)),
+        ".".repeat(width - filled.min(width)),
+        done,
+        total
+    )
+}
