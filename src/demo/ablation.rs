@@ -57,25 +57,9 @@ pub(crate) fn run(
     let dev = candle_core::Device::Cpu;
     let sft: Vec<(String, String)> = read(sft_uri)?
         .iter()
-        .filter_map(|r| {
-            Some((
-                r["messages"][0]["content"].as_str()?.to_string(),
-                r["messages"][1]["content"].as_str()?.to_string(),
-            ))
-        })
+        .filter_map(flywheel_worker::datasets::sft_example)
         .collect();
-    let pairs: Vec<Pair> = read(pairs_uri)?
-        .iter()
-        .filter_map(|r| {
-            Some(Pair {
-                prompt: r["prompt"].as_str()?.into(),
-                chosen: r["chosen"].as_str()?.into(),
-                rejected: r["rejected"].as_str()?.into(),
-                chosen_reward: r["chosen_reward"].as_f64()?,
-                rejected_reward: r["rejected_reward"].as_f64()?,
-            })
-        })
-        .collect();
+    let pairs: Vec<Pair> = read(pairs_uri)?.iter().filter_map(Pair::from_row).collect();
     let rm = checkpoint::load_frozen(reward, &dev)?;
     let prompts: Vec<String> = tasks::generate(
         1234,

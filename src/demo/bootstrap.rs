@@ -113,7 +113,7 @@ pub(crate) fn run(dir: &Path, seed: u64, tiny: bool, log: &dyn Fn(&str)) -> Resu
 
     log("bootstrap: pre-training the base model on unlabelled task-world text");
     let varmap = VarMap::new();
-    let base = Transformer::fresh(config.clone(), &varmap, &dev)?;
+    let base = Transformer::fresh(config.clone(), &varmap, &dev, seed)?;
     let text: Vec<(String, String)> = train_prompts
         .iter()
         .map(|p| (p.prompt.clone(), unlabelled(&mut rng, &p.prompt)))

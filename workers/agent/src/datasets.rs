@@ -8,7 +8,7 @@ use flywheel_proto::v1::ArtifactRef;
 use serde_json::{Value, json};
 
 use crate::artifacts;
-use crate::backend::{Output, TaskError};
+use crate::backend::{Output, Task, TaskError, TaskResult};
 
 pub fn read_jsonl(inputs: &[&ArtifactRef]) -> Result<Vec<Value>, TaskError> {
     let mut rows = Vec::new();
@@ -97,6 +97,43 @@ pub fn filter(
         }
     }
     (sft, pairs)
+}
+
+/// The `filter` stage, the same for every backend: reads the `scores` inputs and writes `sft`
+/// and `pairs` datasets. Params: `margin` (default 0), `min_reward`, `require_verified`.
+pub fn filter_stage(task: &Task) -> Result<TaskResult, TaskError> {
+    let rows = read_jsonl(&task.inputs("scores"))?;
+    let require_verified = task
+        .params
+        .get("require_verified")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let (sft, pairs) = filter(
+        &rows,
+        task.param_f64("margin", 0.0),
+        task.param_f64("min_reward", f64::NEG_INFINITY),
+        require_verified,
+    );
+    let prefix = task.assignment.output_prefix.as_str();
+    let metrics = [
+        ("sft_records".to_string(), sft.len() as f64),
+        ("pair_records".to_string(), pairs.len() as f64),
+    ]
+    .into();
+    let outputs = vec![
+        write_jsonl(prefix, "sft", "trl.messages", &sft)?,
+        write_jsonl(prefix, "pairs", "trl.preference", &pairs)?,
+    ];
+    Ok(TaskResult { outputs, metrics })
+}
+
+/// `(prompt, response)` of an SFT record in TRL's `messages` format.
+pub fn sft_example(row: &Value) -> Option<(String, String)> {
+    let m = row["messages"].as_array()?;
+    Some((
+        m.first()?["content"].as_str()?.to_string(),
+        m.get(1)?["content"].as_str()?.to_string(),
+    ))
 }
 
 #[cfg(test)]

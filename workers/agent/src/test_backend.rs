@@ -54,7 +54,7 @@ impl Backend for TestBackend {
             "synthesize_prompts" => synthesize(task, prefix),
             "generate" => generate(task, prefix),
             "score" => score(task, prefix),
-            "filter" => filter(task, prefix),
+            "filter" => datasets::filter_stage(task),
             "sft" | "preference" => train(task, prefix),
             "evaluate" => evaluate(task),
             "custom" => Ok(TaskResult::default()),
@@ -186,26 +186,6 @@ fn score(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
         ]
         .into(),
     })
-}
-
-fn filter(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
-    let rows = read_jsonl(&task.inputs("scores"))?;
-    let (sft, pairs) = datasets::filter(
-        &rows,
-        task.param_f64("margin", 0.0),
-        f64::NEG_INFINITY,
-        false,
-    );
-    let metrics = [
-        ("sft_records".to_string(), sft.len() as f64),
-        ("pair_records".to_string(), pairs.len() as f64),
-    ]
-    .into();
-    let outputs = vec![
-        write_jsonl(prefix, "sft", "trl.messages", &sft)?,
-        write_jsonl(prefix, "pairs", "trl.preference", &pairs)?,
-    ];
-    Ok(TaskResult { outputs, metrics })
 }
 
 /// "Training": the new quality moves toward the quality of the data (mean reward / 4) plus a

@@ -31,7 +31,7 @@ fn main() {
         .collect();
     let per_example = tokens(&data);
     let varmap = VarMap::new();
-    let model = Transformer::fresh(config.clone(), &varmap, &dev).unwrap();
+    let model = Transformer::fresh(config.clone(), &varmap, &dev, 1).unwrap();
     let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
     println!(
         "engine benchmark: d_model {} x {} layers, {} heads ({} kv), {params} parameters, {:.1} tokens per example",
@@ -62,7 +62,7 @@ fn main() {
             rejected_reward: 1.0,
         })
         .collect();
-    let reference = Transformer::fresh(config.clone(), &VarMap::new(), &dev).unwrap();
+    let reference = Transformer::fresh(config.clone(), &VarMap::new(), &dev, 1).unwrap();
     let cfg = TrainConfig {
         steps: 50,
         batch_size: 32,
@@ -124,6 +124,7 @@ fn main() {
         },
         &VarMap::new(),
         &dev,
+        1,
     )
     .unwrap();
     let rows: Vec<(&str, &str)> = data.iter().map(|(p, r)| (p.as_str(), r.as_str())).collect();

@@ -127,7 +127,7 @@ impl Backend for BuiltinBackend {
             "synthesize_prompts" => self.synthesize(task, prefix),
             "generate" => self.generate(task, ctx, prefix),
             "score" => self.score(task, prefix),
-            "filter" => self.filter(task, prefix),
+            "filter" => datasets::filter_stage(task),
             "sft" => self.sft(task, ctx, prefix),
             "preference" => self.preference(task, ctx, prefix),
             "evaluate" => self.evaluate(task, ctx),
@@ -309,31 +309,6 @@ impl BuiltinBackend {
         })
     }
 
-    fn filter(&self, task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
-        let rows = read_jsonl(&task.inputs("scores"))?;
-        let require_verified = task
-            .params
-            .get("require_verified")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let (sft, pairs) = datasets::filter(
-            &rows,
-            task.param_f64("margin", 0.5),
-            task.param_f64("min_reward", f64::NEG_INFINITY),
-            require_verified,
-        );
-        let metrics = [
-            ("sft_records".to_string(), sft.len() as f64),
-            ("pair_records".to_string(), pairs.len() as f64),
-        ]
-        .into();
-        let outputs = vec![
-            write_jsonl(prefix, "sft", "trl.messages", &sft)?,
-            write_jsonl(prefix, "pairs", "trl.preference", &pairs)?,
-        ];
-        Ok(TaskResult { outputs, metrics })
-    }
-
     fn sft(&self, task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, TaskError> {
         let init_role = task
             .params
@@ -347,13 +322,7 @@ impl BuiltinBackend {
         let model = checkpoint::load_trainable(&dir, config.clone(), &varmap, &self.device)?;
         let data: Vec<(String, String)> = read_jsonl(&task.inputs("sft"))?
             .iter()
-            .filter_map(|r| {
-                let m = r["messages"].as_array()?;
-                Some((
-                    m.first()?["content"].as_str()?.to_string(),
-                    m.get(1)?["content"].as_str()?.to_string(),
-                ))
-            })
+            .filter_map(datasets::sft_example)
             .collect();
         let cfg = train_config(task, 300, 3e-3);
         let loss = train::sft(
@@ -389,15 +358,7 @@ impl BuiltinBackend {
         let reference = checkpoint::load_frozen(&dir, &self.device)?;
         let pairs: Vec<Pair> = read_jsonl(&task.inputs("pairs"))?
             .iter()
-            .filter_map(|r| {
-                Some(Pair {
-                    prompt: r["prompt"].as_str()?.to_string(),
-                    chosen: r["chosen"].as_str()?.to_string(),
-                    rejected: r["rejected"].as_str()?.to_string(),
-                    chosen_reward: r["chosen_reward"].as_f64().unwrap_or(1.0),
-                    rejected_reward: r["rejected_reward"].as_f64().unwrap_or(0.0),
-                })
-            })
+            .filter_map(Pair::from_row)
             .collect();
         let loss_kind = match task.params.get("algorithm").and_then(Value::as_str) {
             Some("dpo") => PreferenceLoss::Dpo,

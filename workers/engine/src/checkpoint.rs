@@ -55,7 +55,7 @@ pub fn load_trainable(
     varmap: &VarMap,
     device: &Device,
 ) -> Result<Transformer, EngineError> {
-    let model = Transformer::fresh(config.clone(), varmap, device)?;
+    let model = Transformer::fresh(config.clone(), varmap, device, 0)?;
     let map = tensors(dir, device)?;
     check_shapes(dir, &config, &map, true)?;
     for (name, var) in varmap.data().lock().expect("varmap").iter() {
@@ -74,7 +74,10 @@ fn check_shapes(
     new_head_allowed: bool,
 ) -> Result<(), EngineError> {
     let probe = VarMap::new();
-    Transformer::fresh(config.clone(), &probe, &Device::Cpu)?;
+    Transformer::new(
+        config.clone(),
+        VarBuilder::from_varmap(&probe, DType::F32, &Device::Cpu),
+    )?;
     for (name, var) in probe.data().lock().expect("varmap").iter() {
         match map.get(name) {
             Some(t) if t.dims() == var.dims() => {}

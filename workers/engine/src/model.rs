@@ -10,6 +10,7 @@ use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use crate::EngineError;
+use crate::rng::Rng;
 
 /// Masked positions get this instead of -inf, so a fully masked row (a left pad) stays finite.
 const MASKED: f64 = -1e9;
@@ -207,13 +208,45 @@ impl Transformer {
         })
     }
 
-    /// A freshly initialised model whose variables live in `varmap` (for training).
+    /// A freshly initialised model whose variables live in `varmap` (for training). The
+    /// initialisation is drawn from `seed` (candle's CPU generator cannot be seeded), so the same
+    /// seed gives the same model.
     pub fn fresh(
         config: ModelConfig,
         varmap: &VarMap,
         device: &Device,
+        seed: u64,
     ) -> Result<Self, EngineError> {
-        Self::new(config, VarBuilder::from_varmap(varmap, DType::F32, device))
+        let model = Self::new(config, VarBuilder::from_varmap(varmap, DType::F32, device))?;
+        let data = varmap.data().lock().expect("varmap");
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        for name in names {
+            if name.ends_with("norm") {
+                continue;
+            }
+            let var = &data[name];
+            let stdev = if name.ends_with("wo") || name.ends_with("w_down") {
+                0.02 / (2.0 * model.config.n_layers as f64).sqrt()
+            } else {
+                0.02
+            };
+            let tag = name
+                .bytes()
+                .fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(b as u64));
+            let mut rng = Rng::derive(seed, &[tag]);
+            let values: Vec<f32> = (0..var.elem_count())
+                .map(|_| {
+                    // Box–Muller.
+                    let (u1, u2) = (rng.unit().max(f64::MIN_POSITIVE), rng.unit());
+                    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * stdev)
+                        as f32
+                })
+                .collect();
+            var.set(&Tensor::from_vec(values, var.shape(), device)?)?;
+        }
+        drop(data);
+        Ok(model)
     }
 
     pub fn device(&self) -> &Device {

@@ -254,6 +254,20 @@ pub struct Pair {
     pub rejected_reward: f64,
 }
 
+impl Pair {
+    /// A pair from a TRL-style preference record; missing rewards default to 1 and 0 (as
+    /// NeMo-Aligner does).
+    pub fn from_row(r: &serde_json::Value) -> Option<Self> {
+        Some(Self {
+            prompt: r["prompt"].as_str()?.to_string(),
+            chosen: r["chosen"].as_str()?.to_string(),
+            rejected: r["rejected"].as_str()?.to_string(),
+            chosen_reward: r["chosen_reward"].as_f64().unwrap_or(1.0),
+            rejected_reward: r["rejected_reward"].as_f64().unwrap_or(0.0),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PreferenceLoss {
     Dpo,

@@ -116,7 +116,7 @@ fn all_vars_get_gradients(varmap: &VarMap, loss: &Tensor) {
 fn every_trainable_parameter_receives_a_gradient() {
     let dev = Device::Cpu;
     let varmap = VarMap::new();
-    let model = Transformer::fresh(ModelConfig::tiny(), &varmap, &dev).unwrap();
+    let model = Transformer::fresh(ModelConfig::tiny(), &varmap, &dev, 1).unwrap();
     let b = train::batch(&[("add 1 2", "3"), ("reverse abc", "cba")], 64, &dev).unwrap();
     let loss = train::sft_loss(&train::token_logprobs(&model, &b).unwrap(), &b.mask).unwrap();
     all_vars_get_gradients(&varmap, &loss);
@@ -129,6 +129,7 @@ fn every_trainable_parameter_receives_a_gradient() {
         },
         &varmap,
         &dev,
+        1,
     )
     .unwrap();
     let pred = rm.attributes(&b.inputs, &b.last).unwrap();
@@ -149,7 +150,7 @@ fn checkpoints_round_trip_exactly_and_refuse_the_wrong_shape() {
     let dev = Device::Cpu;
     let dir = std::env::temp_dir().join(format!("fw-ckpt-{}", std::process::id()));
     let varmap = VarMap::new();
-    let model = Transformer::fresh(ModelConfig::tiny(), &varmap, &dev).unwrap();
+    let model = Transformer::fresh(ModelConfig::tiny(), &varmap, &dev, 1).unwrap();
     checkpoint::save(&dir, &model.config, &varmap).unwrap();
     let loaded = checkpoint::load_frozen(&dir, &dev).unwrap();
     let b = train::batch(&[("sort cab", "abc")], 64, &dev).unwrap();
@@ -178,7 +179,7 @@ fn checkpoints_round_trip_exactly_and_refuse_the_wrong_shape() {
 fn sampling_is_reproducible_and_the_kv_cache_matches_a_full_forward() {
     let dev = Device::Cpu;
     let varmap = VarMap::new();
-    let model = Transformer::fresh(ModelConfig::tiny(), &varmap, &dev).unwrap();
+    let model = Transformer::fresh(ModelConfig::tiny(), &varmap, &dev, 1).unwrap();
     let prompts: Vec<String> = vec!["add 1 2".into(), "upper abcdef".into(), "x".into()];
     let cfg = SampleConfig {
         temperature: 1.0,
@@ -290,6 +291,7 @@ fn the_reward_head_separates_correct_from_wrong_answers() {
         },
         &varmap,
         &dev,
+        1,
     )
     .unwrap();
     let cfg = TrainConfig {
@@ -346,7 +348,15 @@ fn a_small_sft_run_raises_held_out_accuracy() {
         .map(|p| (p.prompt.clone(), tasks::answer(&p.prompt).unwrap()))
         .collect();
     let varmap = VarMap::new();
-    let model = Transformer::fresh(ModelConfig::tiny(), &varmap, &dev).unwrap();
+    let config = ModelConfig {
+        d_model: 64,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        d_ff: 128,
+        ..ModelConfig::tiny()
+    };
+    let model = Transformer::fresh(config, &varmap, &dev, 1).unwrap();
     let before = eval::accuracy(&held_out, &eval::answers(&model, &held_out).unwrap());
     let cfg = TrainConfig {
         steps: 500,
