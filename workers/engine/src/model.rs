@@ -93,7 +93,7 @@ struct Layer {
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     /// Additive key mask `(batch, 1, 1, seq)`: 0 for real tokens, very negative for pads.
-    key_mask: Option<Tensor>,
+    key_mask: Tensor,
     pos: usize,
 }
 
@@ -284,7 +284,7 @@ impl Transformer {
             .index_select(&tokens.flatten_all()?, 0)?
             .reshape((b, t, c.d_model))?;
         let mut mask = self.causal_mask(t, pos)?;
-        if let Some(km) = cache.as_ref().and_then(|k| k.key_mask.as_ref()) {
+        if let Some(km) = cache.as_ref().map(|k| &k.key_mask) {
             mask = mask.broadcast_add(&km.narrow(3, 0, pos + t)?)?;
         }
         for (i, l) in self.layers.iter().enumerate() {
@@ -368,7 +368,7 @@ impl Transformer {
         let full = Tensor::from_vec(mask, (pads.len(), 1, 1, self.config.max_seq), &self.device)?;
         Ok(KvCache {
             layers: vec![None; self.config.n_layers],
-            key_mask: Some(full),
+            key_mask: full,
             pos: 0,
         })
     }
