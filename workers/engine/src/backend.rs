@@ -116,6 +116,29 @@ fn save_model(
     })
 }
 
+/// Saves a trained model and reports it with its training metrics.
+fn trained(
+    prefix: &str,
+    config: &crate::model::ModelConfig,
+    varmap: &VarMap,
+    init: &ArtifactRef,
+    loss: f64,
+    records: usize,
+    steps: usize,
+) -> Result<TaskResult, TaskError> {
+    let out = save_model(prefix, config, varmap, init)?;
+    let metrics = [
+        ("loss".to_string(), loss),
+        ("records".to_string(), records as f64),
+        ("steps".to_string(), steps as f64),
+    ]
+    .into();
+    Ok(TaskResult {
+        outputs: vec![out],
+        metrics,
+    })
+}
+
 impl Backend for BuiltinBackend {
     fn name(&self) -> &str {
         "builtin"
@@ -332,16 +355,7 @@ impl BuiltinBackend {
             &cfg,
             &mut progress_reporter(ctx, cfg.steps, "sft"),
         )?;
-        let out = save_model(prefix, &config, &varmap, init)?;
-        Ok(TaskResult {
-            outputs: vec![out],
-            metrics: [
-                ("loss".to_string(), loss),
-                ("records".to_string(), data.len() as f64),
-                ("steps".to_string(), cfg.steps as f64),
-            ]
-            .into(),
-        })
+        trained(prefix, &config, &varmap, init, loss, data.len(), cfg.steps)
     }
 
     fn preference(
@@ -380,15 +394,7 @@ impl BuiltinBackend {
             &cfg,
             &mut progress_reporter(ctx, cfg.steps, "preference"),
         )?;
-        let out = save_model(prefix, &config, &varmap, init)?;
-        Ok(TaskResult {
-            outputs: vec![out],
-            metrics: [
-                ("loss".to_string(), loss),
-                ("records".to_string(), pairs.len() as f64),
-            ]
-            .into(),
-        })
+        trained(prefix, &config, &varmap, init, loss, pairs.len(), cfg.steps)
     }
 
     fn evaluate(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
