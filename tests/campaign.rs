@@ -280,3 +280,52 @@ async fn tasks_no_worker_can_run_are_waiting_for_a_capable_worker() {
     c.wait_status(&campaign.id, "succeeded", Duration::from_secs(60))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_reflection_answer_generic_clients() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let c = Cluster::start().await;
+    let channel = flywheel_proto::connect_channel(&c.url()).await.unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["flywheel.v1.ControlService", "flywheel.v1.WorkerService"] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, ServingStatus::Serving as i32, "{service}");
+    }
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies
+        .message()
+        .await
+        .unwrap()
+        .expect("a reflection reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reply {reply:?}")
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(
+        names.contains(&"flywheel.v1.ControlService")
+            && names.contains(&"flywheel.v1.WorkerService"),
+        "{names:?}"
+    );
+}
