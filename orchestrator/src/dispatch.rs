@@ -173,7 +173,7 @@ pub(crate) async fn run(ctl: Arc<Controller>, mut shutdown: watch::Receiver<bool
     loop {
         let wait = match dispatch_once(&ctl).await {
             Ok(DispatchOutcome::Saturated) => continue,
-            Ok(DispatchOutcome::Drained) => next_retry_wait(&ctl).await,
+            Ok(DispatchOutcome::Drained) => next_retry_wait(&ctl),
             Err(e) => {
                 tracing::warn!(error = %e, "dispatch failed; will retry");
                 Duration::from_millis(500)
@@ -194,19 +194,22 @@ enum DispatchOutcome {
     Drained,
 }
 
-async fn next_retry_wait(ctl: &Controller) -> Duration {
+/// How long the dispatcher may sleep: until the earliest known retry comes due, at most 2 s
+/// (the tick that also picks up other controllers' retries). Retries already due are dropped
+/// from the set, since the dispatch about to run claims them.
+fn next_retry_wait(ctl: &Controller) -> Duration {
     let fallback = Duration::from_secs(2);
-    let Ok(mut conn) = ctl.pool.acquire().await else {
-        return fallback;
-    };
-    match store::tasks::next_retry_at(&mut conn).await {
-        Ok(Some(at)) => (at - chrono::Utc::now())
-            .to_std()
-            .unwrap_or_default()
-            .min(fallback)
-            .max(Duration::from_millis(5)),
-        _ => fallback,
+    let now = chrono::Utc::now();
+    let mut retries = ctl.retries.lock().expect("retries");
+    let later = retries.split_off(&now);
+    let due = !retries.is_empty();
+    *retries = later;
+    if due {
+        return Duration::ZERO;
     }
+    retries.first().map_or(fallback, |at| {
+        (*at - now).to_std().unwrap_or_default().min(fallback)
+    })
 }
 
 async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
@@ -291,6 +294,7 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
             })
             .collect();
         let settled = store::tasks::fail(&mut tx, &failed).await?;
+        ctl.note_retries(&settled);
         let closed: Vec<_> = settled
             .iter()
             .map(|s| (s.id, s.attempt, "failed", Some("undelivered")))
@@ -361,6 +365,7 @@ async fn reap_once(ctl: &Controller) -> Result<()> {
     store::events::insert_many(&mut tx, &events).await?;
     tx.commit().await?;
     tracing::warn!(count = expired.len(), "reclaimed expired leases");
+    ctl.note_retries(&expired);
     ctl.registry
         .release(expired.iter().map(|s| (s.worker_id, s.id)));
     ctl.dispatch_wake.notify_one();

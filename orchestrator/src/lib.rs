@@ -64,12 +64,29 @@ pub(crate) struct Controller {
     pub(crate) auth: auth::Auth,
     pub(crate) dispatch_wake: Notify,
     pub(crate) planner_wake: Notify,
+    /// When tasks put back with a backoff become claimable (this process's retries only; the
+    /// dispatcher's periodic tick covers any other controller's).
+    pub(crate) retries: std::sync::Mutex<std::collections::BTreeSet<chrono::DateTime<chrono::Utc>>>,
     /// Bumped after every commit that wrote events, for event streams.
     pub(crate) events: watch::Sender<u64>,
     pub(crate) writer: mpsc::Sender<writer::Report>,
 }
 
 impl Controller {
+    /// Remembers when settled attempts that went back to `queued` can be claimed again.
+    pub(crate) fn note_retries<'a>(
+        &self,
+        settled: impl IntoIterator<Item = &'a store::tasks::SettledRow>,
+    ) {
+        let mut retries = self.retries.lock().expect("retries");
+        retries.extend(
+            settled
+                .into_iter()
+                .filter(|s| s.state == "queued")
+                .map(|s| s.next_run_at),
+        );
+    }
+
     pub(crate) fn events_changed(&self) {
         self.events.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -84,12 +101,7 @@ impl Controller {
         shard: i32,
         attempt: i32,
     ) -> String {
-        let root = self.config.artifact_root.trim_end_matches('/');
-        let root = if root.contains("://") {
-            root.to_string()
-        } else {
-            format!("file://{root}")
-        };
+        let root = &self.config.artifact_root;
         format!("{root}/campaigns/{campaign}/round-{round}/{stage}/shard-{shard}/attempt-{attempt}")
     }
 }
@@ -99,7 +111,7 @@ impl Controller {
 /// and the lease reaper. Migrations must already be applied ([`store::migrate`]).
 pub async fn serve(
     pool: PgPool,
-    config: ControllerConfig,
+    mut config: ControllerConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
@@ -116,6 +128,13 @@ pub async fn serve(
             );
         }
     }
+    // The artifact root as a URI without a trailing slash, once: output prefixes append to it.
+    let root = config.artifact_root.trim_end_matches('/');
+    config.artifact_root = if root.contains("://") {
+        root.to_string()
+    } else {
+        format!("file://{root}")
+    };
     let (writer_tx, writer_rx) = writer::channel();
     let (events, _) = watch::channel(0);
     let ctl = Arc::new(Controller {
@@ -125,6 +144,7 @@ pub async fn serve(
         registry: dispatch::Registry::default(),
         dispatch_wake: Notify::new(),
         planner_wake: Notify::new(),
+        retries: Default::default(),
         events,
         writer: writer_tx,
     });

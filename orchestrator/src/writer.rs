@@ -3,7 +3,7 @@
 //! every caller. Nothing is acknowledged before its transaction commits, and under load the
 //! number of transactions per task falls well below one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use flywheel_proto::v1::Directive;
@@ -152,10 +152,10 @@ async fn write_batch(ctl: &Controller, reports: Vec<Report>) -> Result<()> {
 
 struct Committed {
     /// Current attempts that heartbeated, with their cancel flag.
-    alive: std::collections::HashMap<(Uuid, i32), bool>,
+    alive: HashMap<(Uuid, i32), bool>,
     completed: HashSet<(Uuid, i32)>,
     /// Settled failures: (task, attempt) → will retry.
-    failed: std::collections::HashMap<(Uuid, i32), bool>,
+    failed: HashMap<(Uuid, i32), bool>,
     released: Vec<(Option<Uuid>, Uuid)>,
     wake_dispatch: bool,
     wake_planner: bool,
@@ -212,6 +212,11 @@ async fn commit(ctl: &Controller, b: &Batch) -> Result<Committed> {
     }
 
     let failed = store::tasks::fail(&mut tx, &b.failures).await?;
+    let errors: HashMap<(Uuid, i32), &str> = b
+        .failures
+        .iter()
+        .map(|f| ((f.0, f.1), f.2.as_str()))
+        .collect();
     let closed: Vec<_> = failed
         .iter()
         .map(|f| {
@@ -220,22 +225,17 @@ async fn commit(ctl: &Controller, b: &Batch) -> Result<Committed> {
             } else {
                 "failed"
             };
-            let error = b
-                .failures
-                .iter()
-                .find(|x| x.0 == f.id && x.1 == f.attempt)
-                .map(|x| x.2.as_str());
-            (f.id, f.attempt, state, error)
+            (
+                f.id,
+                f.attempt,
+                state,
+                errors.get(&(f.id, f.attempt)).copied(),
+            )
         })
         .collect();
     store::attempts::finish_many(&mut tx, &closed).await?;
     for f in &failed {
-        let error = b
-            .failures
-            .iter()
-            .find(|x| x.0 == f.id && x.1 == f.attempt)
-            .map(|x| x.2.clone())
-            .unwrap_or_default();
+        let error = errors.get(&(f.id, f.attempt)).copied().unwrap_or_default();
         let (kind, what) = match f.state.as_str() {
             "queued" => (
                 "task_retrying",
@@ -259,6 +259,7 @@ async fn commit(ctl: &Controller, b: &Batch) -> Result<Committed> {
     store::events::insert_many(&mut tx, &events).await?;
     tx.commit().await?;
 
+    ctl.note_retries(&failed);
     let mut released: Vec<(Option<Uuid>, Uuid)> =
         completed.iter().map(|c| (c.worker_id, c.id)).collect();
     released.extend(failed.iter().map(|f| (f.worker_id, f.id)));

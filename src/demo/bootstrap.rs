@@ -188,15 +188,7 @@ pub(crate) fn run(dir: &Path, seed: u64, tiny: bool, log: &dyn Fn(&str)) -> Resu
         }
     }
     let varmap = VarMap::new();
-    let rm = checkpoint::load_trainable(
-        &base_dir,
-        ModelConfig {
-            reward_head: true,
-            ..config
-        },
-        &varmap,
-        &dev,
-    )?;
+    let rm = checkpoint::load_trainable(&base_dir, config.with_reward_head(), &varmap, &dev)?;
     let cfg = TrainConfig {
         steps: b.reward_steps,
         lr: 2e-3,

@@ -92,15 +92,8 @@ impl WorkerService for WorkerApi {
         }
         let slots = r.slots.clamp(1, 1024) as usize;
         let mut running = Vec::new();
-        for (i, t) in r.running.iter().enumerate() {
-            running.push(parse_id(
-                if i == 0 {
-                    "running[0].task_id"
-                } else {
-                    "running[].task_id"
-                },
-                &t.task_id,
-            )?);
+        for t in &r.running {
+            running.push(parse_id("running[].task_id", &t.task_id)?);
         }
         let name = if r.name.trim().is_empty() {
             id.to_string()

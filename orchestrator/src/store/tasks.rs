@@ -518,12 +518,3 @@ pub async fn ids_of_stage(
     .fetch_all(conn)
     .await
 }
-
-/// When the next backed-off task becomes claimable, if any.
-pub async fn next_retry_at(conn: &mut PgConnection) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT min(next_run_at) FROM tasks WHERE state = 'queued' AND next_run_at > now()",
-    )
-    .fetch_one(conn)
-    .await
-}

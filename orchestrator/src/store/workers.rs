@@ -91,13 +91,3 @@ pub async fn list(conn: &mut PgConnection) -> Result<Vec<WorkerRow>, sqlx::Error
     .fetch_all(conn)
     .await
 }
-
-/// Live workers: online, with a heartbeat within `ttl_ms`.
-pub async fn live(conn: &mut PgConnection, ttl_ms: i64) -> Result<Vec<WorkerRow>, sqlx::Error> {
-    let all = list(conn).await?;
-    let ttl_s = ttl_ms as f64 / 1000.0;
-    Ok(all
-        .into_iter()
-        .filter(|w| w.status == "online" && w.heartbeat_age_s <= ttl_s)
-        .collect())
-}

@@ -117,16 +117,7 @@ fn main() {
         );
     }
 
-    let rm = Transformer::fresh(
-        ModelConfig {
-            reward_head: true,
-            ..config
-        },
-        &VarMap::new(),
-        &dev,
-        1,
-    )
-    .unwrap();
+    let rm = Transformer::fresh(config.with_reward_head(), &VarMap::new(), &dev, 1).unwrap();
     let rows: Vec<(&str, &str)> = data.iter().map(|(p, r)| (p.as_str(), r.as_str())).collect();
     let t = Instant::now();
     reward::score(&rm, &rows, 256).unwrap();

@@ -58,6 +58,14 @@ impl ModelConfig {
         }
     }
 
+    /// The same trunk with the 5-attribute reward head (a reward model).
+    pub fn with_reward_head(self) -> Self {
+        Self {
+            reward_head: true,
+            ..self
+        }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.d_model / self.n_heads
     }

@@ -122,16 +122,7 @@ fn every_trainable_parameter_receives_a_gradient() {
     all_vars_get_gradients(&varmap, &loss);
 
     let varmap = VarMap::new();
-    let rm = Transformer::fresh(
-        ModelConfig {
-            reward_head: true,
-            ..ModelConfig::tiny()
-        },
-        &varmap,
-        &dev,
-        1,
-    )
-    .unwrap();
+    let rm = Transformer::fresh(ModelConfig::tiny().with_reward_head(), &varmap, &dev, 1).unwrap();
     let pred = rm.attributes(&b.inputs, &b.last).unwrap();
     let loss = pred.sqr().unwrap().mean_all().unwrap();
     let grads = loss.backward().unwrap();
@@ -167,10 +158,7 @@ fn checkpoints_round_trip_exactly_and_refuse_the_wrong_shape() {
         .expect("shape mismatch");
     assert!(err.to_string().contains("has shape"), "{err}");
     // Adding a reward head to a trained trunk is allowed.
-    let with_head = ModelConfig {
-        reward_head: true,
-        ..ModelConfig::tiny()
-    };
+    let with_head = ModelConfig::tiny().with_reward_head();
     assert!(checkpoint::load_trainable(&dir, with_head, &VarMap::new(), &dev).is_ok());
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -284,16 +272,7 @@ fn the_reward_head_separates_correct_from_wrong_answers() {
         ));
     }
     let varmap = VarMap::new();
-    let rm = Transformer::fresh(
-        ModelConfig {
-            reward_head: true,
-            ..ModelConfig::tiny()
-        },
-        &varmap,
-        &dev,
-        1,
-    )
-    .unwrap();
+    let rm = Transformer::fresh(ModelConfig::tiny().with_reward_head(), &varmap, &dev, 1).unwrap();
     let cfg = TrainConfig {
         steps: 400,
         batch_size: 32,
