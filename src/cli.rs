@@ -5,9 +5,13 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use flywheel_engine::backend::BuiltinBackend;
+use flywheel_orchestrator::template::parse_assignments;
 use flywheel_orchestrator::{ControllerConfig, auth, store};
 use flywheel_proto::ControlClient;
-use flywheel_proto::v1::{CampaignAction, Capabilities, ListArtifactsRequest, RetryStageRequest};
+use flywheel_proto::v1::{
+    CampaignAction, Capabilities, CreateCampaignRequest, ExtendCampaignRequest,
+    ListArtifactsRequest, RetryStageRequest, SetPromotionGateRequest,
+};
 use flywheel_worker::{Backend, WorkerConfig, test_backend::TestBackend};
 use tracing_subscriber::EnvFilter;
 
@@ -23,17 +27,17 @@ pub(crate) struct Args {
 }
 
 #[derive(clap::Args)]
-struct ControlOpts {
+pub(crate) struct ControlOpts {
     /// Controller address.
     #[arg(
         long,
         env = "FLYWHEEL_CONTROLLER",
         default_value = "http://127.0.0.1:50051"
     )]
-    controller: String,
+    pub(crate) controller: String,
     /// API token (scope `read` for reads, `admin` for changes).
     #[arg(long, env = "FLYWHEEL_TOKEN", hide_env_values = true)]
-    token: String,
+    pub(crate) token: String,
 }
 
 #[derive(Subcommand)]
@@ -88,6 +92,11 @@ enum Command {
         #[command(subcommand)]
         command: CampaignCommand,
     },
+    /// Manage cron schedules that create or extend campaigns.
+    Schedule {
+        #[command(subcommand)]
+        command: crate::schedule_cli::ScheduleCommand,
+    },
     /// Manage API tokens (talks to Postgres directly; run on the controller's host).
     Token {
         #[command(subcommand)]
@@ -109,10 +118,13 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CampaignCommand {
-    /// Validate and submit a campaign spec.
+    /// Validate and submit a campaign spec (or a template with its values).
     Create {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// Template values, `name=value` (repeatable), for `{{ name }}` placeholders.
+        #[arg(long = "param")]
+        params: Vec<String>,
         #[command(flatten)]
         opts: ControlOpts,
     },
@@ -154,6 +166,30 @@ enum CampaignCommand {
         round: i32,
         #[arg(long)]
         stage: String,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    /// Add rounds; a campaign that finished its rounds runs again from its current generator.
+    Extend {
+        id: String,
+        #[arg(long)]
+        rounds: u32,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    /// Replace a promote stage's gate for the rounds still to be planned.
+    SetGate {
+        id: String,
+        /// The promote stage.
+        #[arg(long, default_value = "promote")]
+        stage: String,
+        /// `<stage>.<metric><op><number>`, e.g. `evaluate.win_rate>=0.6` (repeatable).
+        #[arg(long = "require", required = true)]
+        require: Vec<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
         #[command(flatten)]
         opts: ControlOpts,
     },
@@ -294,6 +330,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             flywheel_worker::run(config, impls, shutdown_signal()).await?;
         }
         Command::Campaign { command } => campaign(command).await?,
+        Command::Schedule { command } => crate::schedule_cli::run(command).await?,
         Command::Demo(args) => {
             init_tracing("warn");
             crate::demo::run(args).await?;
@@ -355,11 +392,19 @@ pub(crate) async fn run(args: Args) -> Result<()> {
 
 async fn campaign(command: CampaignCommand) -> Result<()> {
     match command {
-        CampaignCommand::Create { file, opts } => {
-            let spec = std::fs::read_to_string(&file)
+        CampaignCommand::Create { file, params, opts } => {
+            let spec_yaml = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
+            let params = parse_assignments(params.iter().map(String::as_str))
+                .map_err(|e| anyhow::anyhow!("--param: {e}"))?;
             let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
-            let campaign = c.create_campaign(spec).await.map_err(status_error)?;
+            let campaign = c
+                .create_campaign_from(CreateCampaignRequest {
+                    spec_yaml,
+                    params: params.into_iter().collect(),
+                })
+                .await
+                .map_err(status_error)?;
             println!("{}", campaign.id);
         }
         CampaignCommand::List { opts } => {
@@ -488,6 +533,46 @@ async fn campaign(command: CampaignCommand) -> Result<()> {
                 .map_err(status_error)?;
             println!("{} task(s) will run again", ids.len());
         }
+        CampaignCommand::Extend {
+            id,
+            rounds,
+            reason,
+            opts,
+        } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let x = c
+                .extend_campaign(ExtendCampaignRequest {
+                    campaign_id: id,
+                    rounds,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?;
+            println!("{} {} rounds {}", x.id, x.status, x.rounds_total);
+        }
+        CampaignCommand::SetGate {
+            id,
+            stage,
+            require,
+            reason,
+            opts,
+        } => {
+            let require = require
+                .iter()
+                .map(|r| crate::schedule_cli::parse_requirement(r))
+                .collect::<Result<_>>()?;
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let x = c
+                .set_promotion_gate(SetPromotionGateRequest {
+                    campaign_id: id,
+                    stage,
+                    require,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?;
+            println!("{} gate changed for rounds after {}", x.id, x.current_round);
+        }
         CampaignCommand::Events { id, after, opts } => {
             let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
             let mut stream = c.stream_events(id, after).await.map_err(status_error)?;
@@ -503,6 +588,6 @@ async fn campaign(command: CampaignCommand) -> Result<()> {
 }
 
 /// A gRPC error as the user should read it: the server's message, with the code for scripts.
-fn status_error(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", s.message(), s.code())
 }

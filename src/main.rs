@@ -4,6 +4,7 @@
 mod cli;
 mod demo;
 mod pg;
+mod schedule_cli;
 
 use std::process::ExitCode;
 

@@ -6,14 +6,20 @@
 //! - `planner`: round DAGs, promotion gates, settling rounds.
 //! - `dispatch`: connected workers, batched claims, the lease reaper.
 //! - `writer`: group commit of worker heartbeats, completions and failures.
-//! - `ops`: campaign operations (create, pause, resume, cancel, retry a stage).
+//! - `ops`: campaign operations (create, pause, resume, cancel, retry a stage, extend, change
+//!   the promotion gate).
+//! - [`schedules`], [`cron`], [`template`]: cron schedules that create or extend campaigns from
+//!   spec templates.
 //! - `api`: the gRPC services (worker protocol and control API).
 //!
 //! [`serve`] runs all of it on one listener until a shutdown future resolves.
 
 pub mod auth;
+pub mod cron;
+pub mod schedules;
 pub mod spec;
 pub mod store;
+pub mod template;
 
 mod api;
 mod dispatch;
@@ -153,6 +159,7 @@ pub async fn serve(
         tokio::spawn(dispatch::run(ctl.clone(), stop_rx.clone())),
         tokio::spawn(dispatch::run_reaper(ctl.clone(), stop_rx.clone())),
         tokio::spawn(planner::run(ctl.clone(), stop_rx.clone())),
+        tokio::spawn(schedules::run(ctl.clone(), stop_rx.clone())),
         tokio::spawn(writer::run(ctl.clone(), writer_rx, stop_rx.clone())),
     ];
 

@@ -29,37 +29,46 @@ pub(crate) async fn create_campaign(
     actor: &Principal,
 ) -> Result<CampaignRow> {
     let spec = CampaignSpec::from_yaml(spec_yaml)?;
-    let id = Uuid::new_v4();
     let mut tx = ctl.pool.begin().await?;
+    let id = create_campaign_in(&mut tx, spec_yaml, &spec, actor).await?;
+    tx.commit().await?;
+    ctl.dispatch_wake.notify_one();
+    ctl.events_changed();
+    tracing::info!(campaign_id = %id, name = %spec.name, "campaign created");
+    get(ctl, id).await
+}
+
+/// The transactional part of [`create_campaign`], shared with schedule firings.
+pub(crate) async fn create_campaign_in(
+    tx: &mut store::PgConnection,
+    spec_yaml: &str,
+    spec: &CampaignSpec,
+    actor: &Principal,
+) -> Result<Uuid> {
+    let id = Uuid::new_v4();
     store::campaigns::insert(
-        &mut tx,
+        tx,
         store::campaigns::NewCampaign {
             id,
             name: &spec.name,
             spec_yaml,
-            spec: serde_json::to_value(&spec).expect("spec serializes"),
+            spec: serde_json::to_value(spec).expect("spec serializes"),
             rounds_total: spec.rounds as i32,
             created_by: &actor.name,
         },
     )
     .await?;
     let m = &spec.models;
-    let generator = store::artifacts::insert_external(
-        &mut tx,
-        id,
-        "model",
-        &m.generator.name,
-        &m.generator.uri,
-    )
-    .await?;
-    let base =
-        store::artifacts::insert_external(&mut tx, id, "model", &m.base.name, &m.base.uri).await?;
-    let reward =
-        store::artifacts::insert_external(&mut tx, id, "model", &m.reward.name, &m.reward.uri)
+    let generator =
+        store::artifacts::insert_external(tx, id, "model", &m.generator.name, &m.generator.uri)
             .await?;
-    store::campaigns::set_models(&mut tx, id, generator, base, reward).await?;
+    let base =
+        store::artifacts::insert_external(tx, id, "model", &m.base.name, &m.base.uri).await?;
+    let reward =
+        store::artifacts::insert_external(tx, id, "model", &m.reward.name, &m.reward.uri).await?;
+    store::campaigns::set_models(tx, id, generator, base, reward).await?;
     store::events::insert(
-        &mut tx,
+        tx,
         event(
             id,
             "campaign_created",
@@ -71,12 +80,8 @@ pub(crate) async fn create_campaign(
         ),
     )
     .await?;
-    planner::plan_round(&mut tx, id, &spec, 0, generator).await?;
-    tx.commit().await?;
-    ctl.dispatch_wake.notify_one();
-    ctl.events_changed();
-    tracing::info!(campaign_id = %id, name = %spec.name, "campaign created");
-    get(ctl, id).await
+    planner::plan_round(tx, id, spec, 0, generator).await?;
+    Ok(id)
 }
 
 pub(crate) async fn get(ctl: &Controller, id: Uuid) -> Result<CampaignRow> {
@@ -169,16 +174,29 @@ pub(crate) async fn cancel(
     actor: &Principal,
 ) -> Result<CampaignRow> {
     let mut tx = ctl.pool.begin().await?;
-    let c = locked(&mut tx, id).await?;
+    cancel_in(&mut tx, id, reason, actor).await?;
+    tx.commit().await?;
+    ctl.events_changed();
+    get(ctl, id).await
+}
+
+/// The transactional part of [`cancel`], shared with the `cancel_old` overlap policy.
+pub(crate) async fn cancel_in(
+    tx: &mut store::PgConnection,
+    id: Uuid,
+    reason: &str,
+    actor: &Principal,
+) -> Result<()> {
+    let c = locked(tx, id).await?;
     if matches!(c.status.as_str(), "succeeded" | "cancelled") {
         return Err(Error::FailedPrecondition(format!(
             "campaign is already {}",
             c.status
         )));
     }
-    store::campaigns::set_status(&mut tx, id, "cancelled").await?;
-    let running = store::tasks::cancel_campaign(&mut tx, id).await?;
-    store::rounds::set_status_for_campaign(&mut tx, id, "running", "cancelled").await?;
+    store::campaigns::set_status(tx, id, "cancelled").await?;
+    let running = store::tasks::cancel_campaign(tx, id).await?;
+    store::rounds::set_status_for_campaign(tx, id, "running", "cancelled").await?;
     let message = with_reason(
         &format!(
             "campaign cancelled; {} running task(s) told to stop",
@@ -186,10 +204,121 @@ pub(crate) async fn cancel(
         ),
         reason,
     );
-    store::events::insert(&mut tx, event(id, "campaign_cancelled", message, actor)).await?;
+    store::events::insert(tx, event(id, "campaign_cancelled", message, actor)).await?;
+    Ok(())
+}
+
+/// Extend by `rounds` more rounds. A campaign that already finished its rounds runs again from
+/// its current generator.
+pub(crate) async fn extend(
+    ctl: &Controller,
+    id: Uuid,
+    rounds: u32,
+    reason: &str,
+    actor: &Principal,
+) -> Result<CampaignRow> {
+    let mut tx = ctl.pool.begin().await?;
+    extend_in(&mut tx, id, rounds, reason, actor).await?;
+    tx.commit().await?;
+    ctl.dispatch_wake.notify_one();
+    ctl.events_changed();
+    get(ctl, id).await
+}
+
+/// The transactional part of [`extend`], shared with `append_rounds` schedule firings.
+pub(crate) async fn extend_in(
+    tx: &mut store::PgConnection,
+    id: Uuid,
+    rounds: u32,
+    reason: &str,
+    actor: &Principal,
+) -> Result<()> {
+    if rounds == 0 || rounds > 1000 {
+        return Err(Error::invalid("rounds", "must be between 1 and 1000"));
+    }
+    let c = locked(tx, id).await?;
+    if matches!(c.status.as_str(), "failed" | "cancelled") {
+        return Err(Error::FailedPrecondition(format!(
+            "campaign is {}; only a running, paused or succeeded campaign can be extended",
+            c.status
+        )));
+    }
+    let total = c.rounds_total + rounds as i32;
+    store::campaigns::set_rounds_total(tx, id, total).await?;
+    if c.status == "succeeded" {
+        // Every planned round is settled: plan the next one from the current generator.
+        let spec = stored_spec(&c)?;
+        let generator = c
+            .current_generator_id
+            .ok_or_else(|| Error::FailedPrecondition("campaign has no current generator".into()))?;
+        let next = c.current_round + 1;
+        planner::plan_round(tx, id, &spec, next, generator).await?;
+        store::campaigns::advance(tx, id, next, generator).await?;
+        store::campaigns::set_status(tx, id, "running").await?;
+    }
+    let mut e = event(
+        id,
+        "campaign_extended",
+        with_reason(
+            &format!("campaign extended by {rounds} round(s) to {total}"),
+            reason,
+        ),
+        actor,
+    );
+    e.data = json!({ "added": rounds, "rounds_total": total });
+    store::events::insert(tx, e).await?;
+    Ok(())
+}
+
+/// Replaces the promotion gate of a `promote` stage for rounds planned from now on; the round in
+/// flight keeps the gate it was planned with.
+pub(crate) async fn set_gate(
+    ctl: &Controller,
+    id: Uuid,
+    stage: &str,
+    require: &std::collections::BTreeMap<String, String>,
+    reason: &str,
+    actor: &Principal,
+) -> Result<CampaignRow> {
+    let mut tx = ctl.pool.begin().await?;
+    let c = locked(&mut tx, id).await?;
+    if matches!(c.status.as_str(), "failed" | "cancelled" | "succeeded") {
+        return Err(Error::FailedPrecondition(format!(
+            "campaign is {}; the gate only applies to rounds still to come",
+            c.status
+        )));
+    }
+    let spec = stored_spec(&c)?.with_gate(stage, require)?;
+    store::campaigns::set_spec(
+        &mut tx,
+        id,
+        serde_json::to_value(&spec).expect("spec serializes"),
+    )
+    .await?;
+    let gate: Vec<String> = require.iter().map(|(m, c)| format!("{m} {c}")).collect();
+    let mut e = event(
+        id,
+        "gate_changed",
+        with_reason(
+            &format!(
+                "promotion gate of stage {stage:?} for rounds after {}: {}",
+                c.current_round,
+                gate.join(", ")
+            ),
+            reason,
+        ),
+        actor,
+    );
+    e.data = json!({ "stage": stage, "require": require, "from_round": c.current_round + 1 });
+    store::events::insert(&mut tx, e).await?;
     tx.commit().await?;
     ctl.events_changed();
     get(ctl, id).await
+}
+
+fn stored_spec(c: &CampaignRow) -> Result<CampaignSpec> {
+    serde_json::from_value(c.spec.clone())
+        .map_err(|e| Error::FailedPrecondition(format!("stored spec unreadable: {e}")))
 }
 
 /// Re-runs a failed or cancelled stage of a round and everything downstream of it; nothing

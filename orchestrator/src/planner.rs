@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::Controller;
 use crate::error::Result;
-use crate::spec::{CampaignSpec, round_metrics};
+use crate::spec::{CampaignSpec, Requirement, round_metrics};
 use crate::store::{self, events::NewEvent, tasks::NewTask};
 
 pub(crate) const SYSTEM_ACTOR: &str = "controller";
@@ -159,18 +159,14 @@ async fn run_promotion(ctl: &Controller, task_id: Uuid) -> Result<bool> {
     let Some(campaign) = store::campaigns::get(&mut tx, task.campaign_id).await? else {
         return Ok(false);
     };
-    let spec: CampaignSpec = serde_json::from_value(campaign.spec)
-        .map_err(|e| crate::Error::FailedPrecondition(format!("stored spec unreadable: {e}")))?;
     let tasks = store::tasks::list_for_round(&mut tx, round.id).await?;
     let metrics = metrics_of(&tasks);
     let candidate = match store::tasks::last_training_task(&mut tx, round.id).await? {
         Some(t) => store::artifacts::model_of_task(&mut tx, t).await?,
         None => None,
     };
-    let requirements = spec
-        .stage(&task.stage)
-        .map(|s| s.requirements())
-        .unwrap_or_default();
+    // The gate the round was planned with: a gate changed later applies to later rounds.
+    let requirements = Requirement::from_params(&task.params);
     let mut failures = Vec::new();
     for r in &requirements {
         match metrics.get(&r.metric).and_then(Value::as_f64) {

@@ -194,10 +194,11 @@ impl Requirement {
     }
 }
 
-impl StageSpec {
-    /// The promotion requirements of a `promote` stage (validated at parse time).
-    pub fn requirements(&self) -> Vec<Requirement> {
-        self.params
+impl Requirement {
+    /// The requirements in the `require` mapping of a `promote` stage's params (validated when
+    /// the spec was parsed).
+    pub fn from_params(params: &Value) -> Vec<Requirement> {
+        params
             .get("require")
             .and_then(Value::as_object)
             .map(|m| {
@@ -226,6 +227,45 @@ impl CampaignSpec {
                 problems: v.problems,
             }),
         }
+    }
+
+    /// This spec with the promotion gate of `stage` replaced; the gate is validated like one
+    /// in a submitted spec, with paths starting at `require`.
+    pub fn with_gate(
+        &self,
+        stage: &str,
+        require: &BTreeMap<String, String>,
+    ) -> Result<Self, SpecError> {
+        let Some(i) = self
+            .stages
+            .iter()
+            .position(|s| s.name == stage && s.kind == StageKind::Promote)
+        else {
+            return Err(SpecError {
+                problems: vec![Problem {
+                    path: "stage".into(),
+                    message: format!("the recipe has no promote stage named {stage:?}"),
+                }],
+            });
+        };
+        let earlier: HashSet<String> = self.stages[..i].iter().map(|s| s.name.clone()).collect();
+        let gate: Map<String, Value> = require
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        let params: Map<String, Value> = [("require".to_string(), Value::Object(gate))]
+            .into_iter()
+            .collect();
+        let mut v = Validator::default();
+        v.gate(&params, "", &earlier);
+        if !v.problems.is_empty() {
+            return Err(SpecError {
+                problems: v.problems,
+            });
+        }
+        let mut spec = self.clone();
+        spec.stages[i].params.extend(params);
+        Ok(spec)
     }
 
     pub fn stage(&self, name: &str) -> Option<&StageSpec> {
@@ -832,7 +872,8 @@ mod tests {
         let score = spec.stage("score").unwrap();
         assert_eq!(score.needs, vec!["generate".to_string()]);
         assert_eq!(spec.stage("generate").unwrap().placement.pool, "gpu");
-        let gate = spec.stages.last().unwrap().requirements();
+        let gate =
+            Requirement::from_params(&Value::Object(spec.stages.last().unwrap().params.clone()));
         assert_eq!(gate[0].metric, "evaluate.win_rate");
         assert_eq!(gate[0].op, CompareOp::Ge);
     }

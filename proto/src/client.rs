@@ -131,7 +131,18 @@ impl ControlClient {
     }
 
     pub async fn create_campaign(&mut self, spec_yaml: String) -> Result<Campaign, Status> {
-        let req = CreateCampaignRequest { spec_yaml };
+        let req = CreateCampaignRequest {
+            spec_yaml,
+            params: Default::default(),
+        };
+        Ok(self.inner.create_campaign(req).await?.into_inner())
+    }
+
+    /// Creates a campaign from a template and its parameter values.
+    pub async fn create_campaign_from(
+        &mut self,
+        req: CreateCampaignRequest,
+    ) -> Result<Campaign, Status> {
         Ok(self.inner.create_campaign(req).await?.into_inner())
     }
 
@@ -188,5 +199,61 @@ impl ControlClient {
             after_id,
         };
         Ok(self.inner.stream_events(req).await?.into_inner())
+    }
+
+    pub async fn extend_campaign(
+        &mut self,
+        req: ExtendCampaignRequest,
+    ) -> Result<Campaign, Status> {
+        Ok(self.inner.extend_campaign(req).await?.into_inner())
+    }
+
+    pub async fn set_promotion_gate(
+        &mut self,
+        req: SetPromotionGateRequest,
+    ) -> Result<Campaign, Status> {
+        Ok(self.inner.set_promotion_gate(req).await?.into_inner())
+    }
+
+    pub async fn create_schedule(
+        &mut self,
+        req: CreateScheduleRequest,
+    ) -> Result<Schedule, Status> {
+        Ok(self.inner.create_schedule(req).await?.into_inner())
+    }
+
+    pub async fn list_schedules(&mut self) -> Result<Vec<Schedule>, Status> {
+        let req = ListSchedulesRequest {};
+        Ok(self.inner.list_schedules(req).await?.into_inner().schedules)
+    }
+
+    /// A schedule (by id or name) with its most recent runs.
+    pub async fn get_schedule(&mut self, schedule: String) -> Result<ScheduleDetail, Status> {
+        Ok(self
+            .inner
+            .get_schedule(ScheduleRef { schedule })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn pause_schedule(&mut self, schedule: String) -> Result<Schedule, Status> {
+        Ok(self
+            .inner
+            .pause_schedule(ScheduleRef { schedule })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn resume_schedule(&mut self, schedule: String) -> Result<Schedule, Status> {
+        Ok(self
+            .inner
+            .resume_schedule(ScheduleRef { schedule })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn delete_schedule(&mut self, schedule: String) -> Result<(), Status> {
+        self.inner.delete_schedule(ScheduleRef { schedule }).await?;
+        Ok(())
     }
 }

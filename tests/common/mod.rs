@@ -161,18 +161,25 @@ impl Cluster {
 
     /// Starts (or restarts, on the same address) the controller and waits until it listens.
     pub async fn start_controller(&mut self) {
-        let addr_file = self.dir.join("addr");
+        let (proc, addr) = self.spawn_controller("controller", &self.grpc_addr).await;
+        self.controller = Some(proc);
+        self.grpc_addr = addr;
+    }
+
+    /// Starts another controller process on the same database; returns it and its address.
+    pub async fn spawn_controller(&self, name: &str, grpc_addr: &str) -> (Proc, String) {
+        let addr_file = self.dir.join(format!("{name}.addr"));
         let _ = std::fs::remove_file(&addr_file);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join("controller.log"))
+            .open(self.dir.join(format!("{name}.log")))
             .unwrap();
         let child = Command::new(BIN)
             .args([
                 "server",
                 "--grpc-addr",
-                &self.grpc_addr,
+                grpc_addr,
                 "--lease-ttl-ms",
                 "3000",
                 "--heartbeat-interval-ms",
@@ -187,15 +194,20 @@ impl Cluster {
             .stderr(log)
             .spawn()
             .expect("spawn controller");
-        self.controller = Some(Proc {
-            child,
-            name: "controller".into(),
-        });
-        self.grpc_addr = until("controller to listen", Duration::from_secs(20), || {
-            let f = addr_file.clone();
-            async move { std::fs::read_to_string(f).ok() }
-        })
+        let addr = until(
+            &format!("{name} to listen"),
+            Duration::from_secs(20),
+            || {
+                let f = addr_file.clone();
+                async move { std::fs::read_to_string(f).ok() }
+            },
+        )
         .await;
+        let proc = Proc {
+            child,
+            name: name.into(),
+        };
+        (proc, addr)
     }
 
     pub fn url(&self) -> String {

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use crate::auth::Scope;
 use crate::error::{Error, parse_id};
-use crate::{Controller, ops, store};
+use crate::{Controller, ops, schedules, store};
 
 pub(crate) struct ControlApi {
     pub(crate) ctl: Arc<Controller>,
@@ -39,7 +39,14 @@ impl ControlService for ControlApi {
         req: Request<CreateCampaignRequest>,
     ) -> Result<Response<Campaign>, Status> {
         let who = self.ctl.auth.require(&req, Scope::Admin).await?;
-        let c = ops::create_campaign(&self.ctl, &req.get_ref().spec_yaml, &who).await?;
+        let r = req.get_ref();
+        let params = r
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let spec_yaml = schedules::render_submission(&r.spec_yaml, &params)?;
+        let c = ops::create_campaign(&self.ctl, &spec_yaml, &who).await?;
         Ok(Response::new(convert::campaign(c)))
     }
 
@@ -216,5 +223,99 @@ impl ControlService for ControlApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn extend_campaign(
+        &self,
+        req: Request<ExtendCampaignRequest>,
+    ) -> Result<Response<Campaign>, Status> {
+        let who = self.ctl.auth.require(&req, Scope::Admin).await?;
+        let r = req.get_ref();
+        let id = parse_id("campaign_id", &r.campaign_id)?;
+        let c = ops::extend(&self.ctl, id, r.rounds, &r.reason, &who).await?;
+        Ok(Response::new(convert::campaign(c)))
+    }
+
+    async fn set_promotion_gate(
+        &self,
+        req: Request<SetPromotionGateRequest>,
+    ) -> Result<Response<Campaign>, Status> {
+        let who = self.ctl.auth.require(&req, Scope::Admin).await?;
+        let r = req.get_ref();
+        let id = parse_id("campaign_id", &r.campaign_id)?;
+        let require = r
+            .require
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let c = ops::set_gate(&self.ctl, id, &r.stage, &require, &r.reason, &who).await?;
+        Ok(Response::new(convert::campaign(c)))
+    }
+
+    async fn create_schedule(
+        &self,
+        req: Request<CreateScheduleRequest>,
+    ) -> Result<Response<Schedule>, Status> {
+        let who = self.ctl.auth.require(&req, Scope::Admin).await?;
+        let new = convert::new_schedule(req.into_inner());
+        let now = chrono::Utc::now();
+        let s = schedules::create(&self.ctl.pool, &new, &who.name, now).await?;
+        Ok(Response::new(convert::schedule(s, now)))
+    }
+
+    async fn list_schedules(
+        &self,
+        req: Request<ListSchedulesRequest>,
+    ) -> Result<Response<ListSchedulesResponse>, Status> {
+        self.ctl.auth.require(&req, Scope::Read).await?;
+        let now = chrono::Utc::now();
+        let rows = schedules::list(&self.ctl.pool).await?;
+        Ok(Response::new(ListSchedulesResponse {
+            schedules: rows
+                .into_iter()
+                .map(|s| convert::schedule(s, now))
+                .collect(),
+        }))
+    }
+
+    async fn get_schedule(
+        &self,
+        req: Request<ScheduleRef>,
+    ) -> Result<Response<ScheduleDetail>, Status> {
+        self.ctl.auth.require(&req, Scope::Read).await?;
+        let s = schedules::get(&self.ctl.pool, &req.get_ref().schedule).await?;
+        let runs = schedules::recent_runs(&self.ctl.pool, s.id, 100).await?;
+        Ok(Response::new(ScheduleDetail {
+            schedule: Some(convert::schedule(s, chrono::Utc::now())),
+            runs: runs.into_iter().map(convert::schedule_run).collect(),
+        }))
+    }
+
+    async fn pause_schedule(
+        &self,
+        req: Request<ScheduleRef>,
+    ) -> Result<Response<Schedule>, Status> {
+        let who = self.ctl.auth.require(&req, Scope::Admin).await?;
+        let s = schedules::pause(&self.ctl.pool, &req.get_ref().schedule, &who.name).await?;
+        Ok(Response::new(convert::schedule(s, chrono::Utc::now())))
+    }
+
+    async fn resume_schedule(
+        &self,
+        req: Request<ScheduleRef>,
+    ) -> Result<Response<Schedule>, Status> {
+        let who = self.ctl.auth.require(&req, Scope::Admin).await?;
+        let now = chrono::Utc::now();
+        let s = schedules::resume(&self.ctl.pool, &req.get_ref().schedule, &who.name, now).await?;
+        Ok(Response::new(convert::schedule(s, now)))
+    }
+
+    async fn delete_schedule(
+        &self,
+        req: Request<ScheduleRef>,
+    ) -> Result<Response<DeleteScheduleResponse>, Status> {
+        let who = self.ctl.auth.require(&req, Scope::Admin).await?;
+        schedules::delete(&self.ctl.pool, &req.get_ref().schedule, &who.name).await?;
+        Ok(Response::new(DeleteScheduleResponse {}))
     }
 }

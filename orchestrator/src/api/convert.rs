@@ -10,7 +10,7 @@ use crate::dispatch::Capabilities;
 use crate::error::{Error, Result};
 use crate::store::{
     artifacts::ArtifactRow, campaigns::CampaignRow, events::EventRow, rounds::RoundRow,
-    tasks::TaskRow, workers::WorkerRow,
+    schedule_runs::ScheduleRunRow, schedules::ScheduleRow, tasks::TaskRow, workers::WorkerRow,
 };
 
 fn ts(t: DateTime<Utc>) -> String {
@@ -204,5 +204,71 @@ pub(super) fn event(e: EventRow) -> pb::Event {
         actor: e.actor,
         data_json: e.data.to_string(),
         created_at: ts(e.created_at),
+    }
+}
+
+pub(super) fn schedule(s: ScheduleRow, now: DateTime<Utc>) -> pb::Schedule {
+    let upcoming: Vec<String> = crate::schedules::upcoming(&s, now, 5)
+        .into_iter()
+        .map(ts)
+        .collect();
+    pb::Schedule {
+        id: s.id.to_string(),
+        next_fire_at: upcoming.first().cloned().unwrap_or_default(),
+        upcoming,
+        params: serde_json::from_value(s.params).unwrap_or_default(),
+        name: s.name,
+        cron: s.cron,
+        time_zone: s.time_zone,
+        mode: s.mode,
+        rounds_per_fire: s.rounds_per_fire as u32,
+        overlap: s.overlap,
+        catch_up_window_s: s.catch_up_window_s as u32,
+        status: s.status,
+        buffered_for: opt_ts(s.buffered_for),
+        target_campaign_id: opt_id(s.target_campaign_id),
+        created_by: s.created_by,
+        created_at: ts(s.created_at),
+        template_yaml: s.template_yaml,
+    }
+}
+
+pub(super) fn schedule_run(r: ScheduleRunRow) -> pb::ScheduleRun {
+    pb::ScheduleRun {
+        scheduled_for: ts(r.scheduled_for),
+        outcome: r.outcome,
+        campaign_id: opt_id(r.campaign_id),
+        message: r.message,
+        recorded_at: ts(r.recorded_at),
+    }
+}
+
+/// A schedule request from the wire, with the documented defaults filled in.
+pub(super) fn new_schedule(r: pb::CreateScheduleRequest) -> crate::schedules::NewScheduleRequest {
+    fn or(s: String, default: &str) -> String {
+        if s.trim().is_empty() {
+            default.to_string()
+        } else {
+            s
+        }
+    }
+    crate::schedules::NewScheduleRequest {
+        name: r.name,
+        cron: r.cron,
+        time_zone: or(r.time_zone, "UTC"),
+        template_yaml: r.template_yaml,
+        params: r.params.into_iter().collect(),
+        mode: or(r.mode, "new_campaign"),
+        rounds_per_fire: if r.rounds_per_fire == 0 {
+            1
+        } else {
+            r.rounds_per_fire
+        },
+        overlap: or(r.overlap, "skip"),
+        catch_up_window_s: if r.catch_up_window_s == 0 {
+            600
+        } else {
+            r.catch_up_window_s
+        },
     }
 }

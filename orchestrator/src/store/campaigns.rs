@@ -132,3 +132,26 @@ pub async fn advance(
     .await?;
     Ok(())
 }
+
+pub async fn set_rounds_total(
+    conn: &mut PgConnection,
+    id: Uuid,
+    rounds_total: i32,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE campaigns SET rounds_total = $2, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(rounds_total)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Replaces the effective spec (the submitted `spec_yaml` is kept as it was).
+pub async fn set_spec(conn: &mut PgConnection, id: Uuid, spec: Value) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE campaigns SET spec = $2, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(spec)
+        .execute(conn)
+        .await?;
+    Ok(())
+}

@@ -10,6 +10,8 @@ pub mod campaigns;
 pub mod events;
 pub mod pools;
 pub mod rounds;
+pub mod schedule_runs;
+pub mod schedules;
 pub mod task_edges;
 pub mod tasks;
 pub mod workers;
