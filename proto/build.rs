@@ -9,6 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("flywheel_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Messages serialize to JSON for the HTTP API, which returns the same shapes as gRPC.
+    tonic_prost_build::configure()
+        .type_attribute(".flywheel.v1", "#[derive(serde::Serialize)]")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -58,6 +58,12 @@ enum Command {
         /// Write the bound address here once listening (useful with port 0).
         #[arg(long)]
         addr_file: Option<PathBuf>,
+        /// Web dashboard, its JSON API and Prometheus /metrics; "off" disables them.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_addr: String,
+        /// Write the bound HTTP address here once listening.
+        #[arg(long)]
+        http_addr_file: Option<PathBuf>,
     },
     /// Run a worker process.
     Worker {
@@ -253,6 +259,8 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             lease_ttl_ms,
             heartbeat_interval_ms,
             addr_file,
+            http_addr,
+            http_addr_file,
         } => {
             init_tracing("info");
             let pool = store::connect(&database_url, 16)
@@ -273,16 +281,31 @@ pub(crate) async fn run(args: Args) -> Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {grpc_addr}"))?;
             let bound = listener.local_addr()?;
+            let http = if http_addr == "off" {
+                None
+            } else {
+                let addr: SocketAddr = http_addr.parse().with_context(|| {
+                    format!("--http-addr {http_addr:?}: expected host:port or off")
+                })?;
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (--http-addr)"))?;
+                let http_bound = l.local_addr()?;
+                tracing::info!(addr = %http_bound, "dashboard on http://{http_bound}/");
+                if let Some(f) = &http_addr_file {
+                    write_atomically(f, &http_bound.to_string())?;
+                }
+                Some(l)
+            };
             if let Some(f) = addr_file {
-                let tmp = f.with_extension("tmp");
-                std::fs::write(&tmp, bound.to_string())?;
-                std::fs::rename(&tmp, &f)?;
+                write_atomically(&f, &bound.to_string())?;
             }
             tracing::info!(addr = %bound, artifact_root = %root, "controller listening");
             let mut config = ControllerConfig::new(root);
             config.lease_ttl_ms = lease_ttl_ms;
             config.heartbeat_interval_ms = heartbeat_interval_ms;
-            flywheel_orchestrator::serve(pool, config, listener, shutdown_signal()).await?;
+            flywheel_orchestrator::serve_with_http(pool, config, listener, http, shutdown_signal())
+                .await?;
         }
         Command::Worker {
             controller,
@@ -584,6 +607,14 @@ async fn campaign(command: CampaignCommand) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Writes `text` to `path` through a rename, so a reader never sees a partial file.
+fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
     Ok(())
 }
 

@@ -218,6 +218,7 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
         return Ok(DispatchOutcome::Drained);
     }
     let wanted: usize = groups.values().map(Vec::len).sum();
+    let claim_began = std::time::Instant::now();
     let mut tx = ctl.pool.begin().await?;
     let mut claimed = Vec::new();
     for (caps, slots) in &groups {
@@ -274,7 +275,10 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
             Some(stream) => stream.try_send(Ok(assignment)).is_ok(),
             None => false,
         };
-        if !sent {
+        if sent {
+            let latency = c.waited_s + claim_began.elapsed().as_secs_f64();
+            ctl.metrics.started(&c.pool, latency);
+        } else {
             undeliverable.push((c.id, c.attempt, c.worker_id));
         }
     }
@@ -294,7 +298,7 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
             })
             .collect();
         let settled = store::tasks::fail(&mut tx, &failed).await?;
-        ctl.note_retries(&settled);
+        ctl.settled(&settled);
         let closed: Vec<_> = settled
             .iter()
             .map(|s| (s.id, s.attempt, "failed", Some("undelivered")))
@@ -365,7 +369,8 @@ async fn reap_once(ctl: &Controller) -> Result<()> {
     store::events::insert_many(&mut tx, &events).await?;
     tx.commit().await?;
     tracing::warn!(count = expired.len(), "reclaimed expired leases");
-    ctl.note_retries(&expired);
+    ctl.metrics.lease_expired(expired.len());
+    ctl.settled(&expired);
     ctl.registry
         .release(expired.iter().map(|s| (s.worker_id, s.id)));
     ctl.dispatch_wake.notify_one();

@@ -11,6 +11,8 @@
 //! - [`schedules`], [`cron`], [`template`]: cron schedules that create or extend campaigns from
 //!   spec templates.
 //! - `api`: the gRPC services (worker protocol and control API).
+//! - `http`: the web dashboard, its JSON API (the control API over HTTP) and `/metrics`;
+//!   `metrics`: the Prometheus counters, histograms and scrape-time gauges.
 //!
 //! [`serve`] runs all of it on one listener until a shutdown future resolves.
 
@@ -24,6 +26,8 @@ pub mod template;
 mod api;
 mod dispatch;
 mod error;
+mod http;
+mod metrics;
 mod ops;
 mod planner;
 mod writer;
@@ -76,18 +80,18 @@ pub(crate) struct Controller {
     /// Bumped after every commit that wrote events, for event streams.
     pub(crate) events: watch::Sender<u64>,
     pub(crate) writer: mpsc::Sender<writer::Report>,
+    pub(crate) metrics: metrics::Metrics,
 }
 
 impl Controller {
-    /// Remembers when settled attempts that went back to `queued` can be claimed again.
-    pub(crate) fn note_retries<'a>(
-        &self,
-        settled: impl IntoIterator<Item = &'a store::tasks::SettledRow>,
-    ) {
+    /// After attempts settled (committed): counts them, and remembers when those that went back
+    /// to `queued` can be claimed again.
+    pub(crate) fn settled(&self, settled: &[store::tasks::SettledRow]) {
+        self.metrics.settled(settled);
         let mut retries = self.retries.lock().expect("retries");
         retries.extend(
             settled
-                .into_iter()
+                .iter()
                 .filter(|s| s.state == "queued")
                 .map(|s| s.next_run_at),
         );
@@ -113,12 +117,23 @@ impl Controller {
 }
 
 /// Runs the controller on `listener` until `shutdown` resolves: gRPC services (worker
-/// protocol, control API, health, reflection), the dispatcher, the planner, the report writer
-/// and the lease reaper. Migrations must already be applied ([`store::migrate`]).
+/// protocol, control API, health, reflection), the dispatcher, the planner, the scheduler, the
+/// report writer and the lease reaper. Migrations must already be applied ([`store::migrate`]).
 pub async fn serve(
+    pool: PgPool,
+    config: ControllerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    serve_with_http(pool, config, listener, None, shutdown).await
+}
+
+/// [`serve`], plus the web dashboard, its JSON API and Prometheus `/metrics` on `http`.
+pub async fn serve_with_http(
     pool: PgPool,
     mut config: ControllerConfig,
     listener: TcpListener,
+    http: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     // Workers that were running tasks when the previous controller stopped get one lease
@@ -153,6 +168,7 @@ pub async fn serve(
         retries: Default::default(),
         events,
         writer: writer_tx,
+        metrics: metrics::Metrics::new(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let loops = vec![
@@ -162,6 +178,15 @@ pub async fn serve(
         tokio::spawn(schedules::run(ctl.clone(), stop_rx.clone())),
         tokio::spawn(writer::run(ctl.clone(), writer_rx, stop_rx.clone())),
     ];
+
+    let http_server = http.map(|listener| {
+        let app = http::router(ctl.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "http server failed");
+            }
+        })
+    });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -191,6 +216,10 @@ pub async fn serve(
         )
         .await;
     let _ = stop_tx.send(true);
+    // Open event streams would hold a graceful shutdown forever; the state is in Postgres.
+    if let Some(h) = http_server {
+        h.abort();
+    }
     for l in loops {
         let _ = l.await;
     }

@@ -259,7 +259,8 @@ async fn commit(ctl: &Controller, b: &Batch) -> Result<Committed> {
     store::events::insert_many(&mut tx, &events).await?;
     tx.commit().await?;
 
-    ctl.note_retries(&failed);
+    ctl.settled(&completed);
+    ctl.settled(&failed);
     let mut released: Vec<(Option<Uuid>, Uuid)> =
         completed.iter().map(|c| (c.worker_id, c.id)).collect();
     released.extend(failed.iter().map(|f| (f.worker_id, f.id)));
@@ -282,6 +283,7 @@ async fn commit(ctl: &Controller, b: &Batch) -> Result<Committed> {
 
 fn answer(ctl: &Controller, b: Batch, c: Committed) {
     let mut released = c.released;
+    let mut stale = [0u64; 3];
     for (worker_id, worker_tasks, reply) in b.heartbeat_replies {
         let directives = worker_tasks
             .into_iter()
@@ -291,6 +293,7 @@ fn answer(ctl: &Controller, b: Batch, c: Committed) {
                     Some(false) => Directive::Continue,
                     None => {
                         released.push((Some(worker_id), id));
+                        stale[2] += 1;
                         Directive::Abandon
                     }
                 };
@@ -300,14 +303,21 @@ fn answer(ctl: &Controller, b: Batch, c: Committed) {
         let _ = reply.send(Ok(directives));
     }
     for (key, reply) in b.completion_replies {
-        let _ = reply.send(if c.completed.contains(&key) {
+        let accepted = c.completed.contains(&key);
+        stale[0] += u64::from(!accepted);
+        let _ = reply.send(if accepted {
             Ok(())
         } else {
             Err(Rejected::Stale)
         });
     }
     for (key, reply) in b.failure_replies {
-        let _ = reply.send(c.failed.get(&key).copied().ok_or(Rejected::Stale));
+        let settled = c.failed.get(&key).copied();
+        stale[1] += u64::from(settled.is_none());
+        let _ = reply.send(settled.ok_or(Rejected::Stale));
+    }
+    for (report, n) in ["complete", "fail", "heartbeat"].into_iter().zip(stale) {
+        ctl.metrics.stale_report(report, n);
     }
     if ctl.registry.release(released) || c.wake_dispatch {
         ctl.dispatch_wake.notify_one();

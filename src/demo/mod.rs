@@ -29,6 +29,9 @@ pub(crate) struct DemoArgs {
     workdir: PathBuf,
     #[arg(long, default_value = "127.0.0.1:0")]
     grpc_addr: std::net::SocketAddr,
+    /// The web dashboard and /metrics (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    http_addr: std::net::SocketAddr,
     /// Also write the per-round table here, as JSON.
     #[arg(long)]
     summary_json: Option<PathBuf>,
@@ -165,11 +168,14 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
     let worker_token = auth::create_token(&pool, "demo-workers", auth::Scope::Worker).await?;
     let listener = tokio::net::TcpListener::bind(args.grpc_addr).await?;
     let addr = format!("http://{}", listener.local_addr()?);
+    let http = tokio::net::TcpListener::bind(args.http_addr).await?;
+    let dashboard = format!("http://{}/", http.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(flywheel_orchestrator::serve(
+    let controller = tokio::spawn(flywheel_orchestrator::serve_with_http(
         pool.clone(),
         ControllerConfig::new(format!("file://{}", artifact_root.display())),
         listener,
+        Some(http),
         async move {
             let _ = stop_rx.await;
         },
@@ -202,6 +208,9 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
     }
     say(&format!(
         "controller: gRPC control API at {addr} (admin token for this run: {admin})"
+    ));
+    say(&format!(
+        "dashboard: {dashboard} (sign in with the admin token; Prometheus metrics at {dashboard}metrics)"
     ));
     say(&format!(
         "workers: gpu-worker-1 (pool gpu), cpu-worker-1 (pool cpu); logs in {}",

@@ -187,6 +187,8 @@ impl Cluster {
             ])
             .arg("--addr-file")
             .arg(&addr_file)
+            .args(["--http-addr", "127.0.0.1:0", "--http-addr-file"])
+            .arg(self.dir.join(format!("{name}.http-addr")))
             .arg("--artifact-root")
             .arg(self.dir.join("artifacts"))
             .env("DATABASE_URL", &self.db.url)
@@ -208,6 +210,11 @@ impl Cluster {
             name: name.into(),
         };
         (proc, addr)
+    }
+
+    /// The controller's HTTP address (dashboard, JSON API, /metrics).
+    pub fn http_addr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("controller.http-addr")).expect("http address file")
     }
 
     pub fn url(&self) -> String {
@@ -324,4 +331,36 @@ pub fn example_spec(replacements: &[(&str, &str)]) -> String {
         s = s.replace(from, to);
     }
     s
+}
+
+/// One HTTP/1.1 request over a fresh connection: `(status, body)`. Enough for the JSON API and
+/// /metrics, which send sized bodies.
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the HTTP server");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    conn.write_all(req.as_bytes()).unwrap();
+    let mut raw = String::new();
+    conn.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status code");
+    (status, body.to_string())
 }

@@ -22,10 +22,17 @@ impl ControlApi {
         let mut conn = self.ctl.pool.acquire().await?;
         let rounds = store::rounds::list(&mut conn, campaign_id).await?;
         let tasks = store::tasks::list_for_campaign(&mut conn, campaign_id).await?;
+        let spec = store::campaigns::get(&mut conn, campaign_id)
+            .await?
+            .and_then(|c| serde_json::from_value::<crate::spec::CampaignSpec>(c.spec).ok());
+        let needs = spec
+            .map(|s| s.stages.into_iter().map(|st| (st.name, st.needs)).collect())
+            .unwrap_or_default();
         Ok(convert::rounds(
             rounds,
             tasks,
             &self.ctl.registry.connected_capabilities(),
+            &needs,
         ))
     }
 }
@@ -223,6 +230,49 @@ impl ControlService for ControlApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_events(
+        &self,
+        req: Request<ListEventsRequest>,
+    ) -> Result<Response<ListEventsResponse>, Status> {
+        self.ctl.auth.require(&req, Scope::Read).await?;
+        let r = req.get_ref();
+        let id = parse_id("campaign_id", &r.campaign_id)?;
+        ops::get(&self.ctl, id).await?;
+        let limit = if r.limit == 0 { 500 } else { r.limit.min(5000) };
+        let mut conn = self.ctl.pool.acquire().await.map_err(Error::from)?;
+        let rows = store::events::list_after(&mut conn, id, r.after_id, limit as i64)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(ListEventsResponse {
+            events: rows.into_iter().map(convert::event).collect(),
+        }))
+    }
+
+    async fn get_task(&self, req: Request<TaskRef>) -> Result<Response<TaskDetail>, Status> {
+        self.ctl.auth.require(&req, Scope::Read).await?;
+        let id = parse_id("task_id", &req.get_ref().task_id)?;
+        let mut conn = self.ctl.pool.acquire().await.map_err(Error::from)?;
+        let task = store::tasks::get(&mut conn, id)
+            .await
+            .map_err(Error::from)?
+            .ok_or_else(|| Error::NotFound {
+                what: "task",
+                id: id.to_string(),
+            })?;
+        let attempts = store::attempts::list_for_task(&mut conn, id)
+            .await
+            .map_err(Error::from)?;
+        let depends_on = store::task_edges::dependencies(&mut conn, id)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(convert::task_detail(
+            task,
+            attempts,
+            depends_on,
+            &self.ctl.registry.connected_capabilities(),
+        )))
     }
 
     async fn extend_campaign(

@@ -9,8 +9,9 @@ use serde_json::{Map, Value};
 use crate::dispatch::Capabilities;
 use crate::error::{Error, Result};
 use crate::store::{
-    artifacts::ArtifactRow, campaigns::CampaignRow, events::EventRow, rounds::RoundRow,
-    schedule_runs::ScheduleRunRow, schedules::ScheduleRow, tasks::TaskRow, workers::WorkerRow,
+    artifacts::ArtifactRow, attempts::AttemptRow, campaigns::CampaignRow, events::EventRow,
+    rounds::RoundRow, schedule_runs::ScheduleRunRow, schedules::ScheduleRow, tasks::TaskRow,
+    workers::WorkerRow,
 };
 
 fn ts(t: DateTime<Utc>) -> String {
@@ -101,29 +102,19 @@ fn stage_state(tasks: &[pb::Task]) -> String {
     .into()
 }
 
+/// Rounds with their stages and tasks; `needs` maps each stage of the recipe to its inputs.
 pub(super) fn rounds(
     rounds: Vec<RoundRow>,
     tasks: Vec<TaskRow>,
     workers: &[Capabilities],
+    needs: &HashMap<String, Vec<String>>,
 ) -> Vec<pb::Round> {
     rounds
         .into_iter()
         .map(|r| {
             let mut stages: Vec<pb::Stage> = Vec::new();
             for t in tasks.iter().filter(|t| t.round_id == r.id) {
-                let task = pb::Task {
-                    id: t.id.to_string(),
-                    shard_index: t.shard_index,
-                    shard_count: t.shard_count,
-                    state: visible_state(t, workers),
-                    attempt: t.attempt,
-                    max_attempts: t.max_attempts,
-                    worker_id: opt_id(t.worker_id),
-                    progress: t.progress,
-                    last_error: t.last_error.clone().unwrap_or_default(),
-                    started_at: opt_ts(t.started_at),
-                    finished_at: opt_ts(t.finished_at),
-                };
+                let task = task(t, workers);
                 match stages.last_mut() {
                     Some(s) if s.name == t.stage => s.tasks.push(task),
                     _ => stages.push(pb::Stage {
@@ -131,6 +122,7 @@ pub(super) fn rounds(
                         kind: t.kind.clone(),
                         state: String::new(),
                         tasks: vec![task],
+                        needs: needs.get(&t.stage).cloned().unwrap_or_default(),
                     }),
                 }
             }
@@ -146,6 +138,8 @@ pub(super) fn rounds(
                 decision_reason: r.decision_reason.unwrap_or_default(),
                 metrics: metrics_map(&r.metrics),
                 stages,
+                started_at: ts(r.started_at),
+                finished_at: opt_ts(r.finished_at),
             }
         })
         .collect()
@@ -204,6 +198,55 @@ pub(super) fn event(e: EventRow) -> pb::Event {
         actor: e.actor,
         data_json: e.data.to_string(),
         created_at: ts(e.created_at),
+    }
+}
+
+pub(super) fn task(t: &TaskRow, workers: &[Capabilities]) -> pb::Task {
+    pb::Task {
+        id: t.id.to_string(),
+        shard_index: t.shard_index,
+        shard_count: t.shard_count,
+        state: visible_state(t, workers),
+        attempt: t.attempt,
+        max_attempts: t.max_attempts,
+        worker_id: opt_id(t.worker_id),
+        progress: t.progress,
+        last_error: t.last_error.clone().unwrap_or_default(),
+        started_at: opt_ts(t.started_at),
+        finished_at: opt_ts(t.finished_at),
+        progress_message: t.progress_message.clone(),
+    }
+}
+
+pub(super) fn task_detail(
+    t: TaskRow,
+    attempts: Vec<AttemptRow>,
+    depends_on: Vec<uuid::Uuid>,
+    workers: &[Capabilities],
+) -> pb::TaskDetail {
+    pb::TaskDetail {
+        task: Some(task(&t, workers)),
+        campaign_id: t.campaign_id.to_string(),
+        round_index: t.round_index,
+        stage: t.stage,
+        kind: t.kind,
+        pool: t.pool,
+        backend: t.backend,
+        params_json: t.params.to_string(),
+        progress_metrics_json: t.progress_metrics.to_string(),
+        metrics_json: t.metrics.to_string(),
+        attempts: attempts
+            .into_iter()
+            .map(|a| pb::Attempt {
+                attempt: a.attempt,
+                worker_id: a.worker_id.to_string(),
+                state: a.state,
+                error: a.error.unwrap_or_default(),
+                started_at: ts(a.started_at),
+                finished_at: opt_ts(a.finished_at),
+            })
+            .collect(),
+        depends_on: depends_on.iter().map(ToString::to_string).collect(),
     }
 }
 

@@ -1,5 +1,6 @@
 //! `attempts`: one row per claim of a task, with how it ended. The history behind `tasks.attempt`.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -49,4 +50,27 @@ pub async fn finish_many(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct AttemptRow {
+    pub attempt: i32,
+    pub worker_id: Uuid,
+    pub state: String,
+    pub error: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+pub async fn list_for_task(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+) -> Result<Vec<AttemptRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT attempt, worker_id, state, error, started_at, finished_at FROM attempts
+         WHERE task_id = $1 ORDER BY attempt",
+    )
+    .bind(task_id)
+    .fetch_all(conn)
+    .await
 }

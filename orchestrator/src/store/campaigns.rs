@@ -155,3 +155,10 @@ pub async fn set_spec(conn: &mut PgConnection, id: Uuid, spec: Value) -> Result<
         .await?;
     Ok(())
 }
+
+/// `(status, count)` over all campaigns.
+pub async fn status_counts(conn: &mut PgConnection) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT status, count(*) FROM campaigns GROUP BY status")
+        .fetch_all(conn)
+        .await
+}

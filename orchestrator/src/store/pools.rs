@@ -9,3 +9,9 @@ pub async fn ensure(conn: &mut PgConnection, name: &str) -> Result<(), sqlx::Err
         .await?;
     Ok(())
 }
+
+pub async fn list(conn: &mut PgConnection) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT name FROM pools ORDER BY name")
+        .fetch_all(conn)
+        .await
+}

@@ -38,3 +38,14 @@ pub async fn descendants(
     .fetch_all(conn)
     .await
 }
+
+/// The tasks `task_id` consumes.
+pub async fn dependencies(
+    conn: &mut PgConnection,
+    task_id: Uuid,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT depends_on FROM task_edges WHERE task_id = $1")
+        .bind(task_id)
+        .fetch_all(conn)
+        .await
+}

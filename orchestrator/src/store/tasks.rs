@@ -55,6 +55,7 @@ pub struct TaskRow {
     pub worker_id: Option<Uuid>,
     pub progress: f64,
     pub progress_message: String,
+    pub progress_metrics: Value,
     pub metrics: Value,
     pub last_error: Option<String>,
     pub started_at: Option<DateTime<Utc>>,
@@ -63,7 +64,7 @@ pub struct TaskRow {
 
 const COLUMNS: &str = "id, campaign_id, round_id, round_index, stage, stage_order, kind, shard_index,
     shard_count, params, pool, backend, gpu_kind, gpu_count, state, attempt, max_attempts, worker_id,
-    progress, progress_message, metrics, last_error, started_at, finished_at";
+    progress, progress_message, progress_metrics, metrics, last_error, started_at, finished_at";
 
 /// A task just claimed for a worker.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -79,6 +80,9 @@ pub struct ClaimedRow {
     pub shard_count: i32,
     pub params: Value,
     pub backend: String,
+    pub pool: String,
+    /// How long the task had been claimable when this claim took it.
+    pub waited_s: f64,
 }
 
 /// A running attempt that just ended (completed, failed, expired).
@@ -94,6 +98,10 @@ pub struct SettledRow {
     /// The task's state after settling.
     pub state: String,
     pub next_run_at: DateTime<Utc>,
+    pub kind: String,
+    pub pool: String,
+    /// How long the attempt ran.
+    pub ran_s: f64,
 }
 
 pub async fn insert_many(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<(), sqlx::Error> {
@@ -177,7 +185,8 @@ pub async fn claim(
              FROM picked p JOIN slots s ON s.n = p.n
              WHERE t.id = p.id
              RETURNING t.id, t.attempt, s.w AS worker_id, t.campaign_id, t.round_index, t.stage,
-                       t.kind, t.shard_index, t.shard_count, t.params, t.backend
+                       t.kind, t.shard_index, t.shard_count, t.params, t.backend, t.pool,
+                       extract(epoch FROM now() - greatest(t.next_run_at, t.queued_at, t.created_at))::float8 AS waited_s
          ),
          opened AS (
              INSERT INTO attempts (task_id, attempt, worker_id, state)
@@ -253,7 +262,8 @@ pub async fn complete(
          FROM unnest($1::uuid[], $2::int[], $3::jsonb[]) AS u(id, a, x)
          WHERE t.id = u.id AND t.attempt = u.a AND t.state = 'running'
          RETURNING t.id, t.attempt, t.campaign_id, t.round_id, t.stage, t.shard_index, t.worker_id,
-                   t.state, t.next_run_at",
+                   t.state, t.next_run_at, t.kind, t.pool,
+                   extract(epoch FROM now() - t.started_at)::float8 AS ran_s",
     )
     .bind(id)
     .bind(attempt)
@@ -278,7 +288,8 @@ const SETTLE_FAILED: &str = "
     FROM ({source}) AS f(id, attempt, error, retryable, worker_id_before)
     WHERE t.id = f.id AND t.attempt = f.attempt AND t.state = 'running'
     RETURNING t.id, t.attempt, t.campaign_id, t.round_id, t.stage, t.shard_index,
-              f.worker_id_before AS worker_id, t.state, t.next_run_at";
+              f.worker_id_before AS worker_id, t.state, t.next_run_at, t.kind, t.pool,
+              extract(epoch FROM now() - t.started_at)::float8 AS ran_s";
 
 pub async fn fail(
     conn: &mut PgConnection,
@@ -515,6 +526,29 @@ pub async fn ids_of_stage(
     )
     .bind(round_id)
     .bind(stage)
+    .fetch_all(conn)
+    .await
+}
+
+pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<TaskRow>, sqlx::Error> {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM tasks WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Tasks per pool and state, for the queue-depth gauges: `(pool, state, backend, gpu_kind,
+/// gpu_count, count)` over unfinished tasks.
+pub async fn queue_depths(
+    conn: &mut PgConnection,
+) -> Result<Vec<(String, String, String, String, i32, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT pool, state, backend, gpu_kind, gpu_count, count(*) FROM tasks
+         WHERE state IN ('blocked', 'queued', 'running')
+         GROUP BY pool, state, backend, gpu_kind, gpu_count",
+    )
     .fetch_all(conn)
     .await
 }
