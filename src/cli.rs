@@ -12,6 +12,9 @@ use flywheel_proto::v1::{
     CampaignAction, Capabilities, CreateCampaignRequest, ExtendCampaignRequest,
     ListArtifactsRequest, RetryStageRequest, SetPromotionGateRequest,
 };
+use flywheel_worker::external::ExternalTrainerBackend;
+use flywheel_worker::openai::OpenAiBackend;
+use flywheel_worker::reward_endpoint::RewardEndpointBackend;
 use flywheel_worker::{Backend, WorkerConfig, test_backend::TestBackend};
 use tracing_subscriber::EnvFilter;
 
@@ -80,7 +83,9 @@ enum Command {
         name: String,
         #[arg(long, default_value = "default")]
         pool: String,
-        /// Backends this worker runs (repeatable): builtin (the CPU engine), test (no ML).
+        /// Backends this worker runs (repeatable): builtin (the CPU engine), openai (any
+        /// OpenAI-compatible server), reward_endpoint (an HTTP reward service), external (a
+        /// trainer command: TRL, NeMo-Aligner, OpenRLHF, flywheel train), test (no ML).
         #[arg(long = "backend", default_values_t = vec!["test".to_string()])]
         backends: Vec<String>,
         #[arg(long, default_value = "")]
@@ -115,6 +120,12 @@ enum Command {
     },
     /// Run a full weak-to-strong campaign on this machine (Postgres, controller, workers, models).
     Demo(crate::demo::DemoArgs),
+    /// Fine-tune a builtin checkpoint (sft, dpo or rpo) from a JSONL file; logs step=N loss=X.
+    Train(crate::train_cli::TrainArgs),
+    /// Write a freshly initialised builtin checkpoint (seeded).
+    InitModel(crate::train_cli::InitModelArgs),
+    /// Serve a builtin checkpoint over an OpenAI-compatible HTTP API.
+    ServeModel(crate::serve_model::ServeModelArgs),
     /// Apply database migrations (the server also does this at start).
     Migrate {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -324,9 +335,12 @@ pub(crate) async fn run(args: Args) -> Result<()> {
                 match b.as_str() {
                     "test" => impls.push(Arc::new(TestBackend)),
                     "builtin" => impls.push(Arc::new(BuiltinBackend::new())),
-                    other => {
-                        bail!("--backend {other:?}: unknown backend (available: test, builtin)")
-                    }
+                    "openai" => impls.push(Arc::new(OpenAiBackend)),
+                    "reward_endpoint" => impls.push(Arc::new(RewardEndpointBackend)),
+                    "external" => impls.push(Arc::new(ExternalTrainerBackend)),
+                    other => bail!(
+                        "--backend {other:?}: unknown backend (available: builtin, openai, reward_endpoint, external, test)"
+                    ),
                 }
             }
             let labels = labels
@@ -354,6 +368,12 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         }
         Command::Campaign { command } => campaign(command).await?,
         Command::Schedule { command } => crate::schedule_cli::run(command).await?,
+        Command::Train(args) => crate::train_cli::run(args)?,
+        Command::InitModel(args) => crate::train_cli::init_model(args)?,
+        Command::ServeModel(args) => {
+            init_tracing("warn");
+            crate::serve_model::run(args).await?;
+        }
         Command::Demo(args) => {
             init_tracing("warn");
             crate::demo::run(args).await?;

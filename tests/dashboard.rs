@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Cluster, Proc, example_spec, http, until};
+use common::{Cluster, Proc, example_spec, free_port, http, until};
 use fantoccini::{ClientBuilder, Locator};
 use serde_json::Value;
 
@@ -285,15 +285,6 @@ async fn json_api_auth_actions_metrics_and_grafana_names() {
         missing.is_empty(),
         "Grafana queries metrics that are not exported: {missing:?}"
     );
-}
-
-/// A free TCP port on localhost for chromedriver.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn css(client: &fantoccini::Client, selector: &str) -> fantoccini::elements::Element {

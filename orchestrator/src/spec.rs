@@ -713,8 +713,24 @@ impl Validator {
                     }
                 }
             }
+            StageKind::Filter => match p.get("method").and_then(Value::as_str) {
+                None | Some("best_vs_worst" | "llm_judge") => {}
+                Some(other) => self.problem(
+                    join(path, "method"),
+                    format!("unknown method {other:?} (expected best_vs_worst or llm_judge)"),
+                ),
+            },
             StageKind::Promote => self.gate(p, path, earlier),
             _ => {}
+        }
+        // Secrets never reach Postgres: a spec names the variable that holds a key.
+        for key in ["api_key", "token", "password", "secret"] {
+            if p.contains_key(key) {
+                self.problem(
+                    join(path, key),
+                    "secrets are not stored in specs; put it in the worker's environment and name the variable in api_key_env",
+                );
+            }
         }
     }
 
@@ -876,6 +892,50 @@ mod tests {
             Requirement::from_params(&Value::Object(spec.stages.last().unwrap().params.clone()));
         assert_eq!(gate[0].metric, "evaluate.win_rate");
         assert_eq!(gate[0].op, CompareOp::Ge);
+    }
+
+    #[test]
+    fn every_example_spec_validates() {
+        for (name, yaml) in [
+            (
+                "test-backend",
+                include_str!("../../examples/test-backend.yaml"),
+            ),
+            ("demo", include_str!("../../examples/demo.yaml")),
+            (
+                "vllm-deployment",
+                include_str!("../../examples/vllm-deployment.yaml"),
+            ),
+            ("mixed", include_str!("../../examples/mixed.yaml")),
+        ] {
+            if let Err(e) = CampaignSpec::from_yaml(yaml) {
+                panic!("examples/{name}.yaml: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn secrets_and_unknown_filter_methods_are_refused() {
+        let yaml = include_str!("../../examples/test-backend.yaml")
+            .replace(
+                "params: { margin: 0.2 }",
+                "params: { margin: 0.2, method: vote }",
+            )
+            .replace(
+                "params: { k: 4, temperature: 0.8 }",
+                "params: { k: 4, api_key: sk-1 }",
+            );
+        let p = problems(&yaml);
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("recipe.stages[3].params.method: unknown method")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.starts_with("recipe.stages[1].params.api_key: secrets are not stored")),
+            "{p:?}"
+        );
     }
 
     fn problems(yaml: &str) -> Vec<String> {

@@ -16,3 +16,17 @@ ensure_test_packages() {
         { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null; } ||
         { echo "error: could not install ${missing[*]} with apt-get" >&2; exit 1; }
 }
+
+# A Python with the PyPI packages the integration tests drive: the official openai client
+# (against `flywheel serve-model`) and moto's S3 server (the artifact store on S3).
+ensure_test_python() {
+    local venv=target/pyenv
+    if [ -x "$venv/bin/moto_server" ] && "$venv/bin/python" -c "import openai, moto" 2>/dev/null; then
+        return 0
+    fi
+    command -v python3 >/dev/null || { echo "error: python3 is missing (the openai-client and S3 tests need it)" >&2; exit 1; }
+    echo "creating $venv with openai and moto[server] from PyPI ..." >&2
+    python3 -m venv "$venv" || { echo "error: python3 -m venv failed (install Debian's python3-venv)" >&2; exit 1; }
+    "$venv/bin/pip" install -q 'openai>=1.40,<3' 'moto[server]>=5,<6' ||
+        { echo "error: pip could not install openai and moto[server] from PyPI" >&2; exit 1; }
+}

@@ -223,6 +223,17 @@ impl Cluster {
 
     /// Starts a worker process: `pool`, and extra args such as `--gpu-kind h100`.
     pub fn add_worker(&mut self, name: &str, pool: &str, extra: &[&str]) -> usize {
+        self.add_worker_with_env(name, pool, extra, &[])
+    }
+
+    /// [`Cluster::add_worker`] with extra environment variables.
+    pub fn add_worker_with_env(
+        &mut self,
+        name: &str,
+        pool: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> usize {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
         let child = Command::new(BIN)
             .args([
@@ -237,6 +248,7 @@ impl Cluster {
                 "test",
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .env("FLYWHEEL_TOKEN", &self.worker_token)
             .stdout(Stdio::null())
             .stderr(log)
@@ -342,6 +354,18 @@ pub fn http(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (u16, String) {
+    let (status, _, body) = http_full(addr, method, path, token, body);
+    (status, body)
+}
+
+/// [`http`] with the response's header block.
+pub fn http_full(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String, String) {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect(addr).expect("connect to the HTTP server");
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
@@ -362,5 +386,39 @@ pub fn http(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("a status code");
-    (status, body.to_string())
+    (status, head.to_string(), body.to_string())
+}
+
+/// The Python with the test's PyPI packages (openai, moto); `scripts/test` creates it.
+pub fn python() -> PathBuf {
+    let p = std::env::var_os("FLYWHEEL_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/bin/python")
+        });
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/test, which creates it with the openai and moto packages",
+        p.display()
+    );
+    p
+}
+
+/// A free TCP port on localhost (for servers that take a port, not an address file).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for a file a child process writes once it listens, and returns its contents.
+pub async fn wait_for_file(path: &std::path::Path, what: &str) -> String {
+    let p = path.to_path_buf();
+    until(what, Duration::from_secs(30), || {
+        let p = p.clone();
+        async move { std::fs::read_to_string(p).ok().filter(|s| !s.is_empty()) }
+    })
+    .await
 }

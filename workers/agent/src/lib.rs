@@ -10,6 +10,10 @@ mod agent;
 pub mod artifacts;
 mod backend;
 pub mod datasets;
+pub mod external;
+mod http_client;
+pub mod openai;
+pub mod reward_endpoint;
 pub mod test_backend;
 
 pub use agent::{WorkerConfig, WorkerError, run};

@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use crate::reward::{self, ATTRIBUTES, DEFAULT_WEIGHTS};
 use crate::sample::{SampleConfig, sample};
 use crate::tasks::{self, Mix, Split};
-use crate::train::{self, Pair, PreferenceLoss, PreferenceObjective, TrainConfig};
-use crate::{EngineError, checkpoint, eval};
+use crate::train::{Pair, PreferenceLoss, PreferenceObjective, TrainConfig};
+use crate::{EngineError, checkpoint, eval, jobs};
 
 pub struct BuiltinBackend {
     device: Device,
@@ -27,11 +27,9 @@ pub struct BuiltinBackend {
 impl BuiltinBackend {
     /// On the GPU when built with `cuda` and one is present, else on the CPU.
     pub fn new() -> Self {
-        #[cfg(feature = "cuda")]
-        let device = Device::cuda_if_available(0).unwrap_or(Device::Cpu);
-        #[cfg(not(feature = "cuda"))]
-        let device = Device::Cpu;
-        Self { device }
+        Self {
+            device: crate::default_device(),
+        }
     }
 }
 
@@ -104,9 +102,9 @@ fn save_model(
     parent: &ArtifactRef,
 ) -> Result<Output, TaskError> {
     let uri = format!("{}/model", prefix.trim_end_matches('/'));
-    let dir = artifacts::path_of(&uri)?;
+    let dir = artifacts::output_dir(&uri)?;
     checkpoint::save(&dir, config, varmap)?;
-    let content_hash = artifacts::hash_dir(&dir)?;
+    let content_hash = artifacts::publish_dir(&dir, &uri)?;
     Ok(Output {
         name: "model".into(),
         kind: "model",
@@ -119,16 +117,14 @@ fn save_model(
 /// Saves a trained model and reports it with its training metrics.
 fn trained(
     prefix: &str,
-    config: &crate::model::ModelConfig,
-    varmap: &VarMap,
+    t: &jobs::Trained,
     init: &ArtifactRef,
-    loss: f64,
     records: usize,
     steps: usize,
 ) -> Result<TaskResult, TaskError> {
-    let out = save_model(prefix, config, varmap, init)?;
+    let out = save_model(prefix, &t.config, &t.varmap, init)?;
     let metrics = [
-        ("loss".to_string(), loss),
+        ("loss".to_string(), t.loss),
         ("records".to_string(), records as f64),
         ("steps".to_string(), steps as f64),
     ]
@@ -339,23 +335,19 @@ impl BuiltinBackend {
             .and_then(Value::as_str)
             .unwrap_or("base");
         let init = task.input(init_role)?;
-        let dir = model_dir(init)?;
-        let config = checkpoint::read_config(&dir)?;
-        let varmap = VarMap::new();
-        let model = checkpoint::load_trainable(&dir, config.clone(), &varmap, &self.device)?;
         let data: Vec<(String, String)> = read_jsonl(&task.inputs("sft"))?
             .iter()
             .filter_map(datasets::sft_example)
             .collect();
         let cfg = train_config(task, 300, 3e-3);
-        let loss = train::sft(
-            &model,
-            &varmap,
-            &data,
+        let t = jobs::fine_tune(
+            &model_dir(init)?,
+            jobs::Objective::Sft(&data),
             &cfg,
+            &self.device,
             &mut progress_reporter(ctx, cfg.steps, "sft"),
         )?;
-        trained(prefix, &config, &varmap, init, loss, data.len(), cfg.steps)
+        trained(prefix, &t, init, data.len(), cfg.steps)
     }
 
     fn preference(
@@ -366,10 +358,6 @@ impl BuiltinBackend {
     ) -> Result<TaskResult, TaskError> {
         let init = task.input("model")?;
         let dir = model_dir(init)?;
-        let config = checkpoint::read_config(&dir)?;
-        let varmap = VarMap::new();
-        let policy = checkpoint::load_trainable(&dir, config.clone(), &varmap, &self.device)?;
-        let reference = checkpoint::load_frozen(&dir, &self.device)?;
         let pairs: Vec<Pair> = read_jsonl(&task.inputs("pairs"))?
             .iter()
             .filter_map(Pair::from_row)
@@ -381,20 +369,23 @@ impl BuiltinBackend {
             },
         };
         let cfg = train_config(task, 100, 1e-3);
-        let loss = train::preference(
-            &policy,
-            &varmap,
-            &reference,
-            &pairs,
-            PreferenceObjective {
-                loss: loss_kind,
-                beta: task.param_f64("beta", 0.1),
-                sft_weight: task.param_f64("sft_weight", 0.1),
+        // The reference is the starting policy itself, frozen.
+        let t = jobs::fine_tune(
+            &dir,
+            jobs::Objective::Preference {
+                reference: &dir,
+                pairs: &pairs,
+                objective: PreferenceObjective {
+                    loss: loss_kind,
+                    beta: task.param_f64("beta", 0.1),
+                    sft_weight: task.param_f64("sft_weight", 0.1),
+                },
             },
             &cfg,
+            &self.device,
             &mut progress_reporter(ctx, cfg.steps, "preference"),
         )?;
-        trained(prefix, &config, &varmap, init, loss, pairs.len(), cfg.steps)
+        trained(prefix, &t, init, pairs.len(), cfg.steps)
     }
 
     fn evaluate(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {

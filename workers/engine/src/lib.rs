@@ -2,7 +2,8 @@
 //!
 //! A small decoder-only transformer ([`model`]) with a byte-level tokenizer ([`tokenizer`]),
 //! safetensors checkpoints ([`checkpoint`]), a task world with verifiers ([`tasks`]), batched
-//! KV-cached sampling ([`sample`]), SFT / DPO / RPO and reward-model training ([`train`]), a
+//! KV-cached sampling ([`sample`]), SFT / DPO / RPO and reward-model training ([`train`],
+//! [`jobs`] for fine-tuning a checkpoint end to end), a
 //! 5-attribute reward model ([`reward`]), evaluation ([`eval`]), and the worker backend
 //! `builtin` that runs campaign stages on all of it ([`backend`]).
 //!
@@ -11,6 +12,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod eval;
+pub mod jobs;
 pub mod model;
 pub mod reward;
 pub mod rng;
@@ -18,6 +20,14 @@ pub mod sample;
 pub mod tasks;
 pub mod tokenizer;
 pub mod train;
+
+/// The GPU when built with `cuda` and one is present, else the CPU.
+pub fn default_device() -> candle_core::Device {
+    #[cfg(feature = "cuda")]
+    return candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu);
+    #[cfg(not(feature = "cuda"))]
+    candle_core::Device::Cpu
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -7,15 +7,9 @@ use crate::model::Transformer;
 use crate::tasks;
 use crate::train::batch;
 
-pub const ATTRIBUTES: [&str; 5] = [
-    "helpfulness",
-    "correctness",
-    "coherence",
-    "complexity",
-    "verbosity",
-];
-/// HelpSteer2 weights of the Nemotron-4-340B-Reward card.
-pub const DEFAULT_WEIGHTS: [f64; 5] = [0.3, 0.74, 0.46, 0.47, -0.33];
+/// The HelpSteer2 attributes and the Nemotron-4-340B-Reward card's weights, shared with the
+/// reward-endpoint backend.
+pub use flywheel_worker::reward_endpoint::{ATTRIBUTES, DEFAULT_WEIGHTS};
 
 pub fn scalar(attributes: &[f32; 5], weights: &[f64; 5]) -> f64 {
     attributes

@@ -82,10 +82,25 @@ pub fn sample(
     cfg: &SampleConfig,
     progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<Vec<Vec<String>>, EngineError> {
+    Ok(sample_ids(model, prompts, k, cfg, progress)?
+        .into_iter()
+        .map(|samples| samples.iter().map(|ids| decode(ids)).collect())
+        .collect())
+}
+
+/// [`sample`] as token ids: each sample ends with `<|end|>` unless it ran out of `max_tokens`
+/// (or of the model's context).
+pub fn sample_ids(
+    model: &Transformer,
+    prompts: &[String],
+    k: usize,
+    cfg: &SampleConfig,
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<Vec<Vec<Vec<u32>>>, EngineError> {
     let requests: Vec<(usize, usize)> = (0..prompts.len())
         .flat_map(|i| (0..k).map(move |j| (i, j)))
         .collect();
-    let mut out = vec![vec![String::new(); k]; prompts.len()];
+    let mut out = vec![vec![Vec::new(); k]; prompts.len()];
     let dev = model.device().clone();
     for (chunk_no, chunk) in requests.chunks(cfg.batch_size.max(1)).enumerate() {
         let encoded: Vec<Vec<u32>> = chunk
@@ -136,7 +151,7 @@ pub fn sample(
             )?;
         }
         for ((i, j), g) in chunk.iter().zip(&generated) {
-            out[*i][*j] = decode(g);
+            out[*i][*j] = g.clone();
         }
         if !progress((chunk_no + 1) * cfg.batch_size.max(1), requests.len()) {
             return Err(EngineError::Cancelled);

@@ -1,0 +1,342 @@
+//! JSON over HTTP for the backends that call model servers (OpenAI-compatible generation and
+//! judging, reward endpoints): bearer keys read from an environment variable, retries with
+//! exponential backoff on 429, 5xx, timeouts and connection errors, a bounded number of requests
+//! in flight, and token accounting.
+//!
+//! Keys are never written to logs, errors, artifacts or Postgres: only the variable's name is in
+//! the spec.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use crate::backend::{Task, TaskContext, TaskError};
+
+/// How a backend reaches one HTTP service, from a stage's params.
+#[derive(Clone)]
+pub(crate) struct HttpCaller {
+    client: reqwest::Client,
+    api_key: Option<String>,
+    pub(crate) max_retries: u32,
+    pub(crate) backoff_initial: Duration,
+    pub(crate) in_flight: usize,
+    pub(crate) stats: Arc<CallStats>,
+}
+
+/// Counters shared by the requests of one task, reported in heartbeats.
+#[derive(Default)]
+pub(crate) struct CallStats {
+    pub(crate) requests: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) prompt_tokens: AtomicU64,
+    pub(crate) completion_tokens: AtomicU64,
+}
+
+impl CallStats {
+    pub(crate) fn metrics(&self) -> [(&'static str, f64); 4] {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        [
+            ("requests", get(&self.requests)),
+            ("retries", get(&self.retries)),
+            ("prompt_tokens", get(&self.prompt_tokens)),
+            ("completion_tokens", get(&self.completion_tokens)),
+        ]
+    }
+
+    pub(crate) fn metric_map(&self) -> std::collections::HashMap<String, f64> {
+        self.metrics()
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect()
+    }
+
+    /// Adds an OpenAI-style `usage` object.
+    pub(crate) fn add_usage(&self, response: &Value) {
+        let usage = &response["usage"];
+        let n = |k: &str| usage[k].as_u64().unwrap_or(0);
+        self.prompt_tokens
+            .fetch_add(n("prompt_tokens"), Ordering::Relaxed);
+        self.completion_tokens
+            .fetch_add(n("completion_tokens"), Ordering::Relaxed);
+    }
+}
+
+/// The stage param `key` as a string, or an error naming it.
+pub(crate) fn required_str<'a>(task: &'a Task, key: &str) -> Result<&'a str, TaskError> {
+    task.params
+        .get(key)
+        .and_then(Value::as_str)
+        .filter(|s| !s.trim().is_empty())
+        .ok_or_else(|| {
+            TaskError::permanent(format!(
+                "stage {}: params.{key} is required (a string)",
+                task.assignment.stage
+            ))
+        })
+}
+
+impl HttpCaller {
+    /// From params `api_key_env` (name of the variable holding the key), `timeout_s` (default
+    /// 120), `max_retries` (5), `backoff_initial_ms` (500), `concurrency` (8 requests in flight).
+    pub(crate) fn from_params(task: &Task) -> Result<Self, TaskError> {
+        let api_key = match task.params.get("api_key_env").and_then(Value::as_str) {
+            None | Some("") => None,
+            Some(var) => Some(std::env::var(var).map_err(|_| {
+                TaskError::permanent(format!(
+                    "stage {}: params.api_key_env names {var:?}, which is not set in this worker's environment",
+                    task.assignment.stage
+                ))
+            })?),
+        };
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(task.param_u64("timeout_s", 120).max(1)))
+            .build()
+            .map_err(|e| TaskError::permanent(format!("http client: {e}")))?;
+        Ok(Self {
+            client,
+            api_key,
+            max_retries: task.param_u64("max_retries", 5) as u32,
+            backoff_initial: Duration::from_millis(task.param_u64("backoff_initial_ms", 500)),
+            in_flight: task.param_u64("concurrency", 8).clamp(1, 1024) as usize,
+            stats: Arc::new(CallStats::default()),
+        })
+    }
+
+    /// POSTs `body` to `url` and returns the JSON answer, retrying transient failures.
+    pub(crate) async fn post_json(&self, url: &str, body: &Value) -> Result<Value, TaskError> {
+        let mut last = String::new();
+        for attempt in 0..=self.max_retries {
+            if attempt > 0 {
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                let backoff = self.backoff_initial * 2u32.pow((attempt - 1).min(10));
+                tokio::time::sleep(backoff.min(Duration::from_secs(30))).await;
+            }
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let mut req = self.client.post(url).json(body);
+            if let Some(key) = &self.api_key {
+                req = req.bearer_auth(key);
+            }
+            match req.send().await {
+                Ok(resp) if resp.status().is_success() => {
+                    return resp.json().await.map_err(|e| {
+                        TaskError::retryable(format!("{url}: response is not JSON: {e}"))
+                    });
+                }
+                Ok(resp) => {
+                    let status = resp.status();
+                    let text: String = resp
+                        .text()
+                        .await
+                        .unwrap_or_default()
+                        .chars()
+                        .take(300)
+                        .collect();
+                    last = format!("{url}: HTTP {status}: {text}");
+                    if !(status.as_u16() == 429 || status.is_server_error()) {
+                        return Err(TaskError::permanent(last));
+                    }
+                }
+                Err(e) if e.is_timeout() || e.is_connect() || e.is_request() => {
+                    last = format!("{url}: {}", without_url(&e));
+                }
+                Err(e) => return Err(TaskError::permanent(format!("{url}: {}", without_url(&e)))),
+            }
+        }
+        Err(TaskError::retryable(format!(
+            "gave up after {} retries: {last}",
+            self.max_retries
+        )))
+    }
+
+    /// Runs `call(i)` for every `i` in `0..n` with at most `in_flight` at once, reporting
+    /// progress and stopping when the controller cancels the task.
+    pub(crate) fn run_all<T, F, Fut>(
+        &self,
+        n: usize,
+        ctx: &TaskContext,
+        what: &str,
+        call: F,
+    ) -> Result<Vec<T>, TaskError>
+    where
+        T: Send + 'static,
+        F: Fn(usize) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, TaskError>> + Send + 'static,
+    {
+        let in_flight = self.in_flight;
+        let ctx = ctx.clone();
+        let stats = self.stats.clone();
+        let what = what.to_string();
+        crate::artifacts::block_on(async move {
+            let permits = Arc::new(Semaphore::new(in_flight));
+            let call = Arc::new(call);
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..n {
+                let permit = permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("semaphore open");
+                if ctx.should_stop() {
+                    set.abort_all();
+                    return Err(TaskError::cancelled());
+                }
+                let call = call.clone();
+                set.spawn(async move {
+                    let _permit = permit;
+                    (i, call(i).await)
+                });
+            }
+            let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+            let mut done = 0;
+            while let Some(joined) = set.join_next().await {
+                let (i, result) = joined
+                    .map_err(|e| TaskError::retryable(format!("request task failed: {e}")))?;
+                match result {
+                    Ok(v) => out[i] = Some(v),
+                    Err(e) => {
+                        set.abort_all();
+                        return Err(e);
+                    }
+                }
+                done += 1;
+                ctx.report(
+                    done as f64 / n.max(1) as f64,
+                    format!("{what} {done}/{n}"),
+                    &stats.metrics(),
+                );
+                if ctx.should_stop() {
+                    set.abort_all();
+                    return Err(TaskError::cancelled());
+                }
+            }
+            Ok(out
+                .into_iter()
+                .map(|v| v.expect("every request finished"))
+                .collect())
+        })
+    }
+}
+
+/// reqwest errors print their URL, which may carry query parameters; callers add the URL
+/// themselves.
+fn without_url(e: &reqwest::Error) -> String {
+    let mut e2 = e.to_string();
+    if let Some(url) = e.url() {
+        e2 = e2.replace(url.as_str(), "<url>");
+    }
+    e2
+}
+
+/// A value inside JSON by a dotted path (`data.0.attributes`); `""` is the value itself.
+pub(crate) fn at_path<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    if path.is_empty() {
+        return Some(v);
+    }
+    path.split('.')
+        .try_fold(v, |v, key| match key.parse::<usize>() {
+            Ok(i) if v.is_array() => v.get(i),
+            _ => v.get(key),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// Serves one canned response per connection, in order; returns the requests' headers.
+    fn canned(replies: Vec<String>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!(
+            "http://{}/v1/chat/completions",
+            listener.local_addr().unwrap()
+        );
+        let server = std::thread::spawn(move || {
+            let mut heads = Vec::new();
+            for reply in replies {
+                let (mut s, _) = listener.accept().unwrap();
+                let mut buf = Vec::new();
+                let mut byte = [0u8; 1];
+                while !buf.ends_with(b"\r\n\r\n") {
+                    s.read_exact(&mut byte).unwrap();
+                    buf.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&buf).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |n| n.trim().parse().unwrap());
+                let mut body = vec![0u8; len];
+                s.read_exact(&mut body).unwrap();
+                s.write_all(reply.as_bytes()).unwrap();
+                heads.push(head);
+            }
+            heads
+        });
+        (url, server)
+    }
+
+    fn reply(status: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    fn caller(max_retries: u32) -> HttpCaller {
+        HttpCaller {
+            client: reqwest::Client::new(),
+            api_key: Some("sk-secret".into()),
+            max_retries,
+            backoff_initial: Duration::from_millis(1),
+            in_flight: 1,
+            stats: Arc::new(CallStats::default()),
+        }
+    }
+
+    #[test]
+    fn transient_statuses_are_retried_with_the_key_and_errors_name_the_status() {
+        let (url, server) = canned(vec![
+            reply("429 Too Many Requests", "{}"),
+            reply("503 Service Unavailable", "{\"error\": \"busy\"}"),
+            reply("200 OK", "{\"ok\": true}"),
+        ]);
+        let c = caller(3);
+        let stats = c.stats.clone();
+        let got = crate::artifacts::block_on(async move { c.post_json(&url, &json!({})).await });
+        assert_eq!(got.unwrap(), json!({ "ok": true }));
+        let heads = server.join().unwrap();
+        assert!(
+            heads
+                .iter()
+                .all(|h| h.contains("authorization: bearer sk-secret"))
+        );
+        assert_eq!(stats.retries.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.requests.load(Ordering::Relaxed), 3);
+
+        // A client error is not retried; running out of retries is a retryable task error.
+        let (url, server) = canned(vec![reply("400 Bad Request", "{\"error\": \"n\"}")]);
+        let c = caller(3);
+        let err = crate::artifacts::block_on(async move { c.post_json(&url, &json!({})).await })
+            .unwrap_err();
+        server.join().unwrap();
+        assert!(!err.retryable && err.message.contains("HTTP 400"), "{err}");
+        assert!(!err.message.contains("sk-secret"));
+        let (url, server) = canned(vec![reply("500 Internal Server Error", "{}"); 2]);
+        let c = caller(1);
+        let err = crate::artifacts::block_on(async move { c.post_json(&url, &json!({})).await })
+            .unwrap_err();
+        server.join().unwrap();
+        assert!(
+            err.retryable && err.message.starts_with("gave up after 1 retries"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,325 @@
+//! The `openai` backend: generation and LLM-as-judge through any OpenAI-compatible server
+//! (vLLM, SGLang, TensorRT-LLM, NIM, `flywheel serve-model`).
+//!
+//! - `generate`: K samples per prompt from `/v1/chat/completions` (default) or
+//!   `/v1/completions`, either as one request with `n = K` or as K requests (`use_n: false`,
+//!   for servers without `n`; sample j gets `seed + j`). Params: `base_url` (required, e.g.
+//!   `http://gpu-node:8000/v1`), `model` (default: the generator's name), `endpoint`
+//!   (`chat` | `completions`), `k`, `temperature`, `top_p`, `max_tokens`, `seed`, plus the
+//!   [`HttpCaller`] params (`api_key_env`, `concurrency`, `max_retries`, `timeout_s`).
+//! - `filter` with `method: llm_judge`: the recipe's LLM-as-judge. For each prompt, two distinct
+//!   responses are compared twice, with their order swapped; the pair is kept only when both
+//!   verdicts agree. Writes `pairs` (TRL preference records) and `sft` (the winners). The judge
+//!   is `model` at `base_url` (often another server than the generator's); `judge_prompt`
+//!   replaces the default instruction (placeholders `{prompt}`, `{a}`, `{b}`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::backend::{Backend, Task, TaskContext, TaskError, TaskResult};
+use crate::datasets::{self, read_jsonl, write_jsonl};
+use crate::http_client::{HttpCaller, required_str};
+
+pub struct OpenAiBackend;
+
+impl Backend for OpenAiBackend {
+    fn name(&self) -> &str {
+        "openai"
+    }
+
+    fn run(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
+        let prefix = task.assignment.output_prefix.as_str();
+        match task.assignment.kind.as_str() {
+            "generate" => generate(task, ctx, prefix),
+            "filter" => match task.params.get("method").and_then(Value::as_str) {
+                Some("llm_judge") => judge(task, ctx, prefix),
+                _ => datasets::filter_stage(task),
+            },
+            other => Err(TaskError::permanent(format!(
+                "the openai backend runs generate and filter (method: llm_judge) stages, not {other}"
+            ))),
+        }
+    }
+}
+
+/// Sampling settings of one request.
+#[derive(Clone)]
+struct Sampling {
+    url: String,
+    chat: bool,
+    model: String,
+    temperature: f64,
+    top_p: f64,
+    max_tokens: u64,
+}
+
+impl Sampling {
+    fn from_params(task: &Task, default_model: &str) -> Result<Self, TaskError> {
+        let base = required_str(task, "base_url")?
+            .trim_end_matches('/')
+            .to_string();
+        let chat = match task.params.get("endpoint").and_then(Value::as_str) {
+            None | Some("chat") => true,
+            Some("completions") => false,
+            Some(other) => {
+                return Err(TaskError::permanent(format!(
+                    "stage {}: params.endpoint {other:?} must be \"chat\" or \"completions\"",
+                    task.assignment.stage
+                )));
+            }
+        };
+        Ok(Self {
+            url: format!(
+                "{base}/{}",
+                if chat {
+                    "chat/completions"
+                } else {
+                    "completions"
+                }
+            ),
+            chat,
+            model: task
+                .params
+                .get("model")
+                .and_then(Value::as_str)
+                .unwrap_or(default_model)
+                .to_string(),
+            temperature: task.param_f64("temperature", 1.0),
+            top_p: task.param_f64("top_p", 1.0),
+            max_tokens: task.param_u64("max_tokens", 256),
+        })
+    }
+
+    fn body(&self, prompt: &str, n: u64, seed: u64) -> Value {
+        let mut body = json!({
+            "model": self.model, "n": n, "temperature": self.temperature, "top_p": self.top_p,
+            "max_tokens": self.max_tokens, "seed": seed,
+        });
+        if self.chat {
+            body["messages"] = json!([{ "role": "user", "content": prompt }]);
+        } else {
+            body["prompt"] = json!(prompt);
+        }
+        body
+    }
+
+    /// The generated texts of a response, in choice order.
+    fn texts(&self, response: &Value) -> Result<Vec<String>, TaskError> {
+        let choices = response["choices"].as_array().ok_or_else(|| {
+            TaskError::retryable(format!("{}: response has no choices", self.url))
+        })?;
+        let mut sorted: Vec<&Value> = choices.iter().collect();
+        sorted.sort_by_key(|c| c["index"].as_u64().unwrap_or(0));
+        Ok(sorted
+            .into_iter()
+            .map(|c| {
+                let text = if self.chat {
+                    &c["message"]["content"]
+                } else {
+                    &c["text"]
+                };
+                text.as_str().unwrap_or_default().to_string()
+            })
+            .collect())
+    }
+}
+
+fn generate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, TaskError> {
+    let a = &task.assignment;
+    let generator = task.input("generator")?;
+    let sampling = Sampling::from_params(task, &generator.name)?;
+    let caller = HttpCaller::from_params(task)?;
+    let rows = read_jsonl(&task.inputs("prompts"))?;
+    let mine: Vec<Value> = rows
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| *i as i32 % a.shard_count.max(1) == a.shard_index)
+        .map(|(_, r)| r)
+        .collect();
+    let k = task.param_u64("k", 4).max(1);
+    let use_n = task
+        .params
+        .get("use_n")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let seed = task.param_u64("seed", 0);
+    // One request per prompt with n = k, or one per sample.
+    let requests: Vec<(usize, u64)> = (0..mine.len())
+        .flat_map(|p| {
+            if use_n {
+                vec![(p, 0)]
+            } else {
+                (0..k).map(|j| (p, j)).collect()
+            }
+        })
+        .collect();
+    let prompts: Arc<Vec<String>> = Arc::new(
+        mine.iter()
+            .map(|r| r["prompt"].as_str().unwrap_or_default().to_string())
+            .collect(),
+    );
+    let shared = (caller.clone(), sampling.clone(), Arc::new(requests.clone()));
+    let answers = caller.run_all(requests.len(), ctx, "requests", move |i| {
+        let (caller, sampling, requests) = shared.clone();
+        let prompts = prompts.clone();
+        async move {
+            let (p, j) = requests[i];
+            let n = if use_n { k } else { 1 };
+            let body = sampling.body(&prompts[p], n, seed.wrapping_add(p as u64 * 1000 + j));
+            let response = caller.post_json(&sampling.url, &body).await?;
+            caller.stats.add_usage(&response);
+            sampling.texts(&response)
+        }
+    })?;
+    let mut out = Vec::new();
+    let mut per_prompt: BTreeMap<usize, u64> = BTreeMap::new();
+    for ((p, _), texts) in requests.iter().zip(answers) {
+        for text in texts {
+            let sample = per_prompt.entry(*p).or_insert(0);
+            out.push(json!({
+                "prompt_id": mine[*p]["id"], "prompt": mine[*p]["prompt"], "sample": *sample,
+                "response": text, "generator": generator.id, "model": sampling.model,
+            }));
+            *sample += 1;
+        }
+    }
+    let file = write_jsonl(prefix, "responses", "flywheel.responses", &out)?;
+    let mut metrics = caller.stats.metric_map();
+    metrics.insert("responses".into(), out.len() as f64);
+    Ok(TaskResult {
+        outputs: vec![file],
+        metrics,
+    })
+}
+
+const JUDGE_PROMPT: &str = "You are comparing two answers to the same request. Reply with the single letter of the better answer: A or B.\n\n[Request]\n{prompt}\n\n[Answer A]\n{a}\n\n[Answer B]\n{b}\n\nBetter answer (A or B):";
+
+/// `Some(true)` when the judge prefers the first answer shown, `Some(false)` the second, `None`
+/// when its reply names neither.
+fn verdict(text: &str) -> Option<bool> {
+    let t = text.trim().trim_start_matches(['[', '(', '"', '\'', '*']);
+    match t.chars().next()?.to_ascii_uppercase() {
+        'A' if !t[1..].starts_with(|c: char| c.is_ascii_alphabetic()) => Some(true),
+        'B' if !t[1..].starts_with(|c: char| c.is_ascii_alphabetic()) => Some(false),
+        _ => None,
+    }
+}
+
+fn judge(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, TaskError> {
+    let generator = task.input("generator")?;
+    let mut sampling = Sampling::from_params(task, &generator.name)?;
+    sampling.temperature = task.param_f64("temperature", 0.0);
+    sampling.max_tokens = task.param_u64("max_tokens", 4);
+    let caller = HttpCaller::from_params(task)?;
+    let judge_prompt = task
+        .params
+        .get("judge_prompt")
+        .and_then(Value::as_str)
+        .unwrap_or(JUDGE_PROMPT)
+        .to_string();
+    let mut rows = read_jsonl(&task.inputs("responses"))?;
+    if rows.is_empty() {
+        rows = read_jsonl(&task.inputs("scores"))?;
+    }
+    // Per prompt, the first two distinct responses.
+    let mut by_prompt: BTreeMap<String, (Value, Vec<String>)> = BTreeMap::new();
+    for r in &rows {
+        let entry = by_prompt
+            .entry(r["prompt_id"].to_string())
+            .or_insert_with(|| (r["prompt"].clone(), Vec::new()));
+        let response = r["response"].as_str().unwrap_or_default().to_string();
+        if entry.1.len() < 2 && !entry.1.contains(&response) {
+            entry.1.push(response);
+        }
+    }
+    let candidates: Vec<(String, String, String)> = by_prompt
+        .into_values()
+        .filter(|(_, r)| r.len() == 2)
+        .map(|(p, r)| {
+            (
+                p.as_str().unwrap_or_default().to_string(),
+                r[0].clone(),
+                r[1].clone(),
+            )
+        })
+        .collect();
+    // Two requests per candidate: (A, B) and (B, A).
+    let shared = (
+        caller.clone(),
+        sampling.clone(),
+        Arc::new(candidates.clone()),
+        Arc::new(judge_prompt),
+    );
+    let verdicts = caller.run_all(candidates.len() * 2, ctx, "judgements", move |i| {
+        let (caller, sampling, candidates, judge_prompt) = shared.clone();
+        async move {
+            let (prompt, x, y) = &candidates[i / 2];
+            let (a, b) = if i % 2 == 0 { (x, y) } else { (y, x) };
+            let text = judge_prompt
+                .replace("{prompt}", prompt)
+                .replace("{a}", a)
+                .replace("{b}", b);
+            let response = caller
+                .post_json(&sampling.url, &sampling.body(&text, 1, 0))
+                .await?;
+            caller.stats.add_usage(&response);
+            Ok(sampling
+                .texts(&response)?
+                .into_iter()
+                .next()
+                .and_then(|t| verdict(&t)))
+        }
+    })?;
+    let (mut pairs, mut sft) = (Vec::new(), Vec::new());
+    let mut disagreed = 0;
+    for (c, v) in candidates.iter().zip(verdicts.chunks(2)) {
+        // First verdict: is x better? Second (order swapped): is y better?
+        let winner = match (v[0], v[1]) {
+            (Some(true), Some(false)) => Some((&c.1, &c.2)),
+            (Some(false), Some(true)) => Some((&c.2, &c.1)),
+            _ => None,
+        };
+        let Some((chosen, rejected)) = winner else {
+            disagreed += 1;
+            continue;
+        };
+        pairs.push(json!({
+            "prompt": c.0, "chosen": chosen, "rejected": rejected,
+            "chosen_reward": 1.0, "rejected_reward": 0.0, "judge": "llm", "judge_model": sampling.model,
+        }));
+        sft.push(json!({ "messages": [
+            { "role": "user", "content": c.0 }, { "role": "assistant", "content": chosen },
+        ] }));
+    }
+    let outputs = vec![
+        write_jsonl(prefix, "sft", "trl.messages", &sft)?,
+        write_jsonl(prefix, "pairs", "trl.preference", &pairs)?,
+    ];
+    let mut metrics = caller.stats.metric_map();
+    metrics.insert("judged".into(), candidates.len() as f64);
+    metrics.insert("pair_records".into(), pairs.len() as f64);
+    metrics.insert("sft_records".into(), sft.len() as f64);
+    metrics.insert(
+        "agreement".into(),
+        pairs.len() as f64 / candidates.len().max(1) as f64,
+    );
+    metrics.insert("disagreed".into(), disagreed as f64);
+    Ok(TaskResult { outputs, metrics })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verdict;
+
+    #[test]
+    fn verdicts_are_read_strictly() {
+        assert_eq!(verdict("A"), Some(true));
+        assert_eq!(verdict(" b."), Some(false));
+        assert_eq!(verdict("[A]"), Some(true));
+        assert_eq!(verdict("Answer A"), None);
+        assert_eq!(verdict("Both"), None);
+        assert_eq!(verdict(""), None);
+    }
+}

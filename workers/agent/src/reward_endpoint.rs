@@ -1,0 +1,198 @@
+//! The `reward_endpoint` backend: the `score` stage through an HTTP reward service.
+//!
+//! Each (prompt, response) is posted to `params.url`, by default as an OpenAI-style chat request
+//! (`{"model", "messages": [user, assistant]}`, the shape of NVIDIA's reward-model API), or as
+//! `{"prompt", "response"}` with `request: pair`. The answer is read at `attributes_path` (a
+//! dotted path, default the whole body): a JSON object of the five HelpSteer2 attributes
+//! (NVIDIA's shape), a list of `{"token": attribute, "logprob": score}` (the same scores as
+//! NVIDIA's API returns them in `choices.0.logprobs.content`), or a single number (a scalar
+//! reward). Flywheel computes the weighted scalar itself (`weights`, default HelpSteer2's
+//! `[0.3, 0.74, 0.46, 0.47, -0.33]`).
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::backend::{Backend, Task, TaskContext, TaskError, TaskResult};
+use crate::datasets::{read_jsonl, write_jsonl};
+use crate::http_client::{HttpCaller, at_path, required_str};
+
+/// HelpSteer2's attributes, in the order of Nemotron-4-340B-Reward's output.
+pub const ATTRIBUTES: [&str; 5] = [
+    "helpfulness",
+    "correctness",
+    "coherence",
+    "complexity",
+    "verbosity",
+];
+/// Weights of the scalar reward from the Nemotron-4-340B-Reward model card.
+pub const DEFAULT_WEIGHTS: [f64; 5] = [0.3, 0.74, 0.46, 0.47, -0.33];
+
+pub struct RewardEndpointBackend;
+
+impl Backend for RewardEndpointBackend {
+    fn name(&self) -> &str {
+        "reward_endpoint"
+    }
+
+    fn run(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
+        match task.assignment.kind.as_str() {
+            "score" => score(task, ctx),
+            other => Err(TaskError::permanent(format!(
+                "the reward_endpoint backend runs score stages, not {other}"
+            ))),
+        }
+    }
+}
+
+/// What the service said about one response.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Judgement {
+    Attributes([f64; 5]),
+    Scalar(f64),
+}
+
+/// Reads a reward service's answer at `path`.
+pub fn parse_reward(body: &Value, path: &str) -> Result<Judgement, String> {
+    let v = at_path(body, path).ok_or_else(|| format!("no value at {path:?} in the response"))?;
+    if let Some(x) = v.as_f64() {
+        return Ok(Judgement::Scalar(x));
+    }
+    let lookup = |name: &str| -> Option<f64> {
+        match v {
+            Value::Object(m) => m.get(name).and_then(Value::as_f64),
+            Value::Array(items) => items
+                .iter()
+                .find(|i| i["token"].as_str() == Some(name))
+                .and_then(|i| i["logprob"].as_f64()),
+            _ => None,
+        }
+    };
+    let mut attrs = [0.0; 5];
+    for (slot, name) in attrs.iter_mut().zip(ATTRIBUTES) {
+        *slot = lookup(name).ok_or_else(|| {
+            format!("the response has no {name:?} score at {path:?} (expected the five HelpSteer2 attributes or a number)")
+        })?;
+    }
+    Ok(Judgement::Attributes(attrs))
+}
+
+fn score(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
+    let url = required_str(task, "url")?.to_string();
+    let model = task
+        .params
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let pair_request = task.params.get("request").and_then(Value::as_str) == Some("pair");
+    let path = task
+        .params
+        .get("attributes_path")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let weights: [f64; 5] = match task.params.get("weights").and_then(Value::as_array) {
+        Some(w) if w.len() == 5 => std::array::from_fn(|i| w[i].as_f64().unwrap_or(0.0)),
+        Some(_) => {
+            return Err(TaskError::permanent(format!(
+                "stage {}: params.weights must list 5 numbers ({})",
+                task.assignment.stage,
+                ATTRIBUTES.join(", ")
+            )));
+        }
+        None => DEFAULT_WEIGHTS,
+    };
+    let caller = HttpCaller::from_params(task)?;
+    let mut rows = read_jsonl(&task.inputs("responses"))?;
+    let bodies: Arc<Vec<Value>> = Arc::new(
+        rows.iter()
+            .map(|r| {
+                if pair_request {
+                    json!({ "prompt": r["prompt"], "response": r["response"] })
+                } else {
+                    json!({ "model": model, "messages": [
+                        { "role": "user", "content": r["prompt"] },
+                        { "role": "assistant", "content": r["response"] },
+                    ] })
+                }
+            })
+            .collect(),
+    );
+    let shared = (caller.clone(), url.clone(), path.clone());
+    let judgements = caller.run_all(rows.len(), ctx, "scored", move |i| {
+        let (caller, url, path) = shared.clone();
+        let bodies = bodies.clone();
+        async move {
+            let response = caller.post_json(&url, &bodies[i]).await?;
+            parse_reward(&response, &path).map_err(|e| TaskError::permanent(format!("{url}: {e}")))
+        }
+    })?;
+    let mut total = 0.0;
+    for (row, j) in rows.iter_mut().zip(judgements) {
+        let reward = match j {
+            Judgement::Attributes(a) => {
+                row["attributes"] = Value::Object(
+                    ATTRIBUTES
+                        .iter()
+                        .zip(a)
+                        .map(|(k, v)| (k.to_string(), json!(v)))
+                        .collect(),
+                );
+                a.iter().zip(weights).map(|(x, w)| x * w).sum()
+            }
+            Judgement::Scalar(x) => x,
+        };
+        row["reward"] = json!(reward);
+        total += reward;
+    }
+    let out = write_jsonl(
+        &task.assignment.output_prefix,
+        "scores",
+        "flywheel.scores",
+        &rows,
+    )?;
+    let mut metrics = caller.stats.metric_map();
+    metrics.insert("records".into(), rows.len() as f64);
+    metrics.insert("mean_reward".into(), total / rows.len().max(1) as f64);
+    Ok(TaskResult {
+        outputs: vec![out],
+        metrics,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reward_shapes() {
+        let nvidia = json!({"helpfulness": 1.6, "correctness": 1.6, "coherence": 3.3, "complexity": 0.5, "verbosity": 0.5});
+        assert_eq!(
+            parse_reward(&nvidia, "").unwrap(),
+            Judgement::Attributes([1.6, 1.6, 3.3, 0.5, 0.5])
+        );
+        let logprobs = json!({"choices": [{"logprobs": {"content": [
+            {"token": "helpfulness", "logprob": 3.0}, {"token": "correctness", "logprob": 2.0},
+            {"token": "coherence", "logprob": 4.0}, {"token": "complexity", "logprob": 1.0},
+            {"token": "verbosity", "logprob": 0.5}]}}]});
+        assert_eq!(
+            parse_reward(&logprobs, "choices.0.logprobs.content").unwrap(),
+            Judgement::Attributes([3.0, 2.0, 4.0, 1.0, 0.5])
+        );
+        assert_eq!(
+            parse_reward(&json!({"data": [{"score": 0.25}]}), "data.0.score").unwrap(),
+            Judgement::Scalar(0.25)
+        );
+        assert!(
+            parse_reward(&json!({"helpfulness": 1}), "")
+                .unwrap_err()
+                .contains("\"correctness\"")
+        );
+        assert!(
+            parse_reward(&json!({}), "x.y")
+                .unwrap_err()
+                .contains("no value")
+        );
+    }
+}
