@@ -3,8 +3,9 @@
 //! tried with standard clients and the `openai` backend can be tested against a real server.
 //!
 //! Sampling parameters: `n`, `temperature`, `top_p`, `top_k` (an extension), `max_tokens`,
-//! `seed`, `stop`. The model is single-turn: a chat request is answered to its last user message
-//! (system and earlier turns are not seen), a completion request treats `prompt` as the user turn.
+//! `seed`, `stop`; `stream: true` is refused (answers come whole). The model is single-turn: a
+//! chat request is answered to its last user message (system and earlier turns are not seen), a
+//! completion request treats `prompt` as the user turn.
 //! Requests are served one at a time on blocking threads; choices of one request are sampled in
 //! one batch.
 
@@ -156,6 +157,12 @@ fn parse(s: &Served, body: &Value) -> Result<Request, ApiError> {
             });
         }
         None => return Err(ApiError::invalid("model", "model is required")),
+    }
+    if body.get("stream").and_then(Value::as_bool) == Some(true) {
+        return Err(ApiError::invalid(
+            "stream",
+            "streaming is not supported by this server; send stream: false",
+        ));
     }
     let num = |key: &'static str, default: f64, ok: fn(f64) -> bool, what: &str| match body.get(key)
     {

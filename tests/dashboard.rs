@@ -205,6 +205,29 @@ async fn json_api_auth_actions_metrics_and_grafana_names() {
         ]
     );
 
+    // Retry a failed stage from the API: the stage and what follows it run again.
+    let failing = c
+        .create(&example_spec(&[(
+            "params: { margin: 0.2 }",
+            "params: { margin: 0.2, fail_permanently: true }",
+        )]))
+        .await;
+    c.wait_status(&failing.id, "failed", Duration::from_secs(60))
+        .await;
+    let (status, body) = http(
+        &addr,
+        "POST",
+        &format!("/api/v1/campaigns/{}/retry-stage", failing.id),
+        Some(&c.admin),
+        Some("{\"round_index\": 0, \"stage\": \"filter\"}"),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        json(&body)["task_ids"].as_array().unwrap().len(),
+        5,
+        "filter, sft, rpo, evaluate, promote"
+    );
+
     // Prometheus: promtool accepts the scrape, and it carries what the run did.
     let (status, scrape) = http(&addr, "GET", "/metrics", None, None);
     assert_eq!(status, 200);
@@ -251,6 +274,8 @@ async fn json_api_auth_actions_metrics_and_grafana_names() {
         sample(&scrape, "flywheel_campaigns{status=\"cancelled\"}"),
         Some(1.0)
     );
+    let failed = "flywheel_tasks_finished_total{pool=\"cpu\",outcome=\"failed\"}";
+    assert!(sample(&scrape, failed).unwrap() >= 1.0);
     let win_rate = format!(
         "flywheel_round_metric{{campaign=\"test-backend-two-rounds\",campaign_id=\"{}\",metric=\"evaluate.win_rate\"}}",
         done.id

@@ -347,6 +347,13 @@ async fn reward_endpoint_backend_scores_through_a_local_reward_service() {
     assert!(rounds_metric(&rounds, "filter.sft_records") >= 1.0);
 }
 
+/// The first shard of round 0's `sft` stage.
+async fn sft_task(c: &Cluster, campaign: &str) -> Option<flywheel_proto::v1::Task> {
+    let rounds = c.rounds(campaign).await;
+    let stage = rounds.first()?.stages.iter().find(|s| s.name == "sft")?;
+    stage.tasks.first().cloned()
+}
+
 /// Live processes whose command line mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")
@@ -421,14 +428,9 @@ async fn external_trainer_runs_flywheel_train_streams_progress_and_stops_on_canc
     until(
         "the endless trainer to log steps",
         Duration::from_secs(60),
-        || {
-            let c = &c;
-            let id = cancel.id.clone();
-            async move {
-                let rounds = c.rounds(&id).await;
-                let task = rounds[0].stages.iter().find(|s| s.name == "sft")?.tasks[0].clone();
-                task.progress_message.starts_with("step=").then_some(())
-            }
+        || async {
+            let task = sft_task(&c, &cancel.id).await?;
+            task.progress_message.starts_with("step=").then_some(())
         },
     )
     .await;
@@ -437,13 +439,7 @@ async fn external_trainer_runs_flywheel_train_streams_progress_and_stops_on_canc
         "the trainer runs"
     );
     // Its log lines arrive as progress: the message and the parsed metrics.
-    let rounds = c.rounds(&cancel.id).await;
-    let task = &rounds[0]
-        .stages
-        .iter()
-        .find(|s| s.name == "sft")
-        .unwrap()
-        .tasks[0];
+    let task = sft_task(&c, &cancel.id).await.unwrap();
     let (_, detail) = http(
         &c.http_addr(),
         "GET",
@@ -469,15 +465,7 @@ async fn external_trainer_runs_flywheel_train_streams_progress_and_stops_on_canc
     until(
         "the trainer task to be cancelled",
         Duration::from_secs(30),
-        || {
-            let c = &c;
-            let id = cancel.id.clone();
-            async move {
-                let rounds = c.rounds(&id).await;
-                let task = rounds[0].stages.iter().find(|s| s.name == "sft")?.tasks[0].clone();
-                (task.state == "cancelled").then_some(())
-            }
-        },
+        || async { (sft_task(&c, &cancel.id).await?.state == "cancelled").then_some(()) },
     )
     .await;
     assert!(

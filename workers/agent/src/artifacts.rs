@@ -147,11 +147,16 @@ fn store_error(uri: &str, e: impl std::fmt::Display) -> ArtifactError {
     }
 }
 
-fn verify(uri: &str, bytes: &[u8], expected_hash: &str) -> Result<(), ArtifactError> {
+/// Checks `expected_hash` (when one is recorded) against the hash `actual` computes.
+fn check(
+    uri: &str,
+    expected_hash: &str,
+    actual: impl FnOnce() -> Result<String, ArtifactError>,
+) -> Result<(), ArtifactError> {
     if expected_hash.is_empty() {
         return Ok(());
     }
-    let actual = content_hash(bytes);
+    let actual = actual()?;
     if actual != expected_hash {
         return Err(ArtifactError::HashMismatch {
             uri: uri.to_string(),
@@ -226,7 +231,7 @@ pub fn read(uri: &str, expected_hash: &str) -> Result<Vec<u8>, ArtifactError> {
             .map_err(|e| store_error(uri, e))?
         }
     };
-    verify(uri, &bytes, expected_hash)?;
+    check(uri, expected_hash, || Ok(content_hash(&bytes)))?;
     Ok(bytes)
 }
 
@@ -266,18 +271,7 @@ pub fn hash_dir(dir: &Path) -> Result<String, ArtifactError> {
 }
 
 fn check_dir(uri: &str, dir: &Path, expected_hash: &str) -> Result<(), ArtifactError> {
-    if expected_hash.is_empty() {
-        return Ok(());
-    }
-    let actual = hash_dir(dir)?;
-    if actual != expected_hash {
-        return Err(ArtifactError::HashMismatch {
-            uri: uri.to_string(),
-            expected: expected_hash.to_string(),
-            actual,
-        });
-    }
-    Ok(())
+    check(uri, expected_hash, || hash_dir(dir))
 }
 
 /// A local directory holding the model (or other directory artifact) at `uri`, after checking
