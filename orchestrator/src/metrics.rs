@@ -13,7 +13,8 @@ use crate::Controller;
 use crate::error::Result;
 use crate::store::{self, tasks::SettledRow};
 
-/// How a settled attempt ended, as counted by `flywheel_tasks_finished_total{outcome}`.
+/// How a settled attempt ended, as counted by `flywheel_tasks_finished_total{outcome}`
+/// (`retried`: it went back to the queue).
 const OUTCOMES: [&str; 4] = ["succeeded", "failed", "retried", "cancelled"];
 /// Reports rejected for naming an attempt that is no longer current.
 const STALE_REPORTS: [&str; 3] = ["complete", "fail", "heartbeat"];
@@ -60,8 +61,8 @@ impl Histogram {
 struct Families {
     /// pool → attempts handed out.
     started: BTreeMap<String, u64>,
-    /// (pool, outcome) → settled attempts.
-    finished: BTreeMap<(String, String), u64>,
+    /// pool → settled attempts by outcome, in the order of [`OUTCOMES`].
+    finished: BTreeMap<String, [u64; 4]>,
     lease_expiries: u64,
     stale: BTreeMap<&'static str, u64>,
     dispatch_latency: Option<Histogram>,
@@ -90,22 +91,17 @@ impl Metrics {
         f(&mut self.families.lock().expect("metrics"))
     }
 
-    /// A pool's series exist (at zero) from the first time the pool is seen, so dashboards can
-    /// rate() them before the first failure.
-    fn touch_pool(f: &mut Families, pool: &str) {
-        f.started.entry(pool.to_string()).or_insert(0);
-        for o in OUTCOMES {
-            f.finished
-                .entry((pool.to_string(), o.to_string()))
-                .or_insert(0);
-        }
-    }
-
     /// An attempt was handed to a worker after waiting `latency_s` since it became claimable.
+    /// A pool's series exist (at zero) from then on, so dashboards can rate() them before the
+    /// first failure.
     pub(crate) fn started(&self, pool: &str, latency_s: f64) {
         self.with(|f| {
-            Self::touch_pool(f, pool);
-            *f.started.get_mut(pool).expect("touched") += 1;
+            match f.started.get_mut(pool) {
+                Some(n) => *n += 1,
+                None => {
+                    f.started.insert(pool.to_string(), 1);
+                }
+            }
             if let Some(h) = &mut f.dispatch_latency {
                 h.observe(latency_s);
             }
@@ -116,19 +112,25 @@ impl Metrics {
     pub(crate) fn settled<'a>(&self, rows: impl IntoIterator<Item = &'a SettledRow>) {
         self.with(|f| {
             for r in rows {
-                Self::touch_pool(f, &r.pool);
                 let outcome = match r.state.as_str() {
-                    "queued" => "retried",
-                    other => other,
+                    "succeeded" => 0,
+                    "failed" => 1,
+                    "queued" => 2,
+                    _ => 3,
                 };
-                *f.finished
-                    .entry((r.pool.clone(), outcome.to_string()))
-                    .or_insert(0) += 1;
+                if !f.finished.contains_key(&r.pool) {
+                    f.finished.insert(r.pool.clone(), [0; 4]);
+                }
+                f.finished.get_mut(&r.pool).expect("inserted")[outcome] += 1;
                 if r.state == "succeeded" {
-                    f.stage_duration
-                        .entry(r.kind.clone())
-                        .or_insert_with(|| Histogram::new(&DURATION_BUCKETS))
-                        .observe(r.ran_s);
+                    match f.stage_duration.get_mut(&r.kind) {
+                        Some(h) => h.observe(r.ran_s),
+                        None => {
+                            let mut h = Histogram::new(&DURATION_BUCKETS);
+                            h.observe(r.ran_s);
+                            f.stage_duration.insert(r.kind.clone(), h);
+                        }
+                    }
                 }
             }
         });
@@ -238,12 +240,17 @@ pub(crate) async fn render(ctl: &Controller) -> Result<String> {
         "counter",
         "Task attempts that ended, per pool and outcome (succeeded, failed, retried, cancelled).",
     );
-    for ((pool, outcome), n) in &finished {
-        let _ = writeln!(
-            out,
-            "flywheel_tasks_finished_total{} {n}",
-            labels(&[("pool", pool), ("outcome", outcome)])
-        );
+    let pools_seen: std::collections::BTreeSet<&String> =
+        started.keys().chain(finished.keys()).collect();
+    for pool in pools_seen {
+        let counts = finished.get(pool).copied().unwrap_or_default();
+        for (outcome, n) in OUTCOMES.iter().zip(counts) {
+            let _ = writeln!(
+                out,
+                "flywheel_tasks_finished_total{} {n}",
+                labels(&[("pool", pool), ("outcome", outcome)])
+            );
+        }
     }
     header(
         &mut out,
