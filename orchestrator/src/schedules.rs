@@ -458,7 +458,10 @@ async fn handle(tx: &mut PgConnection, s: &ScheduleRow, now: DateTime<Utc>) -> R
         handled += 1;
         at = cron.next_after(at).unwrap_or(now + Duration::days(36_500));
     }
-    store::schedules::set_firing_state(tx, s.id, at, h.buffered_for, h.target).await?;
+    // A buffered firing still waiting changes nothing: no write.
+    if !runs.is_empty() || at != s.next_fire_at || h.buffered_for != s.buffered_for {
+        store::schedules::set_firing_state(tx, s.id, at, h.buffered_for, h.target).await?;
+    }
     Ok(runs)
 }
 
