@@ -332,12 +332,11 @@ async fn the_dashboard_shows_a_running_campaign_live_in_chromium() {
     let mut c = Cluster::start().await;
     workers(&mut c);
     let addr = c.http_addr();
-    // The first stage of each round takes 3 s, long enough to watch it change state.
+    // The first stage of each round takes 4 s, long enough to watch it change state.
     let spec = example_spec(&[(
         "params: { count: 12 }",
-        "params: { count: 12, sleep_ms: 3000 }",
+        "params: { count: 12, sleep_ms: 4000 }",
     )]);
-    let campaign = c.create(&spec).await;
 
     let port = free_port();
     let driver_log = std::fs::File::create(c.dir.join("chromedriver.log")).unwrap();
@@ -380,7 +379,7 @@ async fn the_dashboard_shows_a_running_campaign_live_in_chromium() {
     )
     .await;
 
-    // Sign in with a read token; the campaign is listed; open it.
+    // Sign in with a read token, see the campaign appear in the list, open it.
     client.goto(&format!("http://{addr}/")).await.unwrap();
     css(&client, "#token")
         .await
@@ -392,6 +391,9 @@ async fn the_dashboard_shows_a_running_campaign_live_in_chromium() {
         .click()
         .await
         .unwrap();
+    // Signed in (the list is showing); the campaign created now appears without a reload.
+    css(&client, "#campaign-list table").await;
+    let campaign = c.create(&spec).await;
     let row = css(
         &client,
         &format!("#campaign-list tr[data-id=\"{}\"]", campaign.id),

@@ -544,7 +544,7 @@ async fn pause_resume_extend_regate_and_cancel_a_running_campaign() {
             spec_yaml: spec,
             params: [
                 ("rounds".to_string(), "1".to_string()),
-                ("slow_ms".to_string(), "1500".to_string()),
+                ("slow_ms".to_string(), "2500".to_string()),
             ]
             .into(),
         })
