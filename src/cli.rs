@@ -631,7 +631,7 @@ async fn campaign(command: CampaignCommand) -> Result<()> {
 }
 
 /// Writes `text` to `path` through a rename, so a reader never sees a partial file.
-fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
+pub(crate) fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)?;

@@ -114,9 +114,7 @@ pub(crate) async fn run(a: ServeModelArgs) -> Result<()> {
         .with_context(|| format!("cannot listen on {}", a.addr))?;
     let bound = listener.local_addr()?;
     if let Some(f) = &a.addr_file {
-        let tmp = f.with_extension("tmp");
-        std::fs::write(&tmp, bound.to_string())?;
-        std::fs::rename(&tmp, f)?;
+        crate::cli::write_atomically(f, &bound.to_string())?;
     }
     eprintln!(
         "serving model {:?} at http://{bound}/v1 (OpenAI-compatible)",

@@ -51,14 +51,8 @@ pub(crate) struct TrainArgs {
 fn read_rows(path: &Path) -> Result<Vec<Value>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))
-        })
-        .collect()
+    flywheel_worker::datasets::parse_jsonl(&text, &path.display().to_string())
+        .map_err(anyhow::Error::msg)
 }
 
 pub(crate) fn run(a: TrainArgs) -> Result<()> {

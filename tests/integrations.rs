@@ -593,38 +593,11 @@ async fn artifact_store_on_s3_round_trips_uploads_in_parts_and_detects_corruptio
 async fn a_campaign_keeps_its_artifacts_on_s3() {
     let mut c = Cluster::start().await;
     let (_moto, endpoint) = moto(&c.dir, "flywheel-runs").await;
-    c.controller = None;
     // Restart the controller with an S3 artifact root; workers get credentials from their env.
-    let (controller, addr) = {
-        let addr_file = c.dir.join("s3-controller.addr");
-        let log = std::fs::File::create(c.dir.join("s3-controller.log")).unwrap();
-        let child = Command::new(BIN)
-            .args([
-                "server",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--http-addr",
-                "off",
-                "--artifact-root",
-                "s3://flywheel-runs/campaigns",
-            ])
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .env("DATABASE_URL", &c.db.url)
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let addr = wait_for_file(&addr_file, "the controller to listen").await;
-        (
-            Proc {
-                child,
-                name: "controller".into(),
-            },
-            addr,
-        )
-    };
-    c.controller = Some(controller);
-    c.grpc_addr = addr;
+    c.controller = None;
+    c.artifact_root = "s3://flywheel-runs/campaigns".into();
+    c.grpc_addr = "127.0.0.1:0".into();
+    c.start_controller().await;
     let env: Vec<(&str, &str)> = S3_ENV
         .iter()
         .copied()

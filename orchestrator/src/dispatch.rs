@@ -250,6 +250,7 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
     tx.commit().await?;
 
     let mut undeliverable = Vec::new();
+    let mut started = Vec::with_capacity(claimed.len());
     for c in &claimed {
         let assignment = Assignment {
             task_id: c.id.to_string(),
@@ -277,11 +278,12 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
         };
         if sent {
             let latency = c.waited_s + claim_began.elapsed().as_secs_f64();
-            ctl.metrics.started(&c.pool, latency);
+            started.push((c.pool.as_str(), latency));
         } else {
             undeliverable.push((c.id, c.attempt, c.worker_id));
         }
     }
+    ctl.metrics.started(started);
     if !undeliverable.is_empty() {
         // The worker went away between claim and send: give the attempt back at once rather
         // than waiting for its lease to expire.

@@ -57,7 +57,6 @@ impl Histogram {
     }
 }
 
-#[derive(Default)]
 struct Families {
     /// pool → attempts handed out.
     started: BTreeMap<String, u64>,
@@ -65,7 +64,7 @@ struct Families {
     finished: BTreeMap<String, [u64; 4]>,
     lease_expiries: u64,
     stale: BTreeMap<&'static str, u64>,
-    dispatch_latency: Option<Histogram>,
+    dispatch_latency: Histogram,
     /// stage kind → durations of succeeded attempts.
     stage_duration: BTreeMap<String, Histogram>,
 }
@@ -77,13 +76,15 @@ pub(crate) struct Metrics {
 
 impl Metrics {
     pub(crate) fn new() -> Self {
-        let mut f = Families::default();
-        for r in STALE_REPORTS {
-            f.stale.insert(r, 0);
-        }
-        f.dispatch_latency = Some(Histogram::new(&LATENCY_BUCKETS));
         Self {
-            families: Mutex::new(f),
+            families: Mutex::new(Families {
+                started: BTreeMap::new(),
+                finished: BTreeMap::new(),
+                lease_expiries: 0,
+                stale: STALE_REPORTS.iter().map(|r| (*r, 0)).collect(),
+                dispatch_latency: Histogram::new(&LATENCY_BUCKETS),
+                stage_duration: BTreeMap::new(),
+            }),
         }
     }
 
@@ -91,19 +92,19 @@ impl Metrics {
         f(&mut self.families.lock().expect("metrics"))
     }
 
-    /// An attempt was handed to a worker after waiting `latency_s` since it became claimable.
-    /// A pool's series exist (at zero) from then on, so dashboards can rate() them before the
-    /// first failure.
-    pub(crate) fn started(&self, pool: &str, latency_s: f64) {
+    /// Attempts handed to workers: `(pool, seconds since the task became claimable)`. A pool's
+    /// series exist (at zero) from then on, so dashboards can rate() them before the first
+    /// failure.
+    pub(crate) fn started<'a>(&self, sent: impl IntoIterator<Item = (&'a str, f64)>) {
         self.with(|f| {
-            match f.started.get_mut(pool) {
-                Some(n) => *n += 1,
-                None => {
-                    f.started.insert(pool.to_string(), 1);
+            for (pool, latency_s) in sent {
+                match f.started.get_mut(pool) {
+                    Some(n) => *n += 1,
+                    None => {
+                        f.started.insert(pool.to_string(), 1);
+                    }
                 }
-            }
-            if let Some(h) = &mut f.dispatch_latency {
-                h.observe(latency_s);
+                f.dispatch_latency.observe(latency_s);
             }
         });
     }
@@ -278,9 +279,7 @@ pub(crate) async fn render(ctl: &Controller) -> Result<String> {
         "histogram",
         "Time from a task becoming claimable to its assignment being sent to a worker.",
     );
-    if let Some(h) = &latency {
-        histogram(&mut out, "flywheel_dispatch_latency_seconds", &[], h);
-    }
+    histogram(&mut out, "flywheel_dispatch_latency_seconds", &[], &latency);
     header(
         &mut out,
         "flywheel_stage_duration_seconds",

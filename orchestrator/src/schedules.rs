@@ -556,28 +556,29 @@ impl Handling<'_> {
         };
         if s.mode == "append_rounds"
             && let Some(target) = self.target
-            && store::campaigns::get(tx, target).await?.is_some()
         {
             let reason = format!("scheduled firing for {at}");
-            return Ok(
-                match ops::extend_in(tx, target, s.rounds_per_fire as u32, &reason, &self.actor)
-                    .await
-                {
-                    Ok(()) => NewRun {
+            match ops::extend_in(tx, target, s.rounds_per_fire as u32, &reason, &self.actor).await {
+                Ok(()) => {
+                    return Ok(NewRun {
                         scheduled_for: at,
                         outcome: "appended",
                         campaign_id: Some(target),
                         message: format!("{} round(s) appended{suffix}", s.rounds_per_fire),
-                    },
-                    Err(Error::FailedPrecondition(why)) => NewRun {
+                    });
+                }
+                Err(Error::FailedPrecondition(why)) => {
+                    return Ok(NewRun {
                         scheduled_for: at,
                         outcome: "failed",
                         campaign_id: Some(target),
                         message: why,
-                    },
-                    Err(e) => return Err(e),
-                },
-            );
+                    });
+                }
+                // The long-running campaign was deleted: start a new one.
+                Err(Error::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         let (yaml, spec) = match render_spec(
             &s.template_yaml,

@@ -99,6 +99,8 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub controller: Option<Proc>,
     pub grpc_addr: String,
+    /// Where controllers started from now on put artifacts (a directory or an `s3://` root).
+    pub artifact_root: String,
     pub admin: String,
     pub worker_token: String,
     pub read_token: String,
@@ -146,6 +148,7 @@ impl Cluster {
         let worker_token = token(&db, "worker", "workers");
         let read_token = token(&db, "read", "viewer");
         let mut c = Self {
+            artifact_root: dir.join("artifacts").display().to_string(),
             db,
             dir,
             controller: None,
@@ -189,22 +192,13 @@ impl Cluster {
             .arg(&addr_file)
             .args(["--http-addr", "127.0.0.1:0", "--http-addr-file"])
             .arg(self.dir.join(format!("{name}.http-addr")))
-            .arg("--artifact-root")
-            .arg(self.dir.join("artifacts"))
+            .args(["--artifact-root", &self.artifact_root])
             .env("DATABASE_URL", &self.db.url)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn controller");
-        let addr = until(
-            &format!("{name} to listen"),
-            Duration::from_secs(20),
-            || {
-                let f = addr_file.clone();
-                async move { std::fs::read_to_string(f).ok() }
-            },
-        )
-        .await;
+        let addr = wait_for_file(&addr_file, &format!("{name} to listen")).await;
         let proc = Proc {
             child,
             name: name.into(),

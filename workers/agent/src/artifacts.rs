@@ -9,10 +9,9 @@
 //!   [`MULTIPART_THRESHOLD`] are uploaded in parts. A model (a directory) is stored as one object
 //!   per file under its prefix and downloaded into a content-addressed local cache before use.
 //!
-//! The functions are synchronous, for backends running on blocking threads; S3 calls run on a
-//! small runtime of their own.
+//! The functions are synchronous, for backends running on blocking threads; S3 calls run on
+//! the crate's I/O runtime ([`crate::io`]).
 
-use std::future::Future;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -21,6 +20,8 @@ use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
+
+use crate::io::block_on;
 
 /// Objects larger than this are uploaded with multipart upload, in parts of this size.
 pub const MULTIPART_THRESHOLD: usize = 8 * 1024 * 1024;
@@ -77,28 +78,6 @@ pub fn path_of(uri: &str) -> Result<PathBuf, ArtifactError> {
             "{uri} (a local path was needed)"
         ))),
     }
-}
-
-fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("artifact-io")
-            .enable_all()
-            .build()
-            .expect("artifact runtime")
-    })
-}
-
-/// Runs a future (object store or HTTP I/O) on the artifact runtime and waits for it from any
-/// thread.
-pub(crate) fn block_on<T: Send + 'static>(f: impl Future<Output = T> + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    runtime().spawn(async move {
-        let _ = tx.send(f.await);
-    });
-    rx.recv().expect("artifact runtime task finished")
 }
 
 type BucketOptions = std::collections::HashMap<String, Vec<(String, String)>>;

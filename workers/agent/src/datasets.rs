@@ -10,19 +10,34 @@ use serde_json::{Value, json};
 use crate::artifacts;
 use crate::backend::{Output, Task, TaskError, TaskResult};
 
+/// JSON Lines text: one compact JSON value per line.
+pub fn to_jsonl(rows: &[Value]) -> String {
+    let mut text = String::new();
+    for r in rows {
+        text.push_str(&r.to_string());
+        text.push('\n');
+    }
+    text
+}
+
+/// Parses JSON Lines, skipping blank lines; the error names `source` and the line.
+pub fn parse_jsonl(text: &str, source: &str) -> Result<Vec<Value>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).map_err(|e| format!("{source}: line {}: bad JSONL: {e}", i + 1))
+        })
+        .collect()
+}
+
 pub fn read_jsonl(inputs: &[&ArtifactRef]) -> Result<Vec<Value>, TaskError> {
     let mut rows = Vec::new();
     for i in inputs {
         let bytes = artifacts::read(&i.uri, &i.content_hash)?;
-        for line in String::from_utf8_lossy(&bytes)
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-        {
-            rows.push(
-                serde_json::from_str(line)
-                    .map_err(|e| TaskError::permanent(format!("{}: bad JSONL: {e}", i.uri)))?,
-            );
-        }
+        rows.extend(
+            parse_jsonl(&String::from_utf8_lossy(&bytes), &i.uri).map_err(TaskError::permanent)?,
+        );
     }
     Ok(rows)
 }
@@ -34,11 +49,7 @@ pub fn write_jsonl(
     format: &str,
     rows: &[Value],
 ) -> Result<Output, TaskError> {
-    let mut text = String::new();
-    for r in rows {
-        text.push_str(&r.to_string());
-        text.push('\n');
-    }
+    let text = to_jsonl(rows);
     let (uri, content_hash) = artifacts::write(prefix, &format!("{name}.jsonl"), text.as_bytes())?;
     Ok(Output {
         name: name.into(),

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 
 use crate::artifacts;
 use crate::backend::{Backend, Output, Task, TaskContext, TaskError, TaskResult};
-use crate::datasets::read_jsonl;
+use crate::datasets::{read_jsonl, to_jsonl};
 
 /// How SFT records are written for a trainer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -409,13 +409,8 @@ fn param_text(v: &Value) -> Option<String> {
 }
 
 fn write_jsonl_file(path: &Path, rows: &[Value]) -> Result<(), TaskError> {
-    let mut text = String::new();
-    for r in rows {
-        text.push_str(&r.to_string());
-        text.push('\n');
-    }
     std::fs::create_dir_all(path.parent().unwrap_or(Path::new("/")))
-        .and_then(|_| std::fs::write(path, text))
+        .and_then(|_| std::fs::write(path, to_jsonl(rows)))
         .map_err(|e| TaskError::retryable(format!("cannot write {}: {e}", path.display())))
 }
 

@@ -170,7 +170,7 @@ impl HttpCaller {
         let ctx = ctx.clone();
         let stats = self.stats.clone();
         let what = what.to_string();
-        crate::artifacts::block_on(async move {
+        crate::io::block_on(async move {
             let permits = Arc::new(Semaphore::new(in_flight));
             let call = Arc::new(call);
             let mut set = tokio::task::JoinSet::new();
@@ -310,7 +310,7 @@ mod tests {
         ]);
         let c = caller(3);
         let stats = c.stats.clone();
-        let got = crate::artifacts::block_on(async move { c.post_json(&url, &json!({})).await });
+        let got = crate::io::block_on(async move { c.post_json(&url, &json!({})).await });
         assert_eq!(got.unwrap(), json!({ "ok": true }));
         let heads = server.join().unwrap();
         assert!(
@@ -324,15 +324,15 @@ mod tests {
         // A client error is not retried; running out of retries is a retryable task error.
         let (url, server) = canned(vec![reply("400 Bad Request", "{\"error\": \"n\"}")]);
         let c = caller(3);
-        let err = crate::artifacts::block_on(async move { c.post_json(&url, &json!({})).await })
-            .unwrap_err();
+        let err =
+            crate::io::block_on(async move { c.post_json(&url, &json!({})).await }).unwrap_err();
         server.join().unwrap();
         assert!(!err.retryable && err.message.contains("HTTP 400"), "{err}");
         assert!(!err.message.contains("sk-secret"));
         let (url, server) = canned(vec![reply("500 Internal Server Error", "{}"); 2]);
         let c = caller(1);
-        let err = crate::artifacts::block_on(async move { c.post_json(&url, &json!({})).await })
-            .unwrap_err();
+        let err =
+            crate::io::block_on(async move { c.post_json(&url, &json!({})).await }).unwrap_err();
         server.join().unwrap();
         assert!(
             err.retryable && err.message.starts_with("gave up after 1 retries"),

@@ -12,6 +12,7 @@ mod backend;
 pub mod datasets;
 pub mod external;
 mod http_client;
+mod io;
 pub mod openai;
 pub mod reward_endpoint;
 pub mod test_backend;

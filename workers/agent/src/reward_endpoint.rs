@@ -28,6 +28,25 @@ pub const ATTRIBUTES: [&str; 5] = [
 /// Weights of the scalar reward from the Nemotron-4-340B-Reward model card.
 pub const DEFAULT_WEIGHTS: [f64; 5] = [0.3, 0.74, 0.46, 0.47, -0.33];
 
+/// The stage's `weights` param (validated as 5 numbers with the spec), or the default.
+pub fn weights_param(task: &Task) -> [f64; 5] {
+    match task.params.get("weights").and_then(Value::as_array) {
+        Some(w) if w.len() == 5 => std::array::from_fn(|i| w[i].as_f64().unwrap_or(0.0)),
+        _ => DEFAULT_WEIGHTS,
+    }
+}
+
+/// `{"helpfulness": .., "correctness": .., ...}` for a score row.
+pub fn attributes_json(values: impl IntoIterator<Item = f64>) -> Value {
+    Value::Object(
+        ATTRIBUTES
+            .iter()
+            .zip(values)
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect(),
+    )
+}
+
 pub struct RewardEndpointBackend;
 
 impl Backend for RewardEndpointBackend {
@@ -92,17 +111,7 @@ fn score(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    let weights: [f64; 5] = match task.params.get("weights").and_then(Value::as_array) {
-        Some(w) if w.len() == 5 => std::array::from_fn(|i| w[i].as_f64().unwrap_or(0.0)),
-        Some(_) => {
-            return Err(TaskError::permanent(format!(
-                "stage {}: params.weights must list 5 numbers ({})",
-                task.assignment.stage,
-                ATTRIBUTES.join(", ")
-            )));
-        }
-        None => DEFAULT_WEIGHTS,
-    };
+    let weights = weights_param(task);
     let caller = HttpCaller::from_params(task)?;
     let mut rows = read_jsonl(&task.inputs("responses"))?;
     let bodies: Arc<Vec<Value>> = Arc::new(
@@ -132,13 +141,7 @@ fn score(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
     for (row, j) in rows.iter_mut().zip(judgements) {
         let reward = match j {
             Judgement::Attributes(a) => {
-                row["attributes"] = Value::Object(
-                    ATTRIBUTES
-                        .iter()
-                        .zip(a)
-                        .map(|(k, v)| (k.to_string(), json!(v)))
-                        .collect(),
-                );
+                row["attributes"] = attributes_json(a);
                 a.iter().zip(weights).map(|(x, w)| x * w).sum()
             }
             Judgement::Scalar(x) => x,

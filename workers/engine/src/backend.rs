@@ -11,10 +11,11 @@ use candle_nn::VarMap;
 use flywheel_proto::v1::ArtifactRef;
 use flywheel_worker::artifacts;
 use flywheel_worker::datasets::{self, read_jsonl, write_jsonl};
+use flywheel_worker::reward_endpoint;
 use flywheel_worker::{Backend, Output, Task, TaskContext, TaskError, TaskResult};
 use serde_json::{Value, json};
 
-use crate::reward::{self, ATTRIBUTES, DEFAULT_WEIGHTS};
+use crate::reward;
 use crate::sample::{SampleConfig, sample};
 use crate::tasks::{self, Mix, Split};
 use crate::train::{Pair, PreferenceLoss, PreferenceObjective, TrainConfig};
@@ -267,10 +268,7 @@ impl BuiltinBackend {
 
     fn score(&self, task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
         let rm = checkpoint::load_frozen(&model_dir(task.input("reward")?)?, &self.device)?;
-        let weights: [f64; 5] = match task.params.get("weights").and_then(Value::as_array) {
-            Some(w) if w.len() == 5 => std::array::from_fn(|i| w[i].as_f64().unwrap_or(0.0)),
-            _ => DEFAULT_WEIGHTS,
-        };
+        let weights = reward_endpoint::weights_param(task);
         let use_verifier = task
             .params
             .get("verifier")
@@ -303,13 +301,7 @@ impl BuiltinBackend {
             }
             let scalar = reward::scalar(&attrs, &weights);
             total += scalar;
-            row["attributes"] = Value::Object(
-                ATTRIBUTES
-                    .iter()
-                    .zip(attrs)
-                    .map(|(k, v)| (k.to_string(), json!(v)))
-                    .collect(),
-            );
+            row["attributes"] = reward_endpoint::attributes_json(attrs.map(f64::from));
             row["reward"] = json!(scalar);
         }
         let n = rows.len();
