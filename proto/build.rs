@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     // Messages serialize to JSON for the HTTP API, which returns the same shapes as gRPC.
     tonic_prost_build::configure()
+        .codec_path("crate::codec::FlywheelCodec")
         .type_attribute(".flywheel.v1", "#[derive(serde::Serialize)]")
         .compile_fds(fds)?;
     Ok(())

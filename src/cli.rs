@@ -67,6 +67,13 @@ enum Command {
         /// Write the bound HTTP address here once listening.
         #[arg(long)]
         http_addr_file: Option<PathBuf>,
+        /// How long a checked token is trusted before it is looked up again: a revoked token
+        /// stops working within this time.
+        #[arg(long, default_value_t = 5000)]
+        token_cache_ttl_ms: u32,
+        /// At shutdown (SIGTERM, SIGINT), how long open requests and streams get to finish.
+        #[arg(long, default_value_t = 5000)]
+        shutdown_grace_ms: u32,
     },
     /// Run a worker process.
     Worker {
@@ -142,6 +149,10 @@ enum CampaignCommand {
         /// Template values, `name=value` (repeatable), for `{{ name }}` placeholders.
         #[arg(long = "param")]
         params: Vec<String>,
+        /// Makes the call idempotent: run it again with the same id (after a timeout, say) and
+        /// the campaign the first call created is returned instead of a second one.
+        #[arg(long)]
+        request_id: Option<String>,
         #[command(flatten)]
         opts: ControlOpts,
     },
@@ -231,6 +242,19 @@ enum TokenCommand {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
     },
+    /// List tokens: id, name, scope, created, revoked (never the tokens themselves).
+    List {
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+    /// Revoke tokens by id or name. Running controllers refuse them within their token cache
+    /// time (`--token-cache-ttl-ms`, 5 s by default).
+    Revoke {
+        /// A token id, or a name (every unrevoked token of that name).
+        token: String,
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -249,7 +273,7 @@ fn init_tracing(default: &str) {
         .init();
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -272,12 +296,13 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             addr_file,
             http_addr,
             http_addr_file,
+            token_cache_ttl_ms,
+            shutdown_grace_ms,
         } => {
             init_tracing("info");
-            let pool = store::connect(&database_url, 16)
-                .await
-                .context("cannot connect to Postgres")?;
-            store::migrate(&pool).await.context("migrations failed")?;
+            let Some(pool) = connect_when_reachable(&database_url).await? else {
+                return Ok(());
+            };
             let root = if artifact_root.contains("://") {
                 artifact_root
             } else {
@@ -315,6 +340,8 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             let mut config = ControllerConfig::new(root);
             config.lease_ttl_ms = lease_ttl_ms;
             config.heartbeat_interval_ms = heartbeat_interval_ms;
+            config.token_cache_ttl_ms = token_cache_ttl_ms;
+            config.shutdown_grace_ms = shutdown_grace_ms;
             flywheel_orchestrator::serve_with_http(pool, config, listener, http, shutdown_signal())
                 .await?;
         }
@@ -386,14 +413,55 @@ pub(crate) async fn run(args: Args) -> Result<()> {
                     database_url,
                 },
         } => {
-            let pool = store::connect(&database_url, 1)
-                .await
-                .context("cannot connect to Postgres")?;
-            store::migrate(&pool).await.context("migrations failed")?;
+            let pool = admin_pool(&database_url).await?;
             let scope = auth::Scope::parse(&scope).context("unknown scope")?;
             let name = name.unwrap_or_else(|| format!("{}-token", scope.as_str()));
+            if name.trim().is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+                bail!("--name: must be 1 to 200 characters without control characters");
+            }
             let token = auth::create_token(&pool, &name, scope).await?;
             println!("{token}");
+        }
+        Command::Token {
+            command: TokenCommand::List { database_url },
+        } => {
+            let pool = admin_pool(&database_url).await?;
+            let mut conn = pool.acquire().await?;
+            println!(
+                "{:<38} {:<24} {:<7} {:<26} REVOKED",
+                "ID", "NAME", "SCOPE", "CREATED"
+            );
+            for t in store::api_tokens::list(&mut conn).await? {
+                println!(
+                    "{:<38} {:<24} {:<7} {:<26} {}",
+                    t.id,
+                    t.name,
+                    t.scope,
+                    t.created_at.to_rfc3339(),
+                    t.revoked_at
+                        .map(|r| r.to_rfc3339())
+                        .unwrap_or_else(|| "-".into())
+                );
+            }
+        }
+        Command::Token {
+            command:
+                TokenCommand::Revoke {
+                    token,
+                    database_url,
+                },
+        } => {
+            let pool = admin_pool(&database_url).await?;
+            let mut conn = pool.acquire().await?;
+            let revoked = store::api_tokens::revoke(&mut conn, &token).await?;
+            if revoked.is_empty() {
+                bail!(
+                    "no unrevoked token has the id or name {token:?} (see `flywheel token list`)"
+                );
+            }
+            for id in revoked {
+                println!("revoked {id}");
+            }
         }
         Command::Workers {
             command: WorkersCommand::List { opts },
@@ -423,10 +491,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             }
         }
         Command::Migrate { database_url } => {
-            let pool = store::connect(&database_url, 1)
-                .await
-                .context("cannot connect to Postgres")?;
-            store::migrate(&pool).await.context("migrations failed")?;
+            admin_pool(&database_url).await?;
             println!("migrations applied");
         }
     }
@@ -435,7 +500,12 @@ pub(crate) async fn run(args: Args) -> Result<()> {
 
 async fn campaign(command: CampaignCommand) -> Result<()> {
     match command {
-        CampaignCommand::Create { file, params, opts } => {
+        CampaignCommand::Create {
+            file,
+            params,
+            request_id,
+            opts,
+        } => {
             let spec_yaml = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let params = parse_assignments(params.iter().map(String::as_str))
@@ -445,6 +515,7 @@ async fn campaign(command: CampaignCommand) -> Result<()> {
                 .create_campaign_from(CreateCampaignRequest {
                     spec_yaml,
                     params: params.into_iter().collect(),
+                    request_id: request_id.unwrap_or_default(),
                 })
                 .await
                 .map_err(status_error)?;
@@ -628,6 +699,48 @@ async fn campaign(command: CampaignCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One connection for an admin command on the controller's host, with migrations applied.
+async fn admin_pool(database_url: &str) -> Result<sqlx::PgPool> {
+    let pool = store::connect(database_url, 1)
+        .await
+        .context("cannot connect to Postgres")?;
+    store::migrate(&pool).await.context("migrations failed")?;
+    Ok(pool)
+}
+
+/// Connects to Postgres and applies migrations, retrying while the database is unreachable
+/// (a controller may start before its database, or during a failover). `None` if a shutdown
+/// signal came first.
+async fn connect_when_reachable(database_url: &str) -> Result<Option<sqlx::PgPool>> {
+    let connect = async {
+        let mut wait = std::time::Duration::from_millis(250);
+        loop {
+            match store::connect(database_url, 16).await {
+                Ok(pool) => match store::migrate(&pool).await {
+                    Ok(()) => return Ok(pool),
+                    // A database that answers but refuses the migrations will not heal.
+                    Err(e @ sqlx::migrate::MigrateError::VersionMissing(_)) => {
+                        return Err(anyhow::Error::new(e).context("migrations failed"));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "migrations failed; retrying"),
+                },
+                Err(sqlx::Error::Configuration(e)) => {
+                    bail!("DATABASE_URL is not a valid Postgres URL: {e}")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot connect to Postgres; retrying")
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(5));
+        }
+    };
+    tokio::select! {
+        r = connect => r.map(Some),
+        _ = shutdown_signal() => Ok(None),
+    }
 }
 
 /// Writes `text` to `path` through a rename, so a reader never sees a partial file.

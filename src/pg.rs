@@ -10,6 +10,10 @@ pub(crate) struct PrivatePostgres {
     bin: PathBuf,
     data: PathBuf,
     as_postgres: bool,
+    /// Where the cluster lives (data, socket, log).
+    pub(crate) root: PathBuf,
+    /// A directory of our own made for the cluster, removed again when it stops.
+    remove_on_drop: bool,
     pub(crate) url: String,
 }
 
@@ -43,15 +47,28 @@ impl PrivatePostgres {
         }
     }
 
-    /// initdb + pg_ctl start in `root` on a free port.
+    /// initdb + pg_ctl start in `root` on a free port. Run as root, the server runs as the
+    /// `postgres` user, which may not be able to enter `root` (any directory under `/root`, or a
+    /// `mktemp -d`): then the cluster goes into a fresh directory of its own under `/tmp`,
+    /// removed when it stops.
     pub(crate) fn start(root: &Path) -> Result<Self> {
         let bin = bin_dir().context(
             "no DATABASE_URL and no PostgreSQL binaries under /usr/lib/postgresql/*/bin: install Debian's 'postgresql' package or set DATABASE_URL",
         )?;
-        let _ = std::fs::remove_dir_all(root);
-        std::fs::create_dir_all(root)?;
-        let root = std::fs::canonicalize(root)?;
         let as_postgres = is_root();
+        let (root, remove_on_drop) = if as_postgres {
+            let dir = Path::new("/tmp").join(format!(
+                "flywheel-demo-pg-{}",
+                uuid::Uuid::new_v4().simple()
+            ));
+            std::fs::create_dir(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            (dir, true)
+        } else {
+            let _ = std::fs::remove_dir_all(root);
+            std::fs::create_dir_all(root)?;
+            (std::fs::canonicalize(root)?, false)
+        };
         if as_postgres {
             // initdb refuses to run as root.
             let ok = Command::new("chown")
@@ -71,6 +88,8 @@ impl PrivatePostgres {
             bin,
             data: root.join("data"),
             as_postgres,
+            root: root.clone(),
+            remove_on_drop,
             url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
         };
         let out = pg
@@ -112,5 +131,8 @@ impl Drop for PrivatePostgres {
             .arg(&self.data)
             .args(["-m", "fast", "-w", "stop"])
             .output();
+        if self.remove_on_drop {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
     }
 }

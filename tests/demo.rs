@@ -6,11 +6,38 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+/// A fresh directory only its owner may enter, as `mktemp -d` makes it.
+fn private_dir(tag: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir =
+        std::env::temp_dir().join(format!("flywheel-{tag}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
+/// The private cluster's address, from the demo's first line.
+fn postgres_port(stdout: &str) -> u16 {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("postgres: started a private cluster"))
+        .unwrap_or_else(|| panic!("no postgres line in {stdout}"));
+    let url = line.rsplit('(').next().unwrap();
+    url.split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[test]
 fn tiny_demo_runs_end_to_end_on_a_private_postgres() {
-    let dir = std::env::temp_dir().join(format!("flywheel-demo-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    // Run from a private directory (as root, its Postgres cannot live there), with the default
+    // work directory under it.
+    let dir = private_dir("demo-test");
     let summary_path = dir.join("summary.json");
     let out = Command::new(env!("CARGO_BIN_EXE_flywheel"))
         .args([
@@ -19,10 +46,9 @@ fn tiny_demo_runs_end_to_end_on_a_private_postgres() {
             "--spec",
             concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/demo-tiny.yaml"),
         ])
-        .arg("--workdir")
-        .arg(dir.join("work"))
         .arg("--summary-json")
         .arg(&summary_path)
+        .current_dir(&dir)
         .env_remove("DATABASE_URL")
         .output()
         .expect("run flywheel demo");
@@ -37,6 +63,9 @@ fn tiny_demo_runs_end_to_end_on_a_private_postgres() {
         "{stdout}"
     );
     assert!(stdout.contains("generator accuracy:"), "{stdout}");
+    // Its Postgres is down again.
+    let port = postgres_port(&stdout);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 
     let s: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&summary_path).unwrap()).unwrap();
@@ -134,5 +163,85 @@ fn tiny_demo_runs_end_to_end_on_a_private_postgres() {
             _ => {}
         }
     }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Processes whose command line mentions `needle` (the demo's workers name its controller).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| {
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains(needle).then_some(cmd)
+        })
+        .collect()
+}
+
+#[test]
+fn sigterm_takes_the_demos_workers_and_postgres_down_with_it() {
+    use std::io::{BufRead, BufReader};
+    let dir = private_dir("demo-signal");
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_flywheel"))
+        .args(["demo", "--tiny", "--keep-running"])
+        .current_dir(&dir)
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Read until the workers are up, then stop it mid-campaign (the spec built into the binary
+    // is the full demo, minutes long).
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    let mut controller = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if let Some(rest) = line.strip_prefix("controller: gRPC control API at ") {
+            controller = Some(rest.split(' ').next().unwrap().to_string());
+        }
+        if line.starts_with("campaign ") && line.contains("submitted") {
+            break;
+        }
+    }
+    let controller = controller.unwrap_or_else(|| panic!("no controller line in {seen}"));
+    assert!(
+        seen.contains("campaign demo-weak-to-strong"),
+        "built-in spec: {seen}"
+    );
+    let port = postgres_port(&seen);
+    assert_eq!(
+        processes_mentioning(&controller).len(),
+        2,
+        "two workers run"
+    );
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &demo.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = demo.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
+    assert_eq!(
+        processes_mentioning(&controller),
+        Vec::<String>::new(),
+        "workers left running"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the private Postgres still listens on {port}"
+    );
+    drop(lines);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -391,7 +391,7 @@ async fn external_trainer_runs_flywheel_train_streams_progress_and_stops_on_canc
     - { name: filter, kind: filter, params: { margin: 0.0 } }
 ";
     let trained = format!(
-        "{data_stages}    - {{ name: sft, kind: sft, backend: external, params: {{ template: flywheel, steps: 12, batch_size: 4, lr: 0.001 }} }}
+        "{data_stages}    - {{ name: sft, kind: sft, backend: external, params: {{ template: flywheel, steps: 12, batch_size: 4, lr: 0.001, extra_args: [--warmup, 2] }} }}
     - {{ name: rpo, kind: preference, backend: external, needs: [sft, filter], params: {{ template: flywheel, algorithm: rpo, steps: 8, batch_size: 4, beta: 0.1, eta: 1.0 }} }}
 "
     );

@@ -530,6 +530,7 @@ async fn pause_resume_extend_regate_and_cancel_a_running_campaign() {
         .create_campaign_from(CreateCampaignRequest {
             spec_yaml: spec.clone(),
             params: [("rounds".to_string(), "1".to_string())].into(),
+            request_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -547,6 +548,7 @@ async fn pause_resume_extend_regate_and_cancel_a_running_campaign() {
                 ("slow_ms".to_string(), "2500".to_string()),
             ]
             .into(),
+            request_id: String::new(),
         })
         .await
         .unwrap();

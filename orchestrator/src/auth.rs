@@ -1,7 +1,10 @@
 //! Bearer-token authentication with three scopes. Only SHA-256 hashes of tokens are stored.
+//! Good tokens are cached for a short time (the controller's `token_cache_ttl_ms`), so a revoked
+//! token stops working within that time without a query on every worker RPC.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
@@ -42,9 +45,11 @@ impl Scope {
     }
 }
 
-/// Who made a request: the token's name (recorded as the actor of events) and its scope.
+/// Who made a request: the token (its id binds worker registrations to it), its name
+/// (recorded as the actor of events) and its scope.
 #[derive(Debug, Clone)]
 pub struct Principal {
+    pub token_id: uuid::Uuid,
     pub name: String,
     pub scope: Scope,
 }
@@ -71,15 +76,25 @@ pub async fn create_token(pool: &PgPool, name: &str, scope: Scope) -> Result<Str
 
 pub(crate) struct Auth {
     pool: PgPool,
-    /// Known-good tokens by hash, so the hot worker RPCs do not query Postgres each time.
-    cache: Mutex<HashMap<String, Principal>>,
+    /// Known-good tokens by hash with when they were checked, so the hot worker RPCs do not
+    /// query Postgres each time; an entry older than `ttl` is checked again.
+    cache: Mutex<HashMap<String, (Principal, Instant)>>,
+    ttl: Duration,
+}
+
+/// The token of an `Authorization` header value: the scheme is case-insensitive (RFC 9110).
+fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 impl Auth {
-    pub(crate) fn new(pool: PgPool) -> Self {
+    pub(crate) fn new(pool: PgPool, ttl: Duration) -> Self {
         Self {
             pool,
             cache: Mutex::new(HashMap::new()),
+            ttl,
         }
     }
 
@@ -93,15 +108,17 @@ impl Auth {
         let header = req.metadata().get("authorization").ok_or_else(|| {
             Status::unauthenticated("missing authorization header (Bearer token)")
         })?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated("authorization header must be 'Bearer <token>'")
-            })?;
-        let hash = hash_token(token.trim());
-        let cached = self.cache.lock().expect("auth cache").get(&hash).cloned();
+        let token = header.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+            Status::unauthenticated("authorization header must be 'Bearer <token>'")
+        })?;
+        let hash = hash_token(token);
+        let cached = self
+            .cache
+            .lock()
+            .expect("auth cache")
+            .get(&hash)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(p, _)| p.clone());
         let principal = match cached {
             Some(p) => p,
             None => {
@@ -119,13 +136,14 @@ impl Auth {
                 let scope = Scope::parse(&row.scope)
                     .ok_or_else(|| Status::internal("token has an unknown scope"))?;
                 let p = Principal {
+                    token_id: row.id,
                     name: row.name,
                     scope,
                 };
-                self.cache
-                    .lock()
-                    .expect("auth cache")
-                    .insert(hash, p.clone());
+                let mut cache = self.cache.lock().expect("auth cache");
+                let ttl = self.ttl;
+                cache.retain(|_, (_, at)| at.elapsed() < ttl);
+                cache.insert(hash, (p.clone(), Instant::now()));
                 p
             }
         };
@@ -139,5 +157,19 @@ impl Auth {
                 need.as_str()
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer"), None);
     }
 }

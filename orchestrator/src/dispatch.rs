@@ -5,7 +5,7 @@
 //! `FOR UPDATE SKIP LOCKED`), so the cost per task falls as load rises. Leases are reclaimed by
 //! [`run_reaper`]; any report on a task is fenced by its attempt number in the store.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,12 +30,25 @@ pub(crate) struct Capabilities {
 }
 
 struct Registered {
+    /// The token that registered the worker: only it may report for the worker.
+    token_id: Uuid,
     caps: Capabilities,
     slots: usize,
-    /// Task ids this controller believes the worker is running.
-    assigned: HashSet<Uuid>,
+    /// Tasks this controller believes the worker is running: attempt, and the output prefix
+    /// when this process assigned it (not for tasks a reconnecting worker reported).
+    assigned: HashMap<Uuid, (i32, Option<Arc<str>>)>,
     /// Present while the assignment stream is open; `stream_id` tells reconnects apart.
     stream: Option<(u64, AssignmentSender)>,
+}
+
+/// What the registry knows of a worker's task, for checking a report against it.
+pub(crate) enum Assigned {
+    /// This attempt runs on the worker, writing under this prefix (if this process assigned it).
+    Running(Option<Arc<str>>),
+    /// The worker is registered here, but not with this attempt of the task.
+    NotThisAttempt,
+    /// The worker is not registered with this controller.
+    UnknownWorker,
 }
 
 /// Workers known to this controller process.
@@ -46,23 +59,49 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
+    /// Registers (or re-registers) a worker. Refused when the id is registered here by another
+    /// token.
     pub(crate) fn register(
         &self,
         id: Uuid,
+        token_id: Uuid,
         caps: Capabilities,
         slots: usize,
-        running: impl IntoIterator<Item = Uuid>,
-    ) {
+        running: impl IntoIterator<Item = (Uuid, i32)>,
+    ) -> bool {
         let mut workers = self.workers.lock().expect("registry");
         let entry = workers.entry(id).or_insert_with(|| Registered {
+            token_id,
             caps: caps.clone(),
             slots,
-            assigned: HashSet::new(),
+            assigned: HashMap::new(),
             stream: None,
         });
+        if entry.token_id != token_id {
+            return false;
+        }
         entry.caps = caps;
         entry.slots = slots;
-        entry.assigned = running.into_iter().collect();
+        entry.assigned = running.into_iter().map(|(t, a)| (t, (a, None))).collect();
+        true
+    }
+
+    /// The token a worker registered with, if it registered with this controller.
+    pub(crate) fn owner(&self, id: Uuid) -> Option<Uuid> {
+        let workers = self.workers.lock().expect("registry");
+        workers.get(&id).map(|w| w.token_id)
+    }
+
+    /// Whether `attempt` of `task` is assigned to `worker` here, and where it writes.
+    pub(crate) fn assigned(&self, worker: Uuid, task: Uuid, attempt: i32) -> Assigned {
+        let workers = self.workers.lock().expect("registry");
+        match workers.get(&worker) {
+            None => Assigned::UnknownWorker,
+            Some(w) => match w.assigned.get(&task) {
+                Some((a, prefix)) if *a == attempt => Assigned::Running(prefix.clone()),
+                _ => Assigned::NotThisAttempt,
+            },
+        }
     }
 
     /// Attaches an assignment stream; returns its id for [`Registry::detach`].
@@ -88,16 +127,38 @@ impl Registry {
         }
     }
 
-    /// Frees the slots held by these tasks (finished, failed, abandoned or reclaimed).
-    pub(crate) fn release(&self, tasks: impl IntoIterator<Item = (Option<Uuid>, Uuid)>) -> bool {
+    /// Ends every open assignment stream (at shutdown): the workers see the stream close and
+    /// reconnect, to this controller's successor.
+    pub(crate) fn close_streams(&self) {
+        let mut workers = self.workers.lock().expect("registry");
+        for w in workers.values_mut() {
+            w.stream = None;
+        }
+    }
+
+    /// Frees the slots held by these attempts `(worker, task, attempt)` (finished, failed,
+    /// abandoned or reclaimed). A slot is freed only for the attempt that holds it, so a report
+    /// naming another attempt of a task the worker runs frees nothing.
+    pub(crate) fn release(
+        &self,
+        tasks: impl IntoIterator<Item = (Option<Uuid>, Uuid, i32)>,
+    ) -> bool {
         let mut workers = self.workers.lock().expect("registry");
         let mut freed = false;
-        for (worker, task) in tasks {
+        let remove = |w: &mut Registered, task: Uuid, attempt: i32| {
+            if w.assigned.get(&task).is_some_and(|(a, _)| *a == attempt) {
+                w.assigned.remove(&task);
+                true
+            } else {
+                false
+            }
+        };
+        for (worker, task, attempt) in tasks {
             match worker.and_then(|w| workers.get_mut(&w)) {
-                Some(w) => freed |= w.assigned.remove(&task),
+                Some(w) => freed |= remove(w, task, attempt),
                 None => {
                     for w in workers.values_mut() {
-                        freed |= w.assigned.remove(&task);
+                        freed |= remove(w, task, attempt);
                     }
                 }
             }
@@ -134,10 +195,16 @@ impl Registry {
     }
 
     /// Records the assignment and returns the worker's stream, if it is still connected.
-    fn assign(&self, worker: Uuid, task: Uuid) -> Option<AssignmentSender> {
+    fn assign(
+        &self,
+        worker: Uuid,
+        task: Uuid,
+        attempt: i32,
+        prefix: Arc<str>,
+    ) -> Option<AssignmentSender> {
         let mut workers = self.workers.lock().expect("registry");
         let w = workers.get_mut(&worker)?;
-        w.assigned.insert(task);
+        w.assigned.insert(task, (attempt, Some(prefix)));
         w.stream.as_ref().map(|(_, tx)| tx.clone())
     }
 
@@ -252,6 +319,15 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
     let mut undeliverable = Vec::new();
     let mut started = Vec::with_capacity(claimed.len());
     for c in &claimed {
+        let prefix: Arc<str> = ctl
+            .output_prefix(
+                c.campaign_id,
+                c.round_index,
+                &c.stage,
+                c.shard_index,
+                c.attempt,
+            )
+            .into();
         let assignment = Assignment {
             task_id: c.id.to_string(),
             attempt: c.attempt,
@@ -263,16 +339,10 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
             shard_count: c.shard_count,
             params_json: c.params.to_string(),
             inputs: inputs.remove(&c.id).unwrap_or_default(),
-            output_prefix: ctl.output_prefix(
-                c.campaign_id,
-                c.round_index,
-                &c.stage,
-                c.shard_index,
-                c.attempt,
-            ),
+            output_prefix: prefix.to_string(),
             backend: c.backend.clone(),
         };
-        let sent = match ctl.registry.assign(c.worker_id, c.id) {
+        let sent = match ctl.registry.assign(c.worker_id, c.id, c.attempt, prefix) {
             Some(stream) => stream.try_send(Ok(assignment)).is_ok(),
             None => false,
         };
@@ -290,11 +360,12 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
         let mut tx = ctl.pool.begin().await?;
         let failed: Vec<_> = undeliverable
             .iter()
-            .map(|(t, a, _)| {
+            .map(|(t, a, w)| {
                 (
                     *t,
                     *a,
-                    "worker disconnected before receiving the task".to_string(),
+                    *w,
+                    "worker disconnected before receiving the task",
                     true,
                 )
             })
@@ -308,7 +379,7 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
         store::attempts::finish_many(&mut tx, &closed).await?;
         tx.commit().await?;
         ctl.registry
-            .release(undeliverable.iter().map(|(t, _, w)| (Some(*w), *t)));
+            .release(undeliverable.iter().map(|(t, a, w)| (Some(*w), *t, *a)));
     }
     Ok(if claimed.len() >= wanted {
         DispatchOutcome::Saturated
@@ -325,14 +396,33 @@ pub(crate) async fn run_reaper(ctl: Arc<Controller>, mut shutdown: watch::Receiv
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             _ = shutdown.changed() => return,
         }
-        if let Err(e) = reap_once(&ctl).await {
-            tracing::warn!(error = %e, "lease reaper failed; will retry");
-        }
+        let up = match reap_once(&ctl).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "lease reaper failed; will retry");
+                false
+            }
+        };
+        ctl.db_up
+            .send_if_modified(|was| std::mem::replace(was, up) != up);
     }
 }
 
 async fn reap_once(ctl: &Controller) -> Result<()> {
     let mut tx = ctl.pool.begin().await?;
+    if !*ctl.db_up.borrow() {
+        // Back from a database outage: no heartbeat could be recorded meanwhile, so every
+        // running lease gets one more period (as at controller start) before anything is
+        // reclaimed; live workers' next heartbeats keep their tasks.
+        let ttl = ctl.config.lease_ttl_ms as i64;
+        let extended = store::tasks::extend_all_leases(&mut tx, ttl).await?;
+        tx.commit().await?;
+        tracing::warn!(
+            tasks = extended,
+            "database reachable again; running leases extended by one period"
+        );
+        return Ok(());
+    }
     let expired = store::tasks::expire_leases(&mut tx).await?;
     if expired.is_empty() {
         tx.rollback().await?;
@@ -374,7 +464,7 @@ async fn reap_once(ctl: &Controller) -> Result<()> {
     ctl.metrics.lease_expired(expired.len());
     ctl.settled(&expired);
     ctl.registry
-        .release(expired.iter().map(|s| (s.worker_id, s.id)));
+        .release(expired.iter().map(|s| (s.worker_id, s.id, s.attempt)));
     ctl.dispatch_wake.notify_one();
     ctl.planner_wake.notify_one();
     ctl.events_changed();

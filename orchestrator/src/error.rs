@@ -20,6 +20,10 @@ pub enum Error {
     },
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    LimitReached(String),
     #[error("controller is shutting down")]
     ShuttingDown,
 }
@@ -37,17 +41,18 @@ impl Error {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
+        let message = crate::limits::truncate(&e.to_string(), crate::limits::MAX_STATUS_BYTES);
         match &e {
             Error::Db(inner) => {
                 tracing::error!(error = %inner, "database error");
                 Status::unavailable("database unavailable; nothing was changed, retry later")
             }
-            Error::Migrate(_) | Error::ShuttingDown => Status::unavailable(e.to_string()),
-            Error::Spec(_) | Error::InvalidArgument { .. } => {
-                Status::invalid_argument(e.to_string())
-            }
-            Error::NotFound { .. } => Status::not_found(e.to_string()),
-            Error::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+            Error::Migrate(_) | Error::ShuttingDown => Status::unavailable(message),
+            Error::Spec(_) | Error::InvalidArgument { .. } => Status::invalid_argument(message),
+            Error::NotFound { .. } => Status::not_found(message),
+            Error::FailedPrecondition(_) => Status::failed_precondition(message),
+            Error::PermissionDenied(_) => Status::permission_denied(message),
+            Error::LimitReached(_) => Status::resource_exhausted(message),
         }
     }
 }
@@ -57,7 +62,10 @@ pub(crate) fn parse_id(field: &'static str, value: &str) -> Result<uuid::Uuid> {
     uuid::Uuid::parse_str(value).map_err(|_| {
         Error::invalid(
             field,
-            format!("{value:?} is not a valid id (expected a UUID)"),
+            format!(
+                "{} is not a valid id (expected a UUID)",
+                crate::limits::excerpt(value)
+            ),
         )
     })
 }

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`spec`]: campaign specs (YAML) and their validation with field paths.
+//! - [`limits`]: what one request may carry, checked at the API edge.
 //! - [`store`]: all SQL, one module per table.
 //! - `planner`: round DAGs, promotion gates, settling rounds.
 //! - `dispatch`: connected workers, batched claims, the lease reaper.
@@ -18,6 +19,7 @@
 
 pub mod auth;
 pub mod cron;
+pub mod limits;
 pub mod schedules;
 pub mod spec;
 pub mod store;
@@ -52,6 +54,11 @@ pub struct ControllerConfig {
     pub lease_ttl_ms: u32,
     /// How often workers are asked to heartbeat.
     pub heartbeat_interval_ms: u32,
+    /// How long a checked token is trusted before it is checked again (so revocation takes
+    /// effect within this time).
+    pub token_cache_ttl_ms: u32,
+    /// At shutdown, how long open requests and streams get to finish before they are dropped.
+    pub shutdown_grace_ms: u32,
 }
 
 impl ControllerConfig {
@@ -62,6 +69,8 @@ impl ControllerConfig {
             artifact_root: artifact_root.into(),
             lease_ttl_ms: 6_000,
             heartbeat_interval_ms: 2_000,
+            token_cache_ttl_ms: 5_000,
+            shutdown_grace_ms: 5_000,
         }
     }
 }
@@ -81,6 +90,11 @@ pub(crate) struct Controller {
     pub(crate) events: watch::Sender<u64>,
     pub(crate) writer: mpsc::Sender<writer::Report>,
     pub(crate) metrics: metrics::Metrics,
+    /// Whether the last round trip to Postgres (the reaper's, every 0.5 s) worked. Health
+    /// follows it, and leases are extended when it comes back.
+    pub(crate) db_up: watch::Sender<bool>,
+    /// Becomes true when the controller starts shutting down; long-lived streams end on it.
+    pub(crate) stopping: watch::Receiver<bool>,
 }
 
 impl Controller {
@@ -114,6 +128,45 @@ impl Controller {
         let root = &self.config.artifact_root;
         format!("{root}/campaigns/{campaign}/round-{round}/{stage}/shard-{shard}/attempt-{attempt}")
     }
+}
+
+/// Keeps gRPC health in step with the database: `NOT_SERVING` (overall and for both Flywheel
+/// services) while Postgres is unreachable or the controller is shutting down.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    mut db_up: watch::Receiver<bool>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    loop {
+        let serving = *db_up.borrow_and_update() && !*stopping.borrow_and_update();
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for service in [
+            "",
+            <WorkerServiceServer<api::WorkerApi> as tonic::server::NamedService>::NAME,
+            <ControlServiceServer<api::ControlApi> as tonic::server::NamedService>::NAME,
+        ] {
+            reporter.set_service_status(service, status).await;
+        }
+        tokio::select! {
+            r = db_up.changed() => if r.is_err() { return },
+            r = stopping.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Runs CPU-heavy request work (spec parsing and rendering) on the blocking pool, so a large
+/// request never stalls the async runtime that serves health checks, heartbeats and pages.
+pub(crate) async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::FailedPrecondition(format!("request processing failed: {e}")))?
 }
 
 /// Runs the controller on `listener` until `shutdown` resolves: gRPC services (worker
@@ -158,8 +211,12 @@ pub async fn serve_with_http(
     };
     let (writer_tx, writer_rx) = writer::channel();
     let (events, _) = watch::channel(0);
+    let (stop_tx, stop_rx) = watch::channel(false);
     let ctl = Arc::new(Controller {
-        auth: auth::Auth::new(pool.clone()),
+        auth: auth::Auth::new(
+            pool.clone(),
+            std::time::Duration::from_millis(config.token_cache_ttl_ms as u64),
+        ),
         pool,
         config,
         registry: dispatch::Registry::default(),
@@ -169,8 +226,9 @@ pub async fn serve_with_http(
         events,
         writer: writer_tx,
         metrics: metrics::Metrics::new(),
+        db_up: watch::Sender::new(true),
+        stopping: stop_rx.clone(),
     });
-    let (stop_tx, stop_rx) = watch::channel(false);
     let loops = vec![
         tokio::spawn(dispatch::run(ctl.clone(), stop_rx.clone())),
         tokio::spawn(dispatch::run_reaper(ctl.clone(), stop_rx.clone())),
@@ -189,21 +247,45 @@ pub async fn serve_with_http(
     });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<WorkerServiceServer<api::WorkerApi>>()
-        .await;
-    health_reporter
-        .set_serving::<ControlServiceServer<api::ControlApi>>()
-        .await;
+    let health = tokio::spawn(report_health(
+        health_reporter,
+        ctl.db_up.subscribe(),
+        stop_rx.clone(),
+    ));
+    // Both reflection versions: grpcurl and Postman use v1; grpcio-reflection, Evans and older
+    // tools only know v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(flywheel_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| Error::FailedPrecondition(format!("reflection setup failed: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flywheel_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::FailedPrecondition(format!("reflection setup failed: {e}")))?;
 
-    let result = tonic::transport::Server::builder()
+    // On shutdown: stop the loops, end every assignment and event stream (workers reconnect to
+    // a successor), then give open requests the grace period before dropping them, so a
+    // connected worker cannot hold the process and its port.
+    let signal = {
+        let (ctl, stop_tx) = (ctl.clone(), stop_tx.clone());
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(true);
+            ctl.registry.close_streams();
+        }
+    };
+    let grace = std::time::Duration::from_millis(ctl.config.shutdown_grace_ms as u64);
+    let mut stopping = stop_rx.clone();
+    let deadline = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+        tokio::time::sleep(grace).await;
+    };
+    let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(WorkerServiceServer::new(api::WorkerApi {
             ctl: ctl.clone(),
         }))
@@ -212,10 +294,17 @@ pub async fn serve_with_http(
         }))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await;
+            signal,
+        );
+    let result = tokio::select! {
+        r = server => r,
+        _ = deadline => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "grace period over; closing the connections still open");
+            Ok(())
+        }
+    };
     let _ = stop_tx.send(true);
+    health.abort();
     // Open event streams would hold a graceful shutdown forever; the state is in Postgres.
     if let Some(h) = http_server {
         h.abort();

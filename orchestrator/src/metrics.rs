@@ -381,10 +381,7 @@ pub(crate) async fn render(ctl: &Controller) -> Result<String> {
         let _ = writeln!(
             out,
             "flywheel_campaign_round{} {}",
-            labels(&[
-                ("campaign", &m.campaign_name),
-                ("campaign_id", &m.campaign_id.to_string())
-            ]),
+            labels(&[("campaign_id", &m.campaign_id.to_string())]),
             m.round_index
         );
     }
@@ -402,11 +399,7 @@ pub(crate) async fn render(ctl: &Controller) -> Result<String> {
                     let _ = writeln!(
                         out,
                         "flywheel_round_metric{} {}",
-                        labels(&[
-                            ("campaign", &m.campaign_name),
-                            ("campaign_id", &id),
-                            ("metric", metric)
-                        ]),
+                        labels(&[("campaign_id", &id), ("metric", metric)]),
                         number(v)
                     );
                 }

@@ -22,20 +22,54 @@ fn event(campaign_id: Uuid, kind: &'static str, message: String, actor: &Princip
     }
 }
 
-/// Validates a spec, stores the campaign and its starting models, and plans round 0.
+/// Stores a validated campaign and its starting models, and plans round 0. With a
+/// `request_id`, a repeated call returns the campaign the first one created.
 pub(crate) async fn create_campaign(
     ctl: &Controller,
     spec_yaml: &str,
+    spec: &CampaignSpec,
+    request_id: Option<&str>,
     actor: &Principal,
 ) -> Result<CampaignRow> {
-    let spec = CampaignSpec::from_yaml(spec_yaml)?;
+    if let Some(request_id) = request_id {
+        let mut conn = ctl.pool.acquire().await?;
+        if let Some(existing) = store::campaigns::by_request_id(&mut conn, request_id).await? {
+            return same_request(existing, spec_yaml, request_id);
+        }
+    }
     let mut tx = ctl.pool.begin().await?;
-    let id = create_campaign_in(&mut tx, spec_yaml, &spec, actor).await?;
-    tx.commit().await?;
+    let id = create_campaign_in(&mut tx, spec_yaml, spec, actor).await?;
+    if let Some(request_id) = request_id {
+        store::campaigns::set_request_id(&mut tx, id, request_id).await?;
+    }
+    if let Err(e) = tx.commit().await {
+        // Two calls with one request id raced; the other one's campaign stands.
+        if let (Some(request_id), Some(db)) = (request_id, e.as_database_error())
+            && db.is_unique_violation()
+        {
+            let mut conn = ctl.pool.acquire().await?;
+            if let Some(existing) = store::campaigns::by_request_id(&mut conn, request_id).await? {
+                return same_request(existing, spec_yaml, request_id);
+            }
+        }
+        return Err(e.into());
+    }
     ctl.dispatch_wake.notify_one();
     ctl.events_changed();
     tracing::info!(campaign_id = %id, name = %spec.name, "campaign created");
     get(ctl, id).await
+}
+
+/// A retried create: the campaign its request id made, if the spec is the same one.
+fn same_request(existing: CampaignRow, spec_yaml: &str, request_id: &str) -> Result<CampaignRow> {
+    if existing.spec_yaml == spec_yaml {
+        Ok(existing)
+    } else {
+        Err(Error::FailedPrecondition(format!(
+            "request_id {request_id:?} already created campaign {} from a different spec",
+            existing.id
+        )))
+    }
 }
 
 /// The transactional part of [`create_campaign`], shared with schedule firings.

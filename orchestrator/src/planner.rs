@@ -302,25 +302,33 @@ async fn fail_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
     };
     let metrics = Value::Object(metrics_of(&tasks));
     store::rounds::finish(&mut tx, round.id, "failed", &metrics).await?;
+    let error = failed.last_error.clone().unwrap_or_default();
+    let mut events = vec![NewEvent {
+        campaign_id: Some(campaign.id),
+        task_id: Some(failed.id),
+        kind: "round_failed",
+        message: format!(
+            "round {} failed: stage {} shard {} failed after {} attempt(s): {error}",
+            round.round_index, failed.stage, failed.shard_index, failed.attempt
+        ),
+        actor: SYSTEM_ACTOR.into(),
+        data: json!({ "round": round.round_index, "stage": failed.stage, "error": error }),
+    }];
     if matches!(campaign.status.as_str(), "running" | "paused") {
         store::campaigns::set_status(&mut tx, campaign.id, "failed").await?;
-    }
-    let error = failed.last_error.clone().unwrap_or_default();
-    store::events::insert(
-        &mut tx,
-        NewEvent {
+        events.push(NewEvent {
             campaign_id: Some(campaign.id),
-            task_id: Some(failed.id),
-            kind: "round_failed",
+            task_id: None,
+            kind: "campaign_failed",
             message: format!(
-                "round {} failed: stage {} shard {} failed after {} attempt(s): {error}",
-                round.round_index, failed.stage, failed.shard_index, failed.attempt
+                "campaign failed in round {} (stage {}); retry-stage can resume it",
+                round.round_index, failed.stage
             ),
             actor: SYSTEM_ACTOR.into(),
-            data: json!({ "round": round.round_index, "stage": failed.stage, "error": error }),
-        },
-    )
-    .await?;
+            data: json!({ "round": round.round_index, "stage": failed.stage }),
+        });
+    }
+    store::events::insert_many(&mut tx, &events).await?;
     tx.commit().await?;
     tracing::warn!(campaign_id = %campaign.id, round = round.round_index, stage = %failed.stage, "round failed");
     Ok(true)

@@ -27,6 +27,8 @@ use crate::{ops, template};
 /// The shortest catch-up window: a firing is always allowed to be this late (controller ticks,
 /// a busy database) without counting as missed.
 pub const MIN_CATCH_UP_WINDOW_S: u32 = 10;
+/// The longest catch-up window: a year (stored as a 32-bit count of seconds).
+pub const MAX_CATCH_UP_WINDOW_S: u32 = 365 * 24 * 3600;
 /// At most this many scheduled times are handled one by one per schedule and tick; older ones
 /// after a long outage are recorded as one missed run.
 const MAX_TIMES_PER_TICK: usize = 1000;
@@ -113,9 +115,19 @@ pub async fn create(
     actor: &str,
     now: DateTime<Utc>,
 ) -> Result<ScheduleRow> {
+    crate::limits::name("name", &req.name)?;
     let name = req.name.trim();
-    if name.is_empty() || name.len() > 200 {
-        return Err(Error::invalid("name", "must be 1 to 200 characters"));
+    crate::limits::text("cron", &req.cron, crate::limits::MAX_NAME_BYTES)?;
+    crate::limits::text("time_zone", &req.time_zone, crate::limits::MAX_NAME_BYTES)?;
+    crate::limits::text(
+        "template_yaml",
+        &req.template_yaml,
+        crate::limits::MAX_SPEC_BYTES,
+    )?;
+    crate::limits::entries("params", req.params.len())?;
+    for (k, v) in &req.params {
+        crate::limits::name("params", k)?;
+        crate::limits::text("params", v, crate::limits::MAX_TEXT_BYTES)?;
     }
     let cron = CronSchedule::parse(&req.cron, &req.time_zone).map_err(|e| {
         let field = if matches!(e, crate::cron::CronError::TimeZone(_)) {
@@ -155,15 +167,22 @@ pub async fn create(
             format!("must be at least {MIN_CATCH_UP_WINDOW_S} seconds"),
         ));
     }
+    if req.catch_up_window_s > MAX_CATCH_UP_WINDOW_S {
+        return Err(Error::invalid(
+            "catch_up_window_s",
+            format!("must be at most {MAX_CATCH_UP_WINDOW_S} seconds (a year)"),
+        ));
+    }
     let first = cron
         .next_after(now)
         .ok_or_else(|| Error::invalid("cron", "never fires after now"))?;
     // Validate the template now, as it will be filled at the first firing.
-    render_spec(
-        &req.template_yaml,
-        &req.params,
-        &builtins(name, &cron, first),
-    )?;
+    let (template, params, builtins) = (
+        req.template_yaml.clone(),
+        req.params.clone(),
+        builtins(name, &cron, first),
+    );
+    crate::off_runtime(move || render_spec(&template, &params, &builtins).map(drop)).await?;
     let id = Uuid::new_v4();
     let mut tx = pool.begin().await?;
     let inserted = store::schedules::insert(
@@ -400,6 +419,8 @@ async fn handle(tx: &mut PgConnection, s: &ScheduleRow, now: DateTime<Utc>) -> R
     let mut h = Handling {
         schedule: s,
         actor: Principal {
+            // A schedule acts by itself, not through a token.
+            token_id: Uuid::nil(),
             name: format!("schedule:{}", s.name),
             scope: Scope::Admin,
         },

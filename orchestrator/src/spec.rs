@@ -4,7 +4,7 @@
 //! its field path (`recipe.stages[3].params.beta: must be > 0`), not just the first one serde
 //! trips on. Only a document that validates is turned into a [`CampaignSpec`].
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -27,9 +27,24 @@ impl fmt::Display for Problem {
 
 /// A spec that did not validate, with every problem found.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("invalid campaign spec: {}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+#[error("invalid campaign spec: {}", listed(problems))]
 pub struct SpecError {
     pub problems: Vec<Problem>,
+}
+
+/// The first [`MAX_LISTED_PROBLEMS`](crate::limits::MAX_LISTED_PROBLEMS) problems, then a count.
+fn listed(problems: &[Problem]) -> String {
+    let max = crate::limits::MAX_LISTED_PROBLEMS;
+    let mut out = problems
+        .iter()
+        .take(max)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if problems.len() > max {
+        out.push_str(&format!("; and {} more problems", problems.len() - max));
+    }
+    out
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -210,16 +225,36 @@ impl Requirement {
     }
 }
 
+/// Parses YAML into a generic value with bounded work: aliases may replay at most
+/// [`MAX_YAML_ALIAS_EVENTS`](crate::limits::MAX_YAML_ALIAS_EVENTS) events in all (an alias bomb
+/// is refused, not expanded), duplicate keys are an error (not "last one wins"), and only
+/// `true`/`false` are booleans (YAML 1.2, as before).
+fn parse_yaml(text: &str) -> Result<Value, String> {
+    let options = serde_saphyr::options! {
+        duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::Error,
+        alias_limits: serde_saphyr::alias_limits! {
+            max_total_replayed_events: crate::limits::MAX_YAML_ALIAS_EVENTS,
+        },
+        strict_booleans: true,
+    };
+    serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+        let e = e.to_string();
+        let e = e.lines().next().unwrap_or_default();
+        format!("not valid YAML: {}", crate::limits::truncate(e, 500))
+    })
+}
+
 impl CampaignSpec {
     /// Parses and validates a YAML spec.
     pub fn from_yaml(text: &str) -> Result<Self, SpecError> {
-        let doc: Value = serde_yaml::from_str(text).map_err(|e| SpecError {
+        let doc = parse_yaml(text).map_err(|message| SpecError {
             problems: vec![Problem {
                 path: "$".into(),
-                message: format!("not valid YAML: {e}"),
+                message,
             }],
         })?;
         let mut v = Validator::default();
+        v.no_nul(&doc, "");
         let spec = v.campaign(&doc);
         match spec {
             Some(spec) if v.problems.is_empty() => Ok(spec),
@@ -723,6 +758,21 @@ impl Validator {
             StageKind::Promote => self.gate(p, path, earlier),
             _ => {}
         }
+        if matches!(kind, StageKind::Sft | StageKind::Preference)
+            && let Some(extra) = p.get("extra_args")
+        {
+            if !extra
+                .as_array()
+                .is_some_and(|a| a.iter().all(|x| x.is_string() || x.is_number()))
+            {
+                self.problem(join(path, "extra_args"), "must be a list of arguments");
+            } else if p.contains_key("command") {
+                self.problem(
+                    join(path, "extra_args"),
+                    "applies to templates; with command, put the arguments in the command",
+                );
+            }
+        }
         // Secrets never reach Postgres: a spec names the variable that holds a key.
         for key in ["api_key", "token", "password", "secret"] {
             if p.contains_key(key) {
@@ -769,6 +819,7 @@ impl Validator {
     }
 
     fn recipe_shape(&mut self, stages: &[StageSpec]) {
+        self.round_size(stages);
         let promotes: Vec<_> = stages
             .iter()
             .enumerate()
@@ -793,6 +844,78 @@ impl Validator {
                     "a promote stage needs an earlier sft or preference stage to promote",
                 );
             }
+        }
+    }
+}
+
+impl Validator {
+    /// Strings (a YAML `"\0"` escape included) may not hold NUL: Postgres refuses to store it.
+    fn no_nul(&mut self, v: &Value, path: &str) {
+        match v {
+            Value::String(s) if s.contains('\0') => self.problem(
+                if path.is_empty() { "$" } else { path },
+                "contains a NUL character",
+            ),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    self.no_nul(item, &format!("{path}[{i}]"));
+                }
+            }
+            Value::Object(m) => {
+                for (k, item) in m {
+                    if k.contains('\0') {
+                        self.problem(
+                            join(path, &k.replace('\0', "\\0")),
+                            "key contains a NUL character",
+                        );
+                    } else {
+                        self.no_nul(item, &join(path, k));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A round's tasks and dependency edges, counted as the planner makes them (a stage with
+    /// the same shard count as its input is pipelined shard by shard, else every shard depends
+    /// on every input shard), must stay within the documented limits.
+    fn round_size(&mut self, stages: &[StageSpec]) {
+        let shards: HashMap<&str, u64> = stages
+            .iter()
+            .map(|s| (s.name.as_str(), u64::from(s.shards)))
+            .collect();
+        let tasks: u64 = shards.values().sum();
+        let edges: u64 = stages
+            .iter()
+            .flat_map(|s| {
+                let own = u64::from(s.shards);
+                s.needs.iter().map(move |n| (own, n))
+            })
+            .map(|(own, n)| {
+                let up = shards.get(n.as_str()).copied().unwrap_or(1);
+                if up == own { own } else { own * up }
+            })
+            .sum();
+        let (max_tasks, max_edges) = (
+            crate::limits::MAX_TASKS_PER_ROUND,
+            crate::limits::MAX_EDGES_PER_ROUND,
+        );
+        if tasks > max_tasks {
+            self.problem(
+                "recipe.stages",
+                format!(
+                    "a round would have {tasks} tasks; the limit is {max_tasks} (lower shards)"
+                ),
+            );
+        }
+        if edges > max_edges {
+            self.problem(
+                "recipe.stages",
+                format!(
+                    "a round would have {edges} dependencies between tasks; the limit is {max_edges} (give connected stages the same shard count, or fewer shards)"
+                ),
+            );
         }
     }
 }
@@ -973,6 +1096,86 @@ mod tests {
             "{got:?}"
         );
         assert_eq!(got.len(), 4, "{got:?}");
+    }
+
+    #[test]
+    fn every_filter_in_the_examples_feeds_a_training_stage() {
+        for (name, yaml) in [
+            ("demo", include_str!("../../examples/demo.yaml")),
+            (
+                "vllm-deployment",
+                include_str!("../../examples/vllm-deployment.yaml"),
+            ),
+            ("mixed", include_str!("../../examples/mixed.yaml")),
+        ] {
+            let spec = CampaignSpec::from_yaml(yaml).unwrap();
+            for f in spec.stages.iter().filter(|s| s.kind == StageKind::Filter) {
+                assert!(
+                    spec.stages
+                        .iter()
+                        .any(|t| t.kind.trains() && t.needs.contains(&f.name)),
+                    "examples/{name}.yaml: the pairs and SFT data of stage {} reach no training stage",
+                    f.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn yaml_is_parsed_with_bounded_work_and_without_duplicate_keys() {
+        let good = GOOD;
+        let dup = good.replacen("rounds: ", "rounds: 1\nrounds: ", 1);
+        let got = problems(&dup);
+        assert!(
+            got[0].starts_with("$: not valid YAML:") && got[0].contains("uplicate"),
+            "{got:?}"
+        );
+        // An alias bomb: each level doubles the one below; expanded, 2^20 entries.
+        let mut bomb = String::from("a0: &a0 [x, x]\n");
+        for i in 1..=20 {
+            bomb.push_str(&format!("a{i}: &a{i} [*a{}, *a{}]\n", i - 1, i - 1));
+        }
+        let got = problems(&bomb);
+        assert!(got[0].starts_with("$: not valid YAML:"), "{got:?}");
+        // A few aliases are fine.
+        let aliased = format!("x-defaults: &d {{ pool: cpu, backend: test }}\n{good}");
+        assert!(
+            CampaignSpec::from_yaml(&aliased)
+                .is_err_and(|e| e.problems.iter().all(|p| !p.message.contains("YAML")))
+        );
+    }
+
+    #[test]
+    fn rounds_too_large_to_plan_are_refused_with_the_limit() {
+        let stages = "apiVersion: flywheel/v1\nname: big\nmodels:\n  generator: { uri: \"test://g\" }\n  base: { uri: \"test://b\" }\n  reward: { uri: \"test://r\" }\nrounds: 1\ndefaults: { pool: cpu, backend: test }\nrecipe:\n  stages:\n    - { name: a, kind: synthesize_prompts, shards: 1000 }\n    - { name: b, kind: generate, shards: 999, needs: [a] }\n";
+        let got = problems(stages);
+        assert!(
+            got.iter()
+                .any(|p| p.contains("999000 dependencies") && p.contains("the limit is 100000")),
+            "{got:?}"
+        );
+        let many = stages
+            .replace("shards: 1000", "shards: 9500")
+            .replace("shards: 999,", "shards: 9500,");
+        let got = problems(&many);
+        assert!(
+            got.iter()
+                .any(|p| p.contains("19000 tasks") && p.contains("the limit is 10000")),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn long_problem_lists_are_cut_after_twenty() {
+        let mut yaml = String::from(GOOD);
+        for i in 0..150 {
+            yaml.push_str(&format!("unknown_{i}: 1\n"));
+        }
+        let e = CampaignSpec::from_yaml(&yaml).unwrap_err();
+        assert!(e.problems.len() >= 150);
+        let text = e.to_string();
+        assert!(text.contains("more problems"), "{text}");
+        assert_eq!(text.matches("unknown_").count(), 20, "{text}");
     }
 
     #[test]

@@ -27,8 +27,6 @@ pub(crate) enum Rejected {
     Unavailable(String),
 }
 
-/// A task attempt: `(task id, attempt)`.
-type AttemptKey = (Uuid, i32);
 type Reply<T> = oneshot::Sender<Result<T, Rejected>>;
 /// What a heartbeat gets back: a directive per reported attempt.
 pub(crate) type Directives = Vec<(Uuid, i32, Directive)>;
@@ -40,6 +38,7 @@ pub(crate) enum Report {
         reply: Reply<Directives>,
     },
     Complete {
+        worker_id: Uuid,
         task_id: Uuid,
         attempt: i32,
         outputs: Vec<NewOutput>,
@@ -47,12 +46,24 @@ pub(crate) enum Report {
         reply: Reply<()>,
     },
     Fail {
+        worker_id: Uuid,
         task_id: Uuid,
         attempt: i32,
         error: String,
         retryable: bool,
         reply: Reply<bool>,
     },
+}
+
+impl Report {
+    fn reject(self, why: &str) {
+        let e = || Rejected::Unavailable(why.to_string());
+        match self {
+            Report::Heartbeat { reply, .. } => drop(reply.send(Err(e()))),
+            Report::Complete { reply, .. } => drop(reply.send(Err(e()))),
+            Report::Fail { reply, .. } => drop(reply.send(Err(e()))),
+        }
+    }
 }
 
 pub(crate) fn channel() -> (mpsc::Sender<Report>, mpsc::Receiver<Report>) {
@@ -71,81 +82,40 @@ pub(crate) async fn run(
             _ = shutdown.changed() => return,
         }
         let reports = std::mem::take(&mut batch);
-        if let Err(e) = write_batch(&ctl, reports).await {
-            tracing::warn!(error = %e, "report batch failed");
-        }
+        write_batch(&ctl, reports).await;
     }
 }
 
-#[derive(Default)]
-struct Batch {
-    workers: Vec<Uuid>,
-    beats: Vec<Beat>,
-    heartbeat_replies: Vec<(Uuid, Vec<AttemptKey>, Reply<Directives>)>,
-    completions: Vec<(Uuid, i32, Value)>,
-    outputs: Vec<NewOutput>,
-    completion_replies: Vec<(AttemptKey, Reply<()>)>,
-    failures: Vec<(Uuid, i32, String, bool)>,
-    failure_replies: Vec<(AttemptKey, Reply<bool>)>,
-}
-
-async fn write_batch(ctl: &Controller, reports: Vec<Report>) -> Result<()> {
-    let mut b = Batch::default();
+/// Writes reports in one transaction. If it fails and held more than one report, each report is
+/// written again in a transaction of its own, so that one report the database refuses fails
+/// only itself; when the database is unreachable every report is answered `Unavailable`.
+async fn write_batch(ctl: &Controller, reports: Vec<Report>) {
+    let e = match commit(ctl, &reports).await {
+        Ok(committed) => return answer(ctl, reports, committed),
+        Err(e) => e,
+    };
+    let unreachable = matches!(
+        e,
+        Error::Db(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed)
+    );
+    if reports.len() == 1 || unreachable {
+        tracing::warn!(error = %e, reports = reports.len(), "report batch failed");
+        let why = e.to_string();
+        for r in reports {
+            r.reject(&why);
+        }
+        return;
+    }
+    tracing::warn!(error = %e, reports = reports.len(), "report batch failed; writing its reports one by one");
     for r in reports {
-        match r {
-            Report::Heartbeat {
-                worker_id,
-                beats,
-                reply,
-            } => {
-                b.workers.push(worker_id);
-                b.heartbeat_replies.push((
-                    worker_id,
-                    beats.iter().map(|x| (x.id, x.attempt)).collect(),
-                    reply,
-                ));
-                b.beats.extend(beats);
+        let one = [r];
+        match commit(ctl, &one).await {
+            Ok(committed) => answer(ctl, one.into(), committed),
+            Err(e) => {
+                tracing::warn!(error = %e, "report failed");
+                let [r] = one;
+                r.reject(&e.to_string());
             }
-            Report::Complete {
-                task_id,
-                attempt,
-                outputs,
-                metrics,
-                reply,
-            } => {
-                b.completions.push((task_id, attempt, metrics));
-                b.outputs.extend(outputs);
-                b.completion_replies.push(((task_id, attempt), reply));
-            }
-            Report::Fail {
-                task_id,
-                attempt,
-                error,
-                retryable,
-                reply,
-            } => {
-                b.failures.push((task_id, attempt, error, retryable));
-                b.failure_replies.push(((task_id, attempt), reply));
-            }
-        }
-    }
-    match commit(ctl, &b).await {
-        Ok(result) => {
-            answer(ctl, b, result);
-            Ok(())
-        }
-        Err(e) => {
-            let msg = e.to_string();
-            for (_, _, reply) in b.heartbeat_replies {
-                let _ = reply.send(Err(Rejected::Unavailable(msg.clone())));
-            }
-            for (_, reply) in b.completion_replies {
-                let _ = reply.send(Err(Rejected::Unavailable(msg.clone())));
-            }
-            for (_, reply) in b.failure_replies {
-                let _ = reply.send(Err(Rejected::Unavailable(msg.clone())));
-            }
-            Err(e)
         }
     }
 }
@@ -156,28 +126,61 @@ struct Committed {
     completed: HashSet<(Uuid, i32)>,
     /// Settled failures: (task, attempt) → will retry.
     failed: HashMap<(Uuid, i32), bool>,
-    released: Vec<(Option<Uuid>, Uuid)>,
+    released: Vec<(Option<Uuid>, Uuid, i32)>,
     wake_dispatch: bool,
     wake_planner: bool,
     events: bool,
 }
 
-async fn commit(ctl: &Controller, b: &Batch) -> Result<Committed> {
+async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
+    let mut beats: Vec<&Beat> = Vec::new();
+    let mut workers = Vec::new();
+    // Completions: the same (task, attempt) reported twice in one batch counts once.
+    let mut seen = HashSet::new();
+    let mut completions = Vec::new();
+    let mut outputs: Vec<&NewOutput> = Vec::new();
+    let mut failures = Vec::new();
+    for r in reports {
+        match r {
+            Report::Heartbeat {
+                worker_id,
+                beats: b,
+                ..
+            } => {
+                workers.push(*worker_id);
+                beats.extend(b);
+            }
+            Report::Complete {
+                worker_id,
+                task_id,
+                attempt,
+                outputs: o,
+                metrics,
+                ..
+            } => {
+                if seen.insert((*task_id, *attempt)) {
+                    completions.push((*task_id, *attempt, *worker_id, metrics.clone()));
+                    outputs.extend(o);
+                }
+            }
+            Report::Fail {
+                worker_id,
+                task_id,
+                attempt,
+                error,
+                retryable,
+                ..
+            } => failures.push((*task_id, *attempt, *worker_id, error.as_str(), *retryable)),
+        }
+    }
+
     let mut tx = ctl.pool.begin().await?;
     let ttl = ctl.config.lease_ttl_ms as i64;
     let mut events = Vec::new();
 
-    let alive = store::tasks::heartbeat(&mut tx, &b.beats, ttl).await?;
-    store::workers::touch(&mut tx, &b.workers).await?;
+    let alive = store::tasks::heartbeat(&mut tx, &beats, ttl).await?;
+    store::workers::touch(&mut tx, &workers).await?;
 
-    // Completions: the same (task, attempt) reported twice in one batch counts once.
-    let mut seen = HashSet::new();
-    let completions: Vec<_> = b
-        .completions
-        .iter()
-        .filter(|c| seen.insert((c.0, c.1)))
-        .cloned()
-        .collect();
     let completed = store::tasks::complete(&mut tx, &completions).await?;
     let accepted: HashSet<(Uuid, i32)> = completed.iter().map(|c| (c.id, c.attempt)).collect();
     let closed: Vec<_> = completed
@@ -185,9 +188,8 @@ async fn commit(ctl: &Controller, b: &Batch) -> Result<Committed> {
         .map(|c| (c.id, c.attempt, "succeeded", None))
         .collect();
     store::attempts::finish_many(&mut tx, &closed).await?;
-    let outputs: Vec<NewOutput> = b
-        .outputs
-        .iter()
+    let outputs: Vec<NewOutput> = outputs
+        .into_iter()
         .filter(|o| accepted.contains(&(o.task_id, o.attempt)))
         .cloned()
         .collect();
@@ -211,12 +213,8 @@ async fn commit(ctl: &Controller, b: &Batch) -> Result<Committed> {
         });
     }
 
-    let failed = store::tasks::fail(&mut tx, &b.failures).await?;
-    let errors: HashMap<(Uuid, i32), &str> = b
-        .failures
-        .iter()
-        .map(|f| ((f.0, f.1), f.2.as_str()))
-        .collect();
+    let failed = store::tasks::fail(&mut tx, &failures).await?;
+    let errors: HashMap<(Uuid, i32), &str> = failures.iter().map(|f| ((f.0, f.1), f.3)).collect();
     let closed: Vec<_> = failed
         .iter()
         .map(|f| {
@@ -261,9 +259,11 @@ async fn commit(ctl: &Controller, b: &Batch) -> Result<Committed> {
 
     ctl.settled(&completed);
     ctl.settled(&failed);
-    let mut released: Vec<(Option<Uuid>, Uuid)> =
-        completed.iter().map(|c| (c.worker_id, c.id)).collect();
-    released.extend(failed.iter().map(|f| (f.worker_id, f.id)));
+    let mut released: Vec<(Option<Uuid>, Uuid, i32)> = completed
+        .iter()
+        .map(|c| (c.worker_id, c.id, c.attempt))
+        .collect();
+    released.extend(failed.iter().map(|f| (f.worker_id, f.id, f.attempt)));
     Ok(Committed {
         alive: alive
             .into_iter()
@@ -281,40 +281,58 @@ async fn commit(ctl: &Controller, b: &Batch) -> Result<Committed> {
     })
 }
 
-fn answer(ctl: &Controller, b: Batch, c: Committed) {
+fn answer(ctl: &Controller, reports: Vec<Report>, c: Committed) {
     let mut released = c.released;
     let mut stale = [0u64; 3];
-    for (worker_id, worker_tasks, reply) in b.heartbeat_replies {
-        let directives = worker_tasks
-            .into_iter()
-            .map(|(id, attempt)| {
-                let d = match c.alive.get(&(id, attempt)) {
-                    Some(true) => Directive::Cancel,
-                    Some(false) => Directive::Continue,
-                    None => {
-                        released.push((Some(worker_id), id));
-                        stale[2] += 1;
-                        Directive::Abandon
-                    }
-                };
-                (id, attempt, d)
-            })
-            .collect();
-        let _ = reply.send(Ok(directives));
-    }
-    for (key, reply) in b.completion_replies {
-        let accepted = c.completed.contains(&key);
-        stale[0] += u64::from(!accepted);
-        let _ = reply.send(if accepted {
-            Ok(())
-        } else {
-            Err(Rejected::Stale)
-        });
-    }
-    for (key, reply) in b.failure_replies {
-        let settled = c.failed.get(&key).copied();
-        stale[1] += u64::from(settled.is_none());
-        let _ = reply.send(settled.ok_or(Rejected::Stale));
+    for r in reports {
+        match r {
+            Report::Heartbeat {
+                worker_id,
+                beats,
+                reply,
+            } => {
+                let directives = beats
+                    .iter()
+                    .map(|b| {
+                        let d = match c.alive.get(&(b.id, b.attempt)) {
+                            Some(true) => Directive::Cancel,
+                            Some(false) => Directive::Continue,
+                            None => {
+                                released.push((Some(worker_id), b.id, b.attempt));
+                                stale[2] += 1;
+                                Directive::Abandon
+                            }
+                        };
+                        (b.id, b.attempt, d)
+                    })
+                    .collect();
+                let _ = reply.send(Ok(directives));
+            }
+            Report::Complete {
+                task_id,
+                attempt,
+                reply,
+                ..
+            } => {
+                let accepted = c.completed.contains(&(task_id, attempt));
+                stale[0] += u64::from(!accepted);
+                let _ = reply.send(if accepted {
+                    Ok(())
+                } else {
+                    Err(Rejected::Stale)
+                });
+            }
+            Report::Fail {
+                task_id,
+                attempt,
+                reply,
+                ..
+            } => {
+                let settled = c.failed.get(&(task_id, attempt)).copied();
+                stale[1] += u64::from(settled.is_none());
+                let _ = reply.send(settled.ok_or(Rejected::Stale));
+            }
+        }
     }
     for (report, n) in ["complete", "fail", "heartbeat"].into_iter().zip(stale) {
         ctl.metrics.stale_report(report, n);

@@ -134,6 +134,7 @@ impl ControlClient {
         let req = CreateCampaignRequest {
             spec_yaml,
             params: Default::default(),
+            request_id: String::new(),
         };
         Ok(self.inner.create_campaign(req).await?.into_inner())
     }

@@ -6,6 +6,7 @@
 //! [`WorkerClient`] and [`ControlClient`], which add the bearer token to every call.
 
 mod client;
+pub mod codec;
 
 mod pb {
     #![allow(unreachable_pub, missing_docs, clippy::all)]
@@ -28,3 +29,43 @@ pub mod v1 {
 /// Encoded `FileDescriptorSet` of the protos, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/flywheel_descriptor.bin"));
+
+/// Sizes a message's fields may have, shared by the controller (which refuses more, naming the
+/// field) and the workers (which cut what they send to fit).
+pub mod limits {
+    /// Names and identifiers: worker, pool, backend, metric, label, output name.
+    pub const MAX_NAME_BYTES: usize = 200;
+    /// Free text: progress messages, failure errors, output metadata.
+    pub const MAX_TEXT_BYTES: usize = 16 * 1024;
+    /// Entries in one list or map of a request (tasks of a heartbeat, outputs, metrics, labels).
+    pub const MAX_ENTRIES: usize = 1024;
+
+    /// `text` made storable within `max` bytes: NUL characters (which Postgres refuses) become
+    /// U+FFFD, and if it is too long its end is kept (the last lines of a log say most).
+    pub fn fit_text(text: &str, max: usize) -> String {
+        let clean = text.replace('\0', "\u{fffd}");
+        if clean.len() <= max {
+            return clean;
+        }
+        let marker = "… (cut) ";
+        let mut start = clean.len() - (max - marker.len());
+        while !clean.is_char_boundary(start) {
+            start += 1;
+        }
+        format!("{marker}{}", &clean[start..])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::limits::fit_text;
+
+    #[test]
+    fn text_is_made_storable_keeping_its_end() {
+        assert_eq!(fit_text("loss\0=1", 100), "loss\u{fffd}=1");
+        let log = format!("{}last line: exit 3", "é".repeat(10_000));
+        let fitted = fit_text(&log, 1000);
+        assert!(fitted.len() <= 1000, "{}", fitted.len());
+        assert!(fitted.starts_with("… (cut) ") && fitted.ends_with("last line: exit 3"));
+    }
+}

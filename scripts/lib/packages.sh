@@ -18,15 +18,17 @@ ensure_test_packages() {
 }
 
 # A Python with the PyPI packages the integration tests drive: the official openai client
-# (against `flywheel serve-model`) and moto's S3 server (the artifact store on S3).
+# (against `flywheel serve-model`), moto's S3 server (the artifact store on S3), and grpcio with
+# grpcio-reflection (a generic gRPC client: reflection v1alpha, raw request bytes).
 ensure_test_python() {
     local venv=target/pyenv
-    if [ -x "$venv/bin/moto_server" ] && "$venv/bin/python" -c "import openai, moto" 2>/dev/null; then
+    if [ -x "$venv/bin/moto_server" ] && "$venv/bin/python" -c "import openai, moto, grpc, grpc_reflection" 2>/dev/null; then
         return 0
     fi
     command -v python3 >/dev/null || { echo "error: python3 is missing (the openai-client and S3 tests need it)" >&2; exit 1; }
-    echo "creating $venv with openai and moto[server] from PyPI ..." >&2
-    python3 -m venv "$venv" || { echo "error: python3 -m venv failed (install Debian's python3-venv)" >&2; exit 1; }
-    "$venv/bin/pip" install -q 'openai>=1.40,<3' 'moto[server]>=5,<6' ||
-        { echo "error: pip could not install openai and moto[server] from PyPI" >&2; exit 1; }
+    echo "creating $venv with openai, moto[server], grpcio and grpcio-reflection from PyPI ..." >&2
+    [ -x "$venv/bin/pip" ] || python3 -m venv "$venv" ||
+        { echo "error: python3 -m venv failed (install Debian's python3-venv)" >&2; exit 1; }
+    "$venv/bin/pip" install -q 'openai>=1.40,<3' 'moto[server]>=5,<6' 'grpcio>=1.60' 'grpcio-reflection>=1.60' ||
+        { echo "error: pip could not install openai, moto[server], grpcio and grpcio-reflection from PyPI" >&2; exit 1; }
 }

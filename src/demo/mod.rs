@@ -22,8 +22,9 @@ use crate::pg::PrivatePostgres;
 #[derive(clap::Args)]
 pub(crate) struct DemoArgs {
     /// Campaign spec; `bootstrap://NAME` model uris are replaced by the bootstrapped models.
-    #[arg(long, default_value = "examples/demo.yaml")]
-    spec: PathBuf,
+    /// Default: `examples/demo.yaml`, built into the binary.
+    #[arg(long)]
+    spec: Option<PathBuf>,
     /// Where models, artifacts and the private database go.
     #[arg(long, default_value = ".flywheel/demo")]
     workdir: PathBuf,
@@ -109,10 +110,31 @@ fn say(msg: &str) {
     println!("{msg}");
 }
 
+/// The demo's campaign, so that the binary runs it from any directory.
+const DEMO_SPEC: &str = include_str!("../../examples/demo.yaml");
+
+/// Runs the demo; SIGTERM or SIGINT at any point stops its worker processes and its private
+/// Postgres before the process exits (status 130).
 pub(crate) async fn run(args: DemoArgs) -> Result<()> {
+    let mut demo = Box::pin(run_demo(args));
+    tokio::select! {
+        r = &mut demo => return r,
+        _ = crate::cli::shutdown_signal() => {}
+    }
+    // Dropping the demo kills its workers and stops its Postgres (their guards' Drop).
+    drop(demo);
+    eprintln!("demo: stopped by a signal; workers and the private Postgres are down");
+    // A model still training on the blocking pool would otherwise hold the exit.
+    std::process::exit(130);
+}
+
+async fn run_demo(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
-    let spec_text = std::fs::read_to_string(&args.spec)
-        .with_context(|| format!("cannot read the campaign spec {}", args.spec.display()))?;
+    let spec_text = match &args.spec {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the campaign spec {}", path.display()))?,
+        None => DEMO_SPEC.to_string(),
+    };
     std::fs::create_dir_all(&args.workdir)?;
     let workdir = std::fs::canonicalize(&args.workdir)?;
 
@@ -125,8 +147,9 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
         _ => {
             let pg = PrivatePostgres::start(&workdir.join("pg"))?;
             say(&format!(
-                "postgres: started a private cluster in {}",
-                workdir.join("pg").display()
+                "postgres: started a private cluster in {} ({})",
+                pg.root.display(),
+                pg.url
             ));
             let url = pg.url.clone();
             (Some(pg), url)
@@ -320,9 +343,9 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
 
     if args.keep_running {
         say(&format!(
-            "\n--keep-running: controller at {addr}; Ctrl-C to stop"
+            "\n--keep-running: controller at {addr}; Ctrl-C (or SIGTERM) stops it"
         ));
-        tokio::signal::ctrl_c().await?;
+        std::future::pending::<()>().await;
     }
     drop(children);
     let _ = stop_tx.send(());

@@ -105,6 +105,10 @@ pub struct Cluster {
     pub worker_token: String,
     pub read_token: String,
     pub workers: Vec<Proc>,
+    /// The database URL controllers started from now on use (a proxy, in the outage test).
+    pub controller_database_url: String,
+    /// Extra flags for controllers started from now on.
+    pub controller_args: Vec<String>,
 }
 
 pub async fn until<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
@@ -125,7 +129,8 @@ where
     }
 }
 
-fn token(db: &TestDb, scope: &str, name: &str) -> String {
+/// Creates a token with `flywheel token create`.
+pub fn token(db: &TestDb, scope: &str, name: &str) -> String {
     let out = Command::new(BIN)
         .args(["token", "create", "--scope", scope, "--name", name])
         .env("DATABASE_URL", &db.url)
@@ -141,14 +146,23 @@ fn token(db: &TestDb, scope: &str, name: &str) -> String {
 
 impl Cluster {
     pub async fn start() -> Self {
+        let mut c = Self::without_controller().await;
+        c.start_controller().await;
+        c
+    }
+
+    /// A database, tokens and a directory; no controller yet (set the controller fields, then
+    /// call [`Cluster::start_controller`]).
+    pub async fn without_controller() -> Self {
         let db = TestDb::new().await;
         let dir = std::env::temp_dir().join(format!("flywheel-test-{}", db.name));
         std::fs::create_dir_all(&dir).unwrap();
         let admin = token(&db, "admin", "alice");
         let worker_token = token(&db, "worker", "workers");
         let read_token = token(&db, "read", "viewer");
-        let mut c = Self {
+        Self {
             artifact_root: dir.join("artifacts").display().to_string(),
+            controller_database_url: db.url.clone(),
             db,
             dir,
             controller: None,
@@ -157,9 +171,8 @@ impl Cluster {
             worker_token,
             read_token,
             workers: Vec::new(),
-        };
-        c.start_controller().await;
-        c
+            controller_args: Vec::new(),
+        }
     }
 
     /// Starts (or restarts, on the same address) the controller and waits until it listens.
@@ -171,6 +184,14 @@ impl Cluster {
 
     /// Starts another controller process on the same database; returns it and its address.
     pub async fn spawn_controller(&self, name: &str, grpc_addr: &str) -> (Proc, String) {
+        let (proc, addr_file) = self.spawn_controller_process(name, grpc_addr);
+        let addr = wait_for_file(&addr_file, &format!("{name} to listen")).await;
+        (proc, addr)
+    }
+
+    /// Starts a controller process without waiting for it; returns it and the file it writes
+    /// its address to once it listens.
+    pub fn spawn_controller_process(&self, name: &str, grpc_addr: &str) -> (Proc, PathBuf) {
         let addr_file = self.dir.join(format!("{name}.addr"));
         let _ = std::fs::remove_file(&addr_file);
         let log = std::fs::OpenOptions::new()
@@ -193,17 +214,17 @@ impl Cluster {
             .args(["--http-addr", "127.0.0.1:0", "--http-addr-file"])
             .arg(self.dir.join(format!("{name}.http-addr")))
             .args(["--artifact-root", &self.artifact_root])
-            .env("DATABASE_URL", &self.db.url)
+            .args(&self.controller_args)
+            .env("DATABASE_URL", &self.controller_database_url)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("spawn controller");
-        let addr = wait_for_file(&addr_file, &format!("{name} to listen")).await;
         let proc = Proc {
             child,
             name: name.into(),
         };
-        (proc, addr)
+        (proc, addr_file)
     }
 
     /// The controller's HTTP address (dashboard, JSON API, /metrics).

@@ -11,7 +11,8 @@ use tonic::{Request, Response, Status};
 use super::convert;
 use crate::auth::Scope;
 use crate::error::{Error, parse_id};
-use crate::{Controller, ops, schedules, store};
+use crate::spec::CampaignSpec;
+use crate::{Controller, limits, ops, schedules, store};
 
 pub(crate) struct ControlApi {
     pub(crate) ctl: Arc<Controller>,
@@ -46,14 +47,27 @@ impl ControlService for ControlApi {
         req: Request<CreateCampaignRequest>,
     ) -> Result<Response<Campaign>, Status> {
         let who = self.ctl.auth.require(&req, Scope::Admin).await?;
-        let r = req.get_ref();
-        let params = r
-            .params
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let spec_yaml = schedules::render_submission(&r.spec_yaml, &params)?;
-        let c = ops::create_campaign(&self.ctl, &spec_yaml, &who).await?;
+        let r = req.into_inner();
+        limits::text("spec_yaml", &r.spec_yaml, limits::MAX_SPEC_BYTES)?;
+        limits::entries("params", r.params.len())?;
+        for (k, v) in &r.params {
+            limits::name("params", k)?;
+            limits::text("params", v, limits::MAX_TEXT_BYTES)?;
+        }
+        if !r.request_id.is_empty() {
+            limits::name("request_id", &r.request_id)?;
+        }
+        let params = r.params.into_iter().collect();
+        let spec_yaml = r.spec_yaml;
+        let (spec_yaml, spec) = crate::off_runtime(move || {
+            let yaml = schedules::render_submission(&spec_yaml, &params)?;
+            let spec = CampaignSpec::from_yaml(&yaml)?;
+            Ok((yaml, spec))
+        })
+        .await?;
+        let request_id = Some(r.request_id).filter(|id| !id.is_empty());
+        let c =
+            ops::create_campaign(&self.ctl, &spec_yaml, &spec, request_id.as_deref(), &who).await?;
         Ok(Response::new(convert::campaign(c)))
     }
 
@@ -154,7 +168,12 @@ impl ControlService for ControlApi {
     ) -> Result<Response<ListWorkersResponse>, Status> {
         self.ctl.auth.require(&req, Scope::Read).await?;
         let mut conn = self.ctl.pool.acquire().await.map_err(Error::from)?;
-        let rows = store::workers::list(&mut conn).await.map_err(Error::from)?;
+        // A worker silent for three lease periods is shown offline, whichever controller it
+        // was connected to.
+        let stale_after_ms = 3 * self.ctl.config.lease_ttl_ms as i64;
+        let rows = store::workers::list(&mut conn, stale_after_ms)
+            .await
+            .map_err(Error::from)?;
         Ok(Response::new(ListWorkersResponse {
             workers: rows.into_iter().map(convert::worker).collect(),
         }))
@@ -178,6 +197,7 @@ impl ControlService for ControlApi {
                 .into());
             }
         };
+        ops::get(&self.ctl, id).await?;
         let mut conn = self.ctl.pool.acquire().await.map_err(Error::from)?;
         let rows = store::artifacts::list(&mut conn, id, kind)
             .await
@@ -198,6 +218,7 @@ impl ControlService for ControlApi {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let ctl = self.ctl.clone();
         let mut changed = ctl.events.subscribe();
+        let mut stopping = ctl.stopping.clone();
         tokio::spawn(async move {
             loop {
                 let rows = match ctl.pool.acquire().await {
@@ -226,6 +247,7 @@ impl ControlService for ControlApi {
                     // Events written by another controller on the same database.
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = tx.closed() => return,
+                    _ = stopping.wait_for(|s| *s) => return,
                 }
             }
         });

@@ -28,8 +28,10 @@ fn opt_id(id: Option<uuid::Uuid>) -> String {
 
 /// Metrics from the wire: every value must be finite.
 pub(super) fn metrics_json(field: &'static str, m: &HashMap<String, f64>) -> Result<Value> {
+    crate::limits::entries(field, m.len())?;
     let mut out = Map::new();
     for (k, v) in m {
+        crate::limits::name(field, k)?;
         if !v.is_finite() {
             return Err(Error::invalid(
                 field,

@@ -12,9 +12,10 @@ use uuid::Uuid;
 
 use super::convert::metrics_json;
 use crate::Controller;
-use crate::auth::Scope;
-use crate::dispatch::Capabilities;
+use crate::auth::{Principal, Scope};
+use crate::dispatch::{Assigned, Capabilities};
 use crate::error::{Error, parse_id};
+use crate::limits::{self, MAX_NAME_BYTES, MAX_TEXT_BYTES, MAX_URI_BYTES};
 use crate::store;
 use crate::store::artifacts::NewOutput;
 use crate::store::tasks::Beat;
@@ -32,6 +33,121 @@ fn rejected(e: Rejected, task_id: &str, attempt: i32) -> Status {
         Rejected::Unavailable(msg) => {
             Status::unavailable(format!("report not recorded, retry: {msg}"))
         }
+    }
+}
+
+/// An output's URI must lie under the attempt's output prefix, with no `.` or `..` segment (so
+/// it cannot climb out of it): a worker can only publish what its attempt wrote.
+fn check_output_uri(uri: &str, prefix: &str) -> Result<(), Error> {
+    limits::text("outputs[].uri", uri, MAX_URI_BYTES)?;
+    let rest = uri
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('/'))
+        .filter(|r| !r.is_empty());
+    let climbs = |r: &str| {
+        r.split(['/', '\\'])
+            .any(|seg| seg == "." || seg == ".." || seg.to_ascii_lowercase().contains("%2e"))
+    };
+    match rest {
+        Some(r) if !climbs(r) => Ok(()),
+        _ => Err(Error::invalid(
+            "outputs[].uri",
+            format!(
+                "{} is not under this attempt's output prefix {prefix}/",
+                limits::excerpt(uri)
+            ),
+        )),
+    }
+}
+
+/// `sha256:` and 64 lowercase hex digits, as the artifact store computes it.
+fn check_content_hash(hash: &str) -> Result<(), Error> {
+    let ok = hash.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "outputs[].content_hash",
+            format!(
+                "{} must be \"sha256:\" and 64 lowercase hex digits (every output is verified by its hash)",
+                limits::excerpt(hash)
+            ),
+        ))
+    }
+}
+
+/// Whether a JSON value holds a NUL character anywhere (Postgres' jsonb refuses `\u0000`).
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+impl WorkerApi {
+    /// Checks that `worker_id` was registered by the caller's token: another token may neither
+    /// report for a worker nor take its assignment stream.
+    async fn check_owner(&self, worker_id: Uuid, who: &Principal) -> Result<(), Status> {
+        let owner = match self.ctl.registry.owner(worker_id) {
+            Some(token) => Some(Some(token)),
+            None => {
+                let mut conn = self.ctl.pool.acquire().await.map_err(Error::from)?;
+                store::workers::owner(&mut conn, worker_id)
+                    .await
+                    .map_err(Error::from)?
+            }
+        };
+        match owner {
+            None => Err(Status::not_found(format!(
+                "worker {worker_id} is not registered; call Register first"
+            ))),
+            Some(Some(token)) if token == who.token_id => Ok(()),
+            Some(_) => Err(Status::permission_denied(format!(
+                "worker {worker_id} was registered with another token; token {:?} cannot act for it",
+                who.name
+            ))),
+        }
+    }
+
+    /// Where `attempt` of `task_id` on `worker_id` writes, or why the report is refused.
+    async fn output_prefix(
+        &self,
+        worker_id: Uuid,
+        task_id: Uuid,
+        attempt: i32,
+    ) -> Result<Arc<str>, Status> {
+        let stale = || rejected(Rejected::Stale, &task_id.to_string(), attempt);
+        match self.ctl.registry.assigned(worker_id, task_id, attempt) {
+            Assigned::Running(Some(prefix)) => return Ok(prefix),
+            Assigned::NotThisAttempt => return Err(stale()),
+            // Assigned by an earlier controller process, or reported before re-registering.
+            Assigned::Running(None) | Assigned::UnknownWorker => {}
+        }
+        let mut conn = self.ctl.pool.acquire().await.map_err(Error::from)?;
+        let t = store::tasks::get(&mut conn, task_id)
+            .await
+            .map_err(Error::from)?
+            .ok_or_else(|| Error::NotFound {
+                what: "task",
+                id: task_id.to_string(),
+            })?;
+        if t.state != "running" || t.attempt != attempt || t.worker_id != Some(worker_id) {
+            return Err(stale());
+        }
+        Ok(self
+            .ctl
+            .output_prefix(
+                t.campaign_id,
+                t.round_index,
+                &t.stage,
+                t.shard_index,
+                attempt,
+            )
+            .into())
     }
 }
 
@@ -74,26 +190,38 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        self.ctl.auth.require(&req, Scope::Worker).await?;
+        let who = self.ctl.auth.require(&req, Scope::Worker).await?;
         let r = req.into_inner();
         let id = parse_id("worker_id", &r.worker_id)?;
         let caps = r
             .capabilities
             .ok_or_else(|| Error::invalid("capabilities", "is required"))?;
-        if caps.pool.trim().is_empty() {
-            return Err(Error::invalid("capabilities.pool", "must not be empty").into());
-        }
-        if caps.backends.is_empty() || caps.backends.iter().any(|b| b.trim().is_empty()) {
+        limits::name("capabilities.pool", &caps.pool)?;
+        limits::entries("capabilities.backends", caps.backends.len())?;
+        if caps.backends.is_empty() {
             return Err(Error::invalid(
                 "capabilities.backends",
                 "must list at least one backend name",
             )
             .into());
         }
+        for b in &caps.backends {
+            limits::name("capabilities.backends", b)?;
+        }
+        limits::text("capabilities.gpu_kind", &caps.gpu_kind, MAX_NAME_BYTES)?;
+        limits::entries("capabilities.labels", caps.labels.len())?;
+        for (k, v) in &caps.labels {
+            limits::name("capabilities.labels", k)?;
+            limits::text("capabilities.labels", v, MAX_NAME_BYTES)?;
+        }
+        if !r.name.is_empty() {
+            limits::name("name", &r.name)?;
+        }
+        limits::entries("running", r.running.len())?;
         let slots = r.slots.clamp(1, 1024) as usize;
         let mut running = Vec::new();
         for t in &r.running {
-            running.push(parse_id("running[].task_id", &t.task_id)?);
+            running.push((parse_id("running[].task_id", &t.task_id)?, t.attempt));
         }
         let name = if r.name.trim().is_empty() {
             id.to_string()
@@ -103,13 +231,22 @@ impl WorkerService for WorkerApi {
         let labels = serde_json::to_value(&caps.labels).unwrap_or(Value::Null);
         {
             let mut tx = self.ctl.pool.begin().await.map_err(Error::from)?;
-            store::pools::ensure(&mut tx, &caps.pool)
+            if !store::pools::ensure(&mut tx, &caps.pool, limits::MAX_POOLS)
                 .await
-                .map_err(Error::from)?;
-            store::workers::upsert(
+                .map_err(Error::from)?
+            {
+                return Err(Error::LimitReached(format!(
+                    "capabilities.pool: {} is a new pool, and there are already {} pools (the limit)",
+                    limits::excerpt(&caps.pool),
+                    limits::MAX_POOLS
+                ))
+                .into());
+            }
+            let registered = store::workers::upsert(
                 &mut tx,
                 store::workers::NewWorker {
                     id,
+                    token_id: who.token_id,
                     name: &name,
                     pool: &caps.pool,
                     backends: &caps.backends,
@@ -121,6 +258,12 @@ impl WorkerService for WorkerApi {
             )
             .await
             .map_err(Error::from)?;
+            if !registered {
+                return Err(Error::PermissionDenied(format!(
+                    "worker_id: {id} is registered with another token; pick a new id"
+                ))
+                .into());
+            }
             tx.commit().await.map_err(Error::from)?;
         }
         let capabilities = Capabilities {
@@ -129,7 +272,15 @@ impl WorkerService for WorkerApi {
             gpu_kind: caps.gpu_kind,
             gpu_count: caps.gpu_count as i32,
         };
-        self.ctl.registry.register(id, capabilities, slots, running);
+        if !self
+            .ctl
+            .registry
+            .register(id, who.token_id, capabilities, slots, running)
+        {
+            return Err(Status::permission_denied(format!(
+                "worker_id: {id} is registered with another token; pick a new id"
+            )));
+        }
         tracing::info!(worker_id = %id, name = %name, "worker registered");
         Ok(Response::new(RegisterResponse {
             heartbeat_interval_ms: self.ctl.config.heartbeat_interval_ms,
@@ -141,8 +292,17 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<StreamAssignmentsRequest>,
     ) -> Result<Response<Self::StreamAssignmentsStream>, Status> {
-        self.ctl.auth.require(&req, Scope::Worker).await?;
+        let who = self.ctl.auth.require(&req, Scope::Worker).await?;
         let id = parse_id("worker_id", &req.get_ref().worker_id)?;
+        match self.ctl.registry.owner(id) {
+            Some(token) if token != who.token_id => {
+                return Err(Status::permission_denied(format!(
+                    "worker {id} was registered with another token; token {:?} cannot take its assignments",
+                    who.name
+                )));
+            }
+            _ => {}
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         let stream_id = self.ctl.registry.attach(id, tx).ok_or_else(|| {
             Status::not_found(format!(
@@ -162,12 +322,18 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        self.ctl.auth.require(&req, Scope::Worker).await?;
+        let who = self.ctl.auth.require(&req, Scope::Worker).await?;
         let r = req.into_inner();
         let worker_id = parse_id("worker_id", &r.worker_id)?;
+        limits::entries("tasks", r.tasks.len())?;
+        for t in &r.tasks {
+            limits::text("tasks[].message", &t.message, MAX_TEXT_BYTES)?;
+        }
+        self.check_owner(worker_id, &who).await?;
         let mut beats = Vec::with_capacity(r.tasks.len());
         for t in r.tasks {
             beats.push(Beat {
+                worker_id,
                 id: parse_id("tasks[].task_id", &t.task_id)?,
                 attempt: t.attempt,
                 progress: if t.progress.is_finite() {
@@ -202,33 +368,37 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<CompleteTaskRequest>,
     ) -> Result<Response<CompleteTaskResponse>, Status> {
-        self.ctl.auth.require(&req, Scope::Worker).await?;
+        let who = self.ctl.auth.require(&req, Scope::Worker).await?;
         let r = req.into_inner();
+        let worker_id = parse_id("worker_id", &r.worker_id)?;
         let task_id = parse_id("task_id", &r.task_id)?;
+        limits::entries("outputs", r.outputs.len())?;
+        self.check_owner(worker_id, &who).await?;
+        let prefix = self.output_prefix(worker_id, task_id, r.attempt).await?;
         let mut outputs = Vec::with_capacity(r.outputs.len());
         let mut names = std::collections::HashSet::new();
         for o in r.outputs {
             if o.kind != "dataset" && o.kind != "model" {
                 return Err(Error::invalid(
                     "outputs[].kind",
-                    format!("{:?} must be \"dataset\" or \"model\"", o.kind),
+                    format!(
+                        "{} must be \"dataset\" or \"model\"",
+                        limits::excerpt(&o.kind)
+                    ),
                 )
                 .into());
             }
-            if o.name.trim().is_empty() || !names.insert(o.name.clone()) {
+            limits::name("outputs[].name", &o.name)?;
+            if !names.insert(o.name.clone()) {
                 return Err(Error::invalid(
                     "outputs[].name",
-                    format!("{:?} must be non-empty and unique", o.name),
+                    format!("{:?} appears twice; output names are unique", o.name),
                 )
                 .into());
             }
-            if o.uri.trim().is_empty() {
-                return Err(Error::invalid(
-                    "outputs[].uri",
-                    format!("output {:?} has no uri", o.name),
-                )
-                .into());
-            }
+            check_content_hash(&o.content_hash)?;
+            check_output_uri(&o.uri, &prefix)?;
+            limits::text("outputs[].metadata_json", &o.metadata_json, MAX_TEXT_BYTES)?;
             let metadata = if o.metadata_json.trim().is_empty() {
                 Value::Object(Default::default())
             } else {
@@ -239,6 +409,16 @@ impl WorkerService for WorkerApi {
                     )
                 })?
             };
+            if has_nul(&metadata) {
+                return Err(Error::invalid(
+                    "outputs[].metadata_json",
+                    format!(
+                        "output {:?}: contains a NUL character, which cannot be stored",
+                        o.name
+                    ),
+                )
+                .into());
+            }
             outputs.push(NewOutput {
                 task_id,
                 attempt: r.attempt,
@@ -252,6 +432,7 @@ impl WorkerService for WorkerApi {
         let metrics = metrics_json("metrics", &r.metrics)?;
         let attempt = r.attempt;
         let result = writer::submit(&self.ctl, |reply| Report::Complete {
+            worker_id,
             task_id,
             attempt,
             outputs,
@@ -267,9 +448,12 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<FailTaskRequest>,
     ) -> Result<Response<FailTaskResponse>, Status> {
-        self.ctl.auth.require(&req, Scope::Worker).await?;
+        let who = self.ctl.auth.require(&req, Scope::Worker).await?;
         let r = req.into_inner();
+        let worker_id = parse_id("worker_id", &r.worker_id)?;
         let task_id = parse_id("task_id", &r.task_id)?;
+        limits::text("error", &r.error, MAX_TEXT_BYTES)?;
+        self.check_owner(worker_id, &who).await?;
         let attempt = r.attempt;
         let error = if r.error.trim().is_empty() {
             "worker reported a failure without a message".to_string()
@@ -278,6 +462,7 @@ impl WorkerService for WorkerApi {
         };
         let retryable = r.retryable;
         let result = writer::submit(&self.ctl, |reply| Report::Fail {
+            worker_id,
             task_id,
             attempt,
             error,

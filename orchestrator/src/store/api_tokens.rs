@@ -5,8 +5,19 @@ use uuid::Uuid;
 
 #[derive(Debug, sqlx::FromRow)]
 pub struct TokenRow {
+    pub id: Uuid,
     pub name: String,
     pub scope: String,
+}
+
+/// A token as `flywheel token list` shows it (never the token itself).
+#[derive(Debug, sqlx::FromRow)]
+pub struct TokenListRow {
+    pub id: Uuid,
+    pub name: String,
+    pub scope: String,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub revoked_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 pub async fn insert(
@@ -31,9 +42,30 @@ pub async fn find(
     token_hash: &str,
 ) -> Result<Option<TokenRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT name, scope FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
+        "SELECT id, name, scope FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL",
     )
     .bind(token_hash)
     .fetch_optional(conn)
+    .await
+}
+
+pub async fn list(conn: &mut PgConnection) -> Result<Vec<TokenListRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, name, scope, created_at, revoked_at FROM api_tokens ORDER BY created_at, name",
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// Revokes the unrevoked tokens whose id or name is `which`; returns their ids.
+pub async fn revoke(conn: &mut PgConnection, which: &str) -> Result<Vec<Uuid>, sqlx::Error> {
+    let id = Uuid::parse_str(which).ok();
+    sqlx::query_scalar(
+        "UPDATE api_tokens SET revoked_at = now()
+         WHERE revoked_at IS NULL AND (id = $1 OR name = $2) RETURNING id",
+    )
+    .bind(id)
+    .bind(which)
+    .fetch_all(conn)
     .await
 }

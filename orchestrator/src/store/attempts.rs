@@ -4,28 +4,6 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-pub async fn insert_started(
-    conn: &mut PgConnection,
-    started: &[(Uuid, i32, Uuid)],
-) -> Result<(), sqlx::Error> {
-    if started.is_empty() {
-        return Ok(());
-    }
-    let task: Vec<_> = started.iter().map(|s| s.0).collect();
-    let attempt: Vec<_> = started.iter().map(|s| s.1).collect();
-    let worker: Vec<_> = started.iter().map(|s| s.2).collect();
-    sqlx::query(
-        "INSERT INTO attempts (task_id, attempt, worker_id, state)
-         SELECT t, a, w, 'running' FROM unnest($1::uuid[], $2::int[], $3::uuid[]) AS u(t, a, w)",
-    )
-    .bind(task)
-    .bind(attempt)
-    .bind(worker)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// Closes running attempts: `(task, attempt, state, error)`.
 pub async fn finish_many(
     conn: &mut PgConnection,

@@ -52,6 +52,33 @@ pub async fn insert(conn: &mut PgConnection, c: NewCampaign<'_>) -> Result<(), s
     Ok(())
 }
 
+/// The campaign created by a request id, if any.
+pub async fn by_request_id(
+    conn: &mut PgConnection,
+    request_id: &str,
+) -> Result<Option<CampaignRow>, sqlx::Error> {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM campaigns c LEFT JOIN artifacts g ON g.id = c.current_generator_id
+         WHERE c.request_id = $1"
+    )))
+    .bind(request_id)
+    .fetch_optional(conn)
+    .await
+}
+
+pub async fn set_request_id(
+    conn: &mut PgConnection,
+    id: Uuid,
+    request_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE campaigns SET request_id = $2 WHERE id = $1")
+        .bind(id)
+        .bind(request_id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 pub async fn set_models(
     conn: &mut PgConnection,
     id: Uuid,

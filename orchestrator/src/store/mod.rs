@@ -31,7 +31,8 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Er
     let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.disable_statement_logging();
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
+        // Short, so that an unreachable database shows within seconds (health, reaper).
+        .acquire_timeout(Duration::from_secs(3))
         .connect_with(options)
         .await
 }

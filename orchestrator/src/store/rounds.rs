@@ -173,7 +173,6 @@ pub async fn reopen(conn: &mut PgConnection, id: Uuid) -> Result<(), sqlx::Error
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct LatestMetricsRow {
     pub campaign_id: Uuid,
-    pub campaign_name: String,
     pub round_index: i32,
     pub metrics: Value,
 }
@@ -181,8 +180,7 @@ pub struct LatestMetricsRow {
 /// The latest settled round of each campaign active in the last week, with its metrics.
 pub async fn latest_metrics(conn: &mut PgConnection) -> Result<Vec<LatestMetricsRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT DISTINCT ON (r.campaign_id) r.campaign_id, c.name AS campaign_name, r.round_index,
-                r.metrics
+        "SELECT DISTINCT ON (r.campaign_id) r.campaign_id, r.round_index, r.metrics
          FROM rounds r JOIN campaigns c ON c.id = r.campaign_id
          WHERE r.status = 'succeeded' AND c.updated_at > now() - interval '7 days'
          ORDER BY r.campaign_id, r.round_index DESC",

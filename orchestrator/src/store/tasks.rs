@@ -204,8 +204,9 @@ pub async fn claim(
     .await
 }
 
-/// One task's heartbeat.
+/// One task's heartbeat, from the worker running it.
 pub struct Beat {
+    pub worker_id: Uuid,
     pub id: Uuid,
     pub attempt: i32,
     pub progress: f64,
@@ -213,11 +214,12 @@ pub struct Beat {
     pub metrics: Value,
 }
 
-/// Extends the leases of current attempts and records progress. Returns the `(id, attempt,
-/// cancel_requested)` of the attempts that are current; any other beat was stale.
+/// Extends the leases of current attempts running on the reporting worker and records
+/// progress. Returns the `(id, attempt, cancel_requested)` of the attempts that are current;
+/// any other beat was stale (or not the reporter's).
 pub async fn heartbeat(
     conn: &mut PgConnection,
-    beats: &[Beat],
+    beats: &[&Beat],
     lease_ttl_ms: i64,
 ) -> Result<Vec<(Uuid, i32, bool)>, sqlx::Error> {
     if beats.is_empty() {
@@ -228,11 +230,13 @@ pub async fn heartbeat(
     let progress: Vec<_> = beats.iter().map(|b| b.progress).collect();
     let message: Vec<_> = beats.iter().map(|b| b.message.as_str()).collect();
     let metrics: Vec<_> = beats.iter().map(|b| b.metrics.clone()).collect();
+    let worker: Vec<_> = beats.iter().map(|b| b.worker_id).collect();
     sqlx::query_as(
         "UPDATE tasks t SET lease_expires_at = now() + make_interval(secs => $6::float8 / 1000),
              progress = u.p, progress_message = u.m, progress_metrics = u.x
-         FROM unnest($1::uuid[], $2::int[], $3::float8[], $4::text[], $5::jsonb[]) AS u(id, a, p, m, x)
-         WHERE t.id = u.id AND t.attempt = u.a AND t.state = 'running'
+         FROM unnest($1::uuid[], $2::int[], $3::float8[], $4::text[], $5::jsonb[], $7::uuid[])
+              AS u(id, a, p, m, x, w)
+         WHERE t.id = u.id AND t.attempt = u.a AND t.state = 'running' AND t.worker_id = u.w
          RETURNING t.id, t.attempt, t.cancel_requested",
     )
     .bind(id)
@@ -241,26 +245,29 @@ pub async fn heartbeat(
     .bind(message)
     .bind(metrics)
     .bind(lease_ttl_ms as f64)
+    .bind(worker)
     .fetch_all(conn)
     .await
 }
 
-/// Marks current attempts as succeeded. Stale `(id, attempt)` pairs are left out of the result.
+/// Marks current attempts as succeeded: `(id, attempt, worker, metrics)`. Pairs that are stale,
+/// or whose attempt runs on another worker, are left out of the result.
 pub async fn complete(
     conn: &mut PgConnection,
-    done: &[(Uuid, i32, Value)],
+    done: &[(Uuid, i32, Uuid, Value)],
 ) -> Result<Vec<SettledRow>, sqlx::Error> {
     if done.is_empty() {
         return Ok(Vec::new());
     }
     let id: Vec<_> = done.iter().map(|d| d.0).collect();
     let attempt: Vec<_> = done.iter().map(|d| d.1).collect();
-    let metrics: Vec<_> = done.iter().map(|d| d.2.clone()).collect();
+    let worker: Vec<_> = done.iter().map(|d| d.2).collect();
+    let metrics: Vec<_> = done.iter().map(|d| d.3.clone()).collect();
     sqlx::query_as(
         "UPDATE tasks t SET state = 'succeeded', metrics = u.x, progress = 1, finished_at = now(),
              lease_expires_at = NULL, last_error = NULL
-         FROM unnest($1::uuid[], $2::int[], $3::jsonb[]) AS u(id, a, x)
-         WHERE t.id = u.id AND t.attempt = u.a AND t.state = 'running'
+         FROM unnest($1::uuid[], $2::int[], $3::jsonb[], $4::uuid[]) AS u(id, a, x, w)
+         WHERE t.id = u.id AND t.attempt = u.a AND t.state = 'running' AND t.worker_id = u.w
          RETURNING t.id, t.attempt, t.campaign_id, t.round_id, t.stage, t.shard_index, t.worker_id,
                    t.state, t.next_run_at, t.kind, t.pool,
                    extract(epoch FROM now() - t.started_at)::float8 AS ran_s",
@@ -268,6 +275,7 @@ pub async fn complete(
     .bind(id)
     .bind(attempt)
     .bind(metrics)
+    .bind(worker)
     .fetch_all(conn)
     .await
 }
@@ -291,26 +299,30 @@ const SETTLE_FAILED: &str = "
               f.worker_id_before AS worker_id, t.state, t.next_run_at, t.kind, t.pool,
               extract(epoch FROM now() - t.started_at)::float8 AS ran_s";
 
+/// Settles failed attempts reported by the worker running them: `(id, attempt, worker, error,
+/// retryable)`.
 pub async fn fail(
     conn: &mut PgConnection,
-    failed: &[(Uuid, i32, String, bool)],
+    failed: &[(Uuid, i32, Uuid, &str, bool)],
 ) -> Result<Vec<SettledRow>, sqlx::Error> {
     if failed.is_empty() {
         return Ok(Vec::new());
     }
     let id: Vec<_> = failed.iter().map(|f| f.0).collect();
     let attempt: Vec<_> = failed.iter().map(|f| f.1).collect();
-    let error: Vec<_> = failed.iter().map(|f| f.2.as_str()).collect();
-    let retryable: Vec<_> = failed.iter().map(|f| f.3).collect();
+    let worker: Vec<_> = failed.iter().map(|f| f.2).collect();
+    let error: Vec<_> = failed.iter().map(|f| f.3).collect();
+    let retryable: Vec<_> = failed.iter().map(|f| f.4).collect();
     let source = "SELECT u.id, u.a, u.e, u.r, t.worker_id AS worker_id_before
-                  FROM unnest($1::uuid[], $2::int[], $3::text[], $4::bool[]) AS u(id, a, e, r)
-                  JOIN tasks t ON t.id = u.id";
+                  FROM unnest($1::uuid[], $2::int[], $3::text[], $4::bool[], $5::uuid[]) AS u(id, a, e, r, w)
+                  JOIN tasks t ON t.id = u.id AND t.worker_id = u.w";
     let sql = SETTLE_FAILED.replace("{source}", source);
     sqlx::query_as(AssertSqlSafe(sql))
         .bind(id)
         .bind(attempt)
         .bind(error)
         .bind(retryable)
+        .bind(worker)
         .fetch_all(conn)
         .await
 }

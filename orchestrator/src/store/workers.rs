@@ -24,6 +24,8 @@ pub struct WorkerRow {
 
 pub struct NewWorker<'a> {
     pub id: Uuid,
+    /// The token registering the worker.
+    pub token_id: Uuid,
     pub name: &'a str,
     pub pool: &'a str,
     pub backends: &'a [String],
@@ -33,12 +35,18 @@ pub struct NewWorker<'a> {
     pub slots: i32,
 }
 
-pub async fn upsert(conn: &mut PgConnection, w: NewWorker<'_>) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO workers (id, name, pool, backends, gpu_kind, gpu_count, labels, slots, status)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'online')
+/// Registers a worker, or updates its registration if the same token made it. Returns false
+/// (and changes nothing) when the id is registered by another token.
+pub async fn upsert(conn: &mut PgConnection, w: NewWorker<'_>) -> Result<bool, sqlx::Error> {
+    let row: Option<Uuid> = sqlx::query_scalar(
+        "INSERT INTO workers (id, name, pool, backends, gpu_kind, gpu_count, labels, slots, status,
+                              token_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'online', $9)
          ON CONFLICT (id) DO UPDATE SET name = $2, pool = $3, backends = $4, gpu_kind = $5,
-             gpu_count = $6, labels = $7, slots = $8, status = 'online', last_heartbeat_at = now()",
+             gpu_count = $6, labels = $7, slots = $8, status = 'online', last_heartbeat_at = now(),
+             token_id = $9
+         WHERE workers.token_id = $9 OR workers.token_id IS NULL
+         RETURNING id",
     )
     .bind(w.id)
     .bind(w.name)
@@ -48,9 +56,19 @@ pub async fn upsert(conn: &mut PgConnection, w: NewWorker<'_>) -> Result<(), sql
     .bind(w.gpu_count)
     .bind(w.labels)
     .bind(w.slots)
-    .execute(conn)
+    .bind(w.token_id)
+    .fetch_optional(conn)
     .await?;
-    Ok(())
+    Ok(row.is_some())
+}
+
+/// The token a worker registered with: `None` if no such worker, `Some(None)` for a
+/// registration older than token binding.
+pub async fn owner(conn: &mut PgConnection, id: Uuid) -> Result<Option<Option<Uuid>>, sqlx::Error> {
+    sqlx::query_scalar("SELECT token_id FROM workers WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await
 }
 
 pub async fn set_status(
@@ -79,15 +97,23 @@ pub async fn touch(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Er
     Ok(())
 }
 
-pub async fn list(conn: &mut PgConnection) -> Result<Vec<WorkerRow>, sqlx::Error> {
+/// Every worker; one that has not heartbeated for `stale_after_ms` is shown `offline` (its
+/// process may have died without closing its stream, or its controller may have).
+pub async fn list(
+    conn: &mut PgConnection,
+    stale_after_ms: i64,
+) -> Result<Vec<WorkerRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT w.id, w.name, w.pool, w.backends, w.gpu_kind, w.gpu_count, w.labels, w.slots,
-                w.status, w.last_heartbeat_at,
+                CASE WHEN w.status = 'online' AND w.last_heartbeat_at > now() - make_interval(secs => $1::float8 / 1000)
+                     THEN 'online' ELSE 'offline' END AS status,
+                w.last_heartbeat_at,
                 extract(epoch FROM now() - w.last_heartbeat_at)::float8 AS heartbeat_age_s,
                 coalesce(array_agg(t.id) FILTER (WHERE t.id IS NOT NULL), '{}') AS current_tasks
          FROM workers w LEFT JOIN tasks t ON t.worker_id = w.id AND t.state = 'running'
          GROUP BY w.id ORDER BY w.pool, w.name",
     )
+    .bind(stale_after_ms as f64)
     .fetch_all(conn)
     .await
 }

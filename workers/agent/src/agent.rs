@@ -309,7 +309,10 @@ async fn report(
                     worker_id: worker_id.to_string(),
                     task_id: task_id.to_string(),
                     attempt,
-                    error: e.message.clone(),
+                    error: flywheel_proto::limits::fit_text(
+                        &e.message,
+                        flywheel_proto::limits::MAX_TEXT_BYTES,
+                    ),
                     retryable: e.retryable,
                 })
                 .await

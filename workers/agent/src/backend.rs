@@ -132,11 +132,16 @@ pub struct TaskContext {
 impl TaskContext {
     /// Records progress (0..1), a short message and metrics; sent with the next heartbeat.
     pub fn report(&self, fraction: f64, message: impl Into<String>, metrics: &[(&str, f64)]) {
+        use flywheel_proto::limits::{MAX_ENTRIES, MAX_NAME_BYTES, MAX_TEXT_BYTES, fit_text};
         let mut p = self.progress.lock().expect("progress");
         p.fraction = fraction.clamp(0.0, 1.0);
-        p.message = message.into();
+        // A trainer's log line can carry anything; the controller refuses NUL and oversize text.
+        p.message = fit_text(&message.into(), MAX_TEXT_BYTES);
         for (k, v) in metrics {
-            p.metrics.insert((*k).to_string(), *v);
+            // The controller refuses non-finite metrics; a NaN loss is left out, not faked.
+            if v.is_finite() && (p.metrics.len() < MAX_ENTRIES || p.metrics.contains_key(*k)) {
+                p.metrics.insert(fit_text(k, MAX_NAME_BYTES), *v);
+            }
         }
     }
 

@@ -336,46 +336,85 @@ pub fn export_pairs(rows: &[Value], format: PairFormat) -> Vec<Value> {
         .collect()
 }
 
-/// Numbers in a trainer's log line: `loss=0.41`, `'loss': 0.41`, `"loss": 0.41`, `loss: 0.41`.
-pub fn parse_metrics(line: &str) -> Vec<(String, f64)> {
-    let mut out = Vec::new();
-    let bytes = line.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if !(bytes[i].is_ascii_alphabetic() || bytes[i] == b'_') {
-            i += 1;
-            continue;
+/// `params.extra_args`, rendered with the template's placeholders: flags a template has no slot
+/// for (`--use_cpu true`, a DeepSpeed config, `trainer.precision=32`), appended to its command.
+pub fn extra_args(
+    params: &Value,
+    values: &BTreeMap<String, String>,
+) -> Result<Vec<String>, String> {
+    match params.get("extra_args") {
+        None => Ok(Vec::new()),
+        Some(_) if params.get("command").is_some() => Err(
+            "params.extra_args applies to templates; with params.command, put the arguments in the command"
+                .into(),
+        ),
+        Some(Value::Array(extra)) => {
+            let extra: Vec<String> = extra
+                .iter()
+                .map(|a| param_text(a).unwrap_or_default())
+                .collect();
+            render(&extra, values).map_err(|e| format!("extra_args: {e}"))
         }
-        let start = i;
-        while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
-            i += 1;
-        }
-        let key = &line[start..i];
-        let mut j = i;
-        while j < bytes.len() && matches!(bytes[j], b'\'' | b'"' | b' ') {
-            j += 1;
-        }
-        if j < bytes.len() && matches!(bytes[j], b'=' | b':') {
-            j += 1;
-            while j < bytes.len() && bytes[j] == b' ' {
-                j += 1;
-            }
-            let num_start = j;
-            while j < bytes.len()
-                && (bytes[j].is_ascii_digit()
-                    || matches!(bytes[j], b'.' | b'-' | b'+' | b'e' | b'E'))
-            {
-                j += 1;
-            }
-            if let Ok(v) = line[num_start..j].parse::<f64>()
-                && v.is_finite()
-            {
-                out.push((key.to_string(), v));
-                i = j;
-            }
-        }
+        Some(_) => Err("params.extra_args must be a list of arguments".into()),
     }
-    out
+}
+
+/// What a terminal shows of a log line: the text after its last carriage return (progress bars
+/// redraw themselves with `\r`).
+fn shown(line: &str) -> &str {
+    line.rsplit('\r')
+        .find(|s| !s.trim().is_empty())
+        .unwrap_or("")
+}
+
+fn metric_key(k: &str) -> bool {
+    k.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '/'))
+}
+
+fn metric_value(v: &str) -> Option<f64> {
+    let v = v.trim().trim_matches(|c| c == '\'' || c == '"');
+    v.parse::<f64>().ok().filter(|x| x.is_finite())
+}
+
+/// Metrics in a trainer's log line, in two shapes only, so that warnings, paths and prose never
+/// become metrics:
+/// - a logged dict, the whole line `{...}`: transformers/TRL's `{'loss': 1.25, ...}`, with
+///   numbers bare or quoted (transformers 5 logs `'loss': '6.243'`), or JSON;
+/// - `key=number` words: `flywheel train`'s `step=3 loss=0.41`, Lightning/NeMo bars'
+///   `train_loss=0.693,`.
+pub fn parse_metrics(line: &str) -> Vec<(String, f64)> {
+    let t = shown(line).trim();
+    if let Some(inner) = t.strip_prefix('{').and_then(|r| r.strip_suffix('}')) {
+        return inner
+            .split(',')
+            .filter_map(|pair| {
+                let (k, v) = pair.split_once(':')?;
+                let k = k.trim().trim_matches(|c| c == '\'' || c == '"');
+                Some((k.to_string(), metric_value(v)?)).filter(|_| metric_key(k))
+            })
+            .collect();
+    }
+    t.split(|c: char| c.is_whitespace() || matches!(c, ',' | '[' | ']' | '|'))
+        .filter_map(|word| {
+            let (k, v) = word.split_once('=')?;
+            Some((k.to_string(), metric_value(v)?)).filter(|_| metric_key(k))
+        })
+        .collect()
+}
+
+/// A progress bar's `done/total` (tqdm: ` 50%|█████     | 5/10 [00:03<00:03, 1.52it/s]`).
+pub fn parse_progress(line: &str) -> Option<f64> {
+    let t = shown(line);
+    if !t.contains("%|") {
+        return None;
+    }
+    t.split_whitespace().find_map(|w| {
+        let (done, total) = w.split_once('/')?;
+        let (done, total) = (done.parse::<f64>().ok()?, total.parse::<f64>().ok()?);
+        (total > 0.0).then(|| (done / total).clamp(0.0, 1.0))
+    })
 }
 
 pub struct ExternalTrainerBackend;
@@ -541,8 +580,12 @@ fn train(task: &Task, ctx: &TaskContext, kind: &str, work: &Path) -> Result<Task
         .map(|p| path(&p))
         .unwrap_or_else(|_| "flywheel".into());
     values.insert("flywheel".into(), exe);
-    let argv = render(&command, &values)
+    let mut argv = render(&command, &values)
         .map_err(|e| TaskError::permanent(format!("stage {stage}: command: {e}")))?;
+    argv.extend(
+        extra_args(&task.params, &values)
+            .map_err(|e| TaskError::permanent(format!("stage {stage}: {e}")))?,
+    );
 
     let env: Vec<(String, String)> = task
         .params
@@ -638,6 +681,8 @@ fn run_trainer(
     drop(tx);
     let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
     let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
+    // The trainer's own progress bar, where it logs no step count.
+    let mut bar = 0.0;
     let mut streams_open = true;
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
@@ -645,13 +690,17 @@ fn run_trainer(
                 for (k, v) in parse_metrics(&line) {
                     metrics.insert(k, v);
                 }
+                if let Some(f) = parse_progress(&line) {
+                    bar = f;
+                }
                 let fraction = match (metrics.get("step"), total_steps) {
                     (Some(step), Some(total)) if total > 0.0 => (step + 1.0) / total,
-                    _ => 0.0,
+                    _ => bar,
                 };
-                let shown: Vec<(&str, f64)> =
+                let metric_list: Vec<(&str, f64)> =
                     metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                ctx.report(fraction, line.chars().take(200).collect::<String>(), &shown);
+                let message: String = shown(&line).chars().take(200).collect();
+                ctx.report(fraction, message, &metric_list);
                 if tail.len() == TAIL_LINES {
                     tail.pop_front();
                 }
@@ -853,5 +902,78 @@ mod tests {
             [("step".to_string(), 3.0), ("loss".to_string(), 0.5)]
         );
         assert!(parse_metrics("Epoch 1/3: training").is_empty());
+    }
+
+    #[test]
+    fn extra_args_follow_the_rendered_template() {
+        let v = values();
+        let params = json!({ "template": "trl", "extra_args": ["--use_cpu", "true", "--bf16", "false", "--output_dir", "{output_dir}"] });
+        let mut argv = render(
+            &template("trl")
+                .unwrap()
+                .sft
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+            &v,
+        )
+        .unwrap();
+        argv.extend(extra_args(&params, &v).unwrap());
+        let line = argv.join(" ");
+        assert!(
+            line.ends_with("--use_cpu true --bf16 false --output_dir /out"),
+            "{line}"
+        );
+        assert!(line.starts_with("trl sft"), "{line}");
+        assert!(extra_args(&json!({ "command": ["x"], "extra_args": ["y"] }), &v).is_err());
+        assert!(extra_args(&json!({ "extra_args": "--use_cpu" }), &v).is_err());
+        assert!(extra_args(&json!({}), &v).unwrap().is_empty());
+    }
+
+    /// Lines as TRL 1.16 on transformers 5 prints them (`trl sft ... --use_cpu true`): quoted
+    /// numbers in the logged dicts, tqdm bars redrawn with `\r`, and warnings with paths.
+    #[test]
+    fn real_trl_log_lines_become_the_right_metrics_and_progress() {
+        let logged = "{'loss': '6.243', 'grad_norm': '12.51', 'learning_rate': '4.5e-05', 'num_tokens': '2048.0', 'mean_token_accuracy': '0.03125', 'epoch': '0.5'}";
+        assert_eq!(
+            parse_metrics(logged),
+            [
+                ("loss".to_string(), 6.243),
+                ("grad_norm".to_string(), 12.51),
+                ("learning_rate".to_string(), 4.5e-5),
+                ("num_tokens".to_string(), 2048.0),
+                ("mean_token_accuracy".to_string(), 0.03125),
+                ("epoch".to_string(), 0.5)
+            ]
+        );
+        let summary = "{'train_runtime': '6.104', 'train_samples_per_second': '3.277', 'train_steps_per_second': '1.638', 'train_loss': '5.912', 'epoch': '1.0'}";
+        assert_eq!(parse_metrics(summary).len(), 5);
+        for noise in [
+            "/usr/local/lib/python3.11/site-packages/trl/scripts/sft.py:1541: UserWarning: You passed a tokenizer with padding_side not equal to right",
+            "  warnings.warn(",
+            "[2026-11-30 10:02:11,402] [INFO] [real_accelerator.py:203:get_accelerator] Setting ds_accelerator to cpu (auto detect)",
+            "Map: 100%|██████████| 64/64 [00:00<00:00, 3210.55 examples/s]",
+        ] {
+            assert!(
+                parse_metrics(noise).is_empty(),
+                "{noise}: {:?}",
+                parse_metrics(noise)
+            );
+        }
+        let bar = "  0%|          | 0/10 [00:00<?, ?it/s]\r 50%|█████     | 5/10 [00:03<00:03,  1.52it/s]";
+        assert_eq!(parse_progress(bar), Some(0.5));
+        assert!(parse_metrics(bar).is_empty());
+        assert_eq!(parse_progress(logged), None);
+        // NeMo/Lightning bars carry metrics as key=value.
+        assert_eq!(
+            parse_metrics(
+                "Epoch 0: 100%|██████████| 10/10 [00:05<00:00, train_loss=0.693, lr=1e-06, v_num=0]"
+            ),
+            [
+                ("train_loss".to_string(), 0.693),
+                ("lr".to_string(), 1e-6),
+                ("v_num".to_string(), 0.0)
+            ]
+        );
     }
 }

@@ -173,6 +173,9 @@ impl HttpCaller {
         crate::io::block_on(async move {
             let permits = Arc::new(Semaphore::new(in_flight));
             let call = Arc::new(call);
+            // Set by a request that failed (after its retries) before it frees its permit, so
+            // that nothing more is sent: the stage fails with that error, at once.
+            let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let mut set = tokio::task::JoinSet::new();
             for i in 0..n {
                 let permit = permits
@@ -184,22 +187,37 @@ impl HttpCaller {
                     set.abort_all();
                     return Err(TaskError::cancelled());
                 }
-                let call = call.clone();
+                if failed.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (call, failed) = (call.clone(), failed.clone());
                 set.spawn(async move {
-                    let _permit = permit;
-                    (i, call(i).await)
+                    let result = call(i).await;
+                    if result.is_err() {
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                    drop(permit);
+                    (i, result)
                 });
             }
             let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+            let mut first_error = None;
             let mut done = 0;
             while let Some(joined) = set.join_next().await {
-                let (i, result) = joined
-                    .map_err(|e| TaskError::retryable(format!("request task failed: {e}")))?;
+                let (i, result) = match joined {
+                    Ok(r) => r,
+                    // Aborted after the first error, which is what the stage reports.
+                    Err(e) if e.is_cancelled() && first_error.is_some() => continue,
+                    Err(e) => {
+                        return Err(TaskError::retryable(format!("request task failed: {e}")));
+                    }
+                };
                 match result {
                     Ok(v) => out[i] = Some(v),
                     Err(e) => {
                         set.abort_all();
-                        return Err(e);
+                        first_error.get_or_insert(e);
+                        continue;
                     }
                 }
                 done += 1;
@@ -212,6 +230,9 @@ impl HttpCaller {
                     set.abort_all();
                     return Err(TaskError::cancelled());
                 }
+            }
+            if let Some(e) = first_error {
+                return Err(e);
             }
             Ok(out
                 .into_iter()
@@ -337,6 +358,63 @@ mod tests {
         assert!(
             err.retryable && err.message.starts_with("gave up after 1 retries"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_permanent_error_stops_the_requests_still_to_send() {
+        // Every request gets a 404 (as for an unknown model): the first one fails the stage
+        // and, with 4 in flight, at most the 4 already sent are answered.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!(
+            "http://{}/v1/chat/completions",
+            listener.local_addr().unwrap()
+        );
+        listener.set_nonblocking(true).unwrap();
+        let served = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let server = {
+            let (served, stop) = (served.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match listener.accept() {
+                        Ok((mut s, _)) => {
+                            s.set_nonblocking(false).unwrap();
+                            let mut buf = [0u8; 4096];
+                            let _ = s.read(&mut buf);
+                            served.fetch_add(1, Ordering::SeqCst);
+                            let _ = s.write_all(
+                                reply(
+                                    "404 Not Found",
+                                    "{\"error\": {\"message\": \"no such model\"}}",
+                                )
+                                .as_bytes(),
+                            );
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        };
+        let mut c = caller(3);
+        c.in_flight = 4;
+        let ctx = TaskContext::default();
+        let url = Arc::new(url);
+        let client = Arc::new(c);
+        let caller_ = client.clone();
+        let err = client
+            .run_all(256, &ctx, "requests", move |_| {
+                let (c, url) = (caller_.clone(), url.clone());
+                async move { c.post_json(&url, &json!({})).await }
+            })
+            .unwrap_err();
+        stop.store(true, Ordering::SeqCst);
+        server.join().unwrap();
+        assert!(!err.retryable && err.message.contains("HTTP 404"), "{err}");
+        let sent = served.load(Ordering::SeqCst);
+        assert!(
+            sent <= 5,
+            "{sent} of 256 requests were sent after a permanent error"
         );
     }
 }
