@@ -145,8 +145,8 @@ async fn a_restarted_controller_finishes_the_campaign_without_rerunning_stages()
     c.add_worker("gpu-1", "gpu", &["--gpu-kind", "h100", "--gpu-count", "1"]);
     c.add_worker("cpu-1", "cpu", &[]);
     let spec = common::example_spec(&[(
-        "params: { lr: 0.0001, epochs: 1 }",
-        "params: { lr: 0.0001, epochs: 1, sleep_ms: 1200 }",
+        "params: { lr: 0.0001, steps: 50 }",
+        "params: { lr: 0.0001, steps: 50, sleep_ms: 1200 }",
     )]);
     let campaign = c.create(&spec).await;
     until(

@@ -47,63 +47,8 @@ fn listed(problems: &[Problem]) -> String {
     out
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StageKind {
-    SynthesizePrompts,
-    Generate,
-    Score,
-    Filter,
-    Sft,
-    Preference,
-    Evaluate,
-    /// Executed by the controller: compares round metrics with the gate and promotes or not.
-    Promote,
-    /// A user-defined stage the backend implements (exports, notifications, benchmarks).
-    Custom,
-}
-
-impl StageKind {
-    pub const ALL: [StageKind; 9] = [
-        Self::SynthesizePrompts,
-        Self::Generate,
-        Self::Score,
-        Self::Filter,
-        Self::Sft,
-        Self::Preference,
-        Self::Evaluate,
-        Self::Promote,
-        Self::Custom,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::SynthesizePrompts => "synthesize_prompts",
-            Self::Generate => "generate",
-            Self::Score => "score",
-            Self::Filter => "filter",
-            Self::Sft => "sft",
-            Self::Preference => "preference",
-            Self::Evaluate => "evaluate",
-            Self::Promote => "promote",
-            Self::Custom => "custom",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-
-    /// Stages whose work can be split into shards.
-    pub fn shardable(self) -> bool {
-        matches!(self, Self::Generate | Self::Score | Self::Custom)
-    }
-
-    /// Stages that output a trained model (a promotion candidate).
-    pub fn trains(self) -> bool {
-        matches!(self, Self::Sft | Self::Preference)
-    }
-}
+/// Stage kinds and backends are the stage contract's (`flywheel_proto::stage`).
+pub use flywheel_proto::stage::{BackendKind, StageKind};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelRef {
@@ -663,10 +608,10 @@ impl Validator {
                 Map::new()
             }
         };
-        if let Some(k) = kind {
-            self.params(k, &params, &join(path, "params"), earlier);
-        }
         let placement = self.placement(Some(m), defaults, path);
+        if let Some(k) = kind {
+            self.params(k, &placement.backend, &params, path, earlier);
+        }
         Some(StageSpec {
             name: name?,
             kind: kind?,
@@ -677,110 +622,52 @@ impl Validator {
         })
     }
 
+    /// A stage's params against the stage contract of its (kind, backend), plus what only the
+    /// controller knows: the promotion gate, and that secrets never enter a spec.
     fn params(
         &mut self,
         kind: StageKind,
+        backend: &str,
         p: &Map<String, Value>,
-        path: &str,
+        stage_path: &str,
         earlier: &HashSet<String>,
     ) {
-        use Bound::*;
-        let rules: &[(&str, Bound)] = match kind {
-            StageKind::SynthesizePrompts => &[("count", IntAtLeast(1)), ("seed", IntAtLeast(0))],
-            StageKind::Generate => &[
-                ("k", IntAtLeast(1)),
-                ("temperature", AtLeast(0.0)),
-                ("top_p", Fraction),
-                ("top_k", IntAtLeast(0)),
-                ("max_tokens", IntAtLeast(1)),
-            ],
-            StageKind::Score => &[("batch_size", IntAtLeast(1)), ("verifier", Bool)],
-            StageKind::Filter => &[
-                ("margin", AtLeast(0.0)),
-                ("min_reward", Any),
-                ("require_verified", Bool),
-            ],
-            StageKind::Sft => &[
-                ("lr", Positive),
-                ("epochs", IntAtLeast(1)),
-                ("steps", IntAtLeast(1)),
-                ("batch_size", IntAtLeast(1)),
-            ],
-            StageKind::Preference => &[
-                ("beta", Positive),
-                ("eta", Positive),
-                ("sft_weight", AtLeast(0.0)),
-                ("lr", Positive),
-                ("steps", IntAtLeast(1)),
-                ("batch_size", IntAtLeast(1)),
-            ],
-            StageKind::Evaluate => &[
-                ("prompts", IntAtLeast(1)),
-                ("seed", IntAtLeast(0)),
-                ("verifier", Bool),
-            ],
-            StageKind::Promote | StageKind::Custom => &[],
-        };
-        for (key, bound) in rules {
-            if let Some(msg) = p.get(*key).and_then(|v| bound.check(v)) {
-                self.problem(join(path, key), msg);
-            }
-        }
-        match kind {
-            StageKind::Preference => match p.get("algorithm").and_then(Value::as_str) {
-                Some("dpo" | "rpo") => {}
-                Some(other) => self.problem(
-                    join(path, "algorithm"),
-                    format!("unknown algorithm {other:?} (expected dpo or rpo)"),
-                ),
-                None => self.problem(join(path, "algorithm"), "is required (dpo or rpo)"),
-            },
-            StageKind::Score => {
-                if let Some(w) = p.get("weights") {
-                    let ok = w
-                        .as_array()
-                        .is_some_and(|a| a.len() == 5 && a.iter().all(Value::is_number));
-                    if !ok {
-                        self.problem(
-                            join(path, "weights"),
-                            "must list 5 numbers (helpfulness, correctness, coherence, complexity, verbosity)",
-                        );
-                    }
-                }
-            }
-            StageKind::Filter => match p.get("method").and_then(Value::as_str) {
-                None | Some("best_vs_worst" | "llm_judge") => {}
-                Some(other) => self.problem(
-                    join(path, "method"),
-                    format!("unknown method {other:?} (expected best_vs_worst or llm_judge)"),
-                ),
-            },
-            StageKind::Promote => self.gate(p, path, earlier),
-            _ => {}
-        }
-        if matches!(kind, StageKind::Sft | StageKind::Preference)
-            && let Some(extra) = p.get("extra_args")
-        {
-            if !extra
-                .as_array()
-                .is_some_and(|a| a.iter().all(|x| x.is_string() || x.is_number()))
-            {
-                self.problem(join(path, "extra_args"), "must be a list of arguments");
-            } else if p.contains_key("command") {
-                self.problem(
-                    join(path, "extra_args"),
-                    "applies to templates; with command, put the arguments in the command",
-                );
-            }
-        }
+        let path = join(stage_path, "params");
         // Secrets never reach Postgres: a spec names the variable that holds a key.
-        for key in ["api_key", "token", "password", "secret"] {
+        let secrets = ["api_key", "token", "password", "secret"];
+        for key in secrets {
             if p.contains_key(key) {
                 self.problem(
-                    join(path, key),
+                    join(&path, key),
                     "secrets are not stored in specs; put it in the worker's environment and name the variable in api_key_env",
                 );
             }
+        }
+        if kind == StageKind::Promote {
+            return self.gate(p, &path, earlier);
+        }
+        let Some(backend) = BackendKind::parse(backend) else {
+            let all: Vec<&str> = BackendKind::ALL.iter().map(|b| b.as_str()).collect();
+            return self.problem(
+                join(stage_path, "backend"),
+                format!(
+                    "unknown backend {backend:?} (expected one of: {})",
+                    all.join(", ")
+                ),
+            );
+        };
+        let others: Map<String, Value> = p
+            .iter()
+            .filter(|(k, _)| !secrets.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for problem in flywheel_proto::stage::check(kind, backend, &others) {
+            let at = if problem.param.is_empty() {
+                stage_path.to_string()
+            } else {
+                join(&path, &problem.param)
+            };
+            self.problem(at, problem.message);
         }
     }
 
@@ -916,45 +803,6 @@ impl Validator {
                     "a round would have {edges} dependencies between tasks; the limit is {max_edges} (give connected stages the same shard count, or fewer shards)"
                 ),
             );
-        }
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Bound {
-    IntAtLeast(i64),
-    AtLeast(f64),
-    Positive,
-    Fraction,
-    Bool,
-    Any,
-}
-
-impl Bound {
-    fn check(self, v: &Value) -> Option<String> {
-        match self {
-            Bound::IntAtLeast(min) => match v.as_i64() {
-                Some(n) if n >= min => None,
-                Some(_) => Some(format!("must be >= {min}")),
-                None => Some("must be an integer".into()),
-            },
-            Bound::AtLeast(min) => match v.as_f64() {
-                Some(x) if x >= min => None,
-                Some(_) => Some(format!("must be >= {min}")),
-                None => Some("must be a number".into()),
-            },
-            Bound::Positive => match v.as_f64() {
-                Some(x) if x > 0.0 => None,
-                Some(_) => Some("must be > 0".into()),
-                None => Some("must be a number".into()),
-            },
-            Bound::Fraction => match v.as_f64() {
-                Some(x) if x > 0.0 && x <= 1.0 => None,
-                Some(_) => Some("must be in (0, 1]".into()),
-                None => Some("must be a number".into()),
-            },
-            Bound::Bool => (!v.is_boolean()).then(|| "must be true or false".into()),
-            Bound::Any => None,
         }
     }
 }

@@ -7,6 +7,7 @@
 
 mod client;
 pub mod codec;
+pub mod stage;
 
 mod pb {
     #![allow(unreachable_pub, missing_docs, clippy::all)]

@@ -41,18 +41,10 @@ impl Task {
         })
     }
 
-    pub fn param_u64(&self, key: &str, default: u64) -> u64 {
-        self.params
-            .get(key)
-            .and_then(Value::as_u64)
-            .unwrap_or(default)
-    }
-
-    pub fn param_f64(&self, key: &str, default: f64) -> f64 {
-        self.params
-            .get(key)
-            .and_then(Value::as_f64)
-            .unwrap_or(default)
+    /// The stage's params as the contract declares them for this kind and backend.
+    pub fn typed<T: flywheel_proto::stage::Params>(&self) -> Result<T, TaskError> {
+        flywheel_proto::stage::parse(&self.params)
+            .map_err(|e| TaskError::permanent(format!("stage {}: {e}", self.assignment.stage)))
     }
 }
 

@@ -113,17 +113,13 @@ pub fn filter(
 /// The `filter` stage, the same for every backend: reads the `scores` inputs and writes `sft`
 /// and `pairs` datasets. Params: `margin` (default 0), `min_reward`, `require_verified`.
 pub fn filter_stage(task: &Task) -> Result<TaskResult, TaskError> {
+    let p: flywheel_proto::stage::BuiltinFilter = task.typed()?;
     let rows = read_jsonl(&task.inputs("scores"))?;
-    let require_verified = task
-        .params
-        .get("require_verified")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
     let (sft, pairs) = filter(
         &rows,
-        task.param_f64("margin", 0.0),
-        task.param_f64("min_reward", f64::NEG_INFINITY),
-        require_verified,
+        p.margin,
+        p.min_reward.unwrap_or(f64::NEG_INFINITY),
+        p.require_verified,
     );
     let prefix = task.assignment.output_prefix.as_str();
     let metrics = [

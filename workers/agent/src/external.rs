@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use flywheel_proto::stage::ExternalTrain;
+
 use crate::artifacts;
 use crate::backend::{Backend, Output, Task, TaskContext, TaskError, TaskResult};
 use crate::datasets::{read_jsonl, to_jsonl};
@@ -339,23 +341,19 @@ pub fn export_pairs(rows: &[Value], format: PairFormat) -> Vec<Value> {
 /// `params.extra_args`, rendered with the template's placeholders: flags a template has no slot
 /// for (`--use_cpu true`, a DeepSpeed config, `trainer.precision=32`), appended to its command.
 pub fn extra_args(
-    params: &Value,
+    p: &ExternalTrain,
     values: &BTreeMap<String, String>,
 ) -> Result<Vec<String>, String> {
-    match params.get("extra_args") {
-        None => Ok(Vec::new()),
-        Some(_) if params.get("command").is_some() => Err(
+    match (&p.extra_args, &p.command) {
+        (None, _) => Ok(Vec::new()),
+        (Some(_), Some(_)) => Err(
             "params.extra_args applies to templates; with params.command, put the arguments in the command"
                 .into(),
         ),
-        Some(Value::Array(extra)) => {
-            let extra: Vec<String> = extra
-                .iter()
-                .map(|a| param_text(a).unwrap_or_default())
-                .collect();
+        (Some(extra), None) => {
+            let extra: Vec<String> = extra.iter().map(|a| a.0.clone()).collect();
             render(&extra, values).map_err(|e| format!("extra_args: {e}"))
         }
-        Some(_) => Err("params.extra_args must be a list of arguments".into()),
     }
 }
 
@@ -438,15 +436,6 @@ impl Backend for ExternalTrainerBackend {
     }
 }
 
-fn param_text(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
 fn write_jsonl_file(path: &Path, rows: &[Value]) -> Result<(), TaskError> {
     std::fs::create_dir_all(path.parent().unwrap_or(Path::new("/")))
         .and_then(|_| std::fs::write(path, to_jsonl(rows)))
@@ -455,7 +444,8 @@ fn write_jsonl_file(path: &Path, rows: &[Value]) -> Result<(), TaskError> {
 
 fn train(task: &Task, ctx: &TaskContext, kind: &str, work: &Path) -> Result<TaskResult, TaskError> {
     let stage = &task.assignment.stage;
-    let tpl = match task.params.get("template").and_then(Value::as_str) {
+    let p: ExternalTrain = task.typed()?;
+    let tpl = match p.template.as_deref() {
         Some(name) => Some(template(name).ok_or_else(|| {
             TaskError::permanent(format!(
                 "stage {stage}: params.template {name:?} is not one of {}",
@@ -464,27 +454,15 @@ fn train(task: &Task, ctx: &TaskContext, kind: &str, work: &Path) -> Result<Task
         })?),
         None => None,
     };
-    let algorithm = task
-        .params
-        .get("algorithm")
-        .and_then(Value::as_str)
-        .unwrap_or("dpo");
+    let algorithm = p.algorithm.as_deref().unwrap_or("dpo");
     if kind == "preference" && algorithm == "rpo" && tpl.is_some_and(|t| !t.rpo) {
         return Err(TaskError::permanent(format!(
             "stage {stage}: template {} has no reward-aware RPO; use nemo_aligner (rpo_bwd_kl) or flywheel",
             tpl.map(|t| t.name).unwrap_or_default()
         )));
     }
-    let command: Vec<String> = match (task.params.get("command"), tpl) {
-        (Some(Value::Array(args)), _) => args
-            .iter()
-            .map(|a| param_text(a).unwrap_or_default())
-            .collect(),
-        (Some(_), _) => {
-            return Err(TaskError::permanent(format!(
-                "stage {stage}: params.command must be a list of arguments"
-            )));
-        }
+    let command: Vec<String> = match (&p.command, tpl) {
+        (Some(args), _) => args.iter().map(|a| a.0.clone()).collect(),
         (None, Some(t)) => {
             let args = if kind == "sft" { t.sft } else { t.preference };
             args.iter().map(|s| s.to_string()).collect()
@@ -500,16 +478,13 @@ fn train(task: &Task, ctx: &TaskContext, kind: &str, work: &Path) -> Result<Task
 
     // Inputs: the starting model, the reference, and the datasets in the trainer's format.
     let init_role = if kind == "sft" {
-        task.params
-            .get("init")
-            .and_then(Value::as_str)
-            .unwrap_or("base")
+        p.init.as_str()
     } else {
         "model"
     };
     let init = task.input(init_role)?;
     let base_model = artifacts::verified_dir(&init.uri, &init.content_hash)?;
-    let reference = match task.params.get("reference").and_then(Value::as_str) {
+    let reference = match p.reference.as_deref() {
         Some(role) => {
             let r = task.input(role)?;
             artifacts::verified_dir(&r.uri, &r.content_hash)?
@@ -537,28 +512,28 @@ fn train(task: &Task, ctx: &TaskContext, kind: &str, work: &Path) -> Result<Task
         TaskError::retryable(format!("cannot create {}: {e}", output_dir.display()))
     })?;
 
-    let mut values: BTreeMap<String, String> = task
-        .params
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter_map(|(k, v)| Some((k.clone(), param_text(v)?)))
+    // Placeholders: the declared params (with their defaults), a command's own `vars`, and the
+    // paths below.
+    let lr = p.lr.unwrap_or(if kind == "sft" { 1e-5 } else { 5e-7 });
+    let mut values: BTreeMap<String, String> = p
+        .vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
         .collect();
-    let defaults = [
-        ("lr", if kind == "sft" { "1e-5" } else { "5e-7" }),
-        ("epochs", "1"),
-        ("batch_size", "8"),
-        ("beta", "0.1"),
-        ("eta", "1.0"),
-        ("steps", "100"),
-        ("gpus", "1"),
-        ("seed", "1234"),
-        ("algorithm", algorithm),
-    ];
-    for (k, v) in defaults {
-        values.entry(k.to_string()).or_insert_with(|| v.to_string());
+    for (k, v) in [
+        ("lr", lr.to_string()),
+        ("epochs", p.epochs.to_string()),
+        ("batch_size", p.batch_size.to_string()),
+        ("beta", p.beta.to_string()),
+        ("eta", p.eta.to_string()),
+        ("steps", p.steps.to_string()),
+        ("gpus", p.gpus.to_string()),
+        ("seed", p.seed.to_string()),
+        ("algorithm", algorithm.to_string()),
+    ] {
+        values.insert(k.to_string(), v);
     }
-    let path = |p: &Path| p.display().to_string();
+    let path = |d: &Path| d.display().to_string();
     values.insert("base_model".into(), path(&base_model));
     values.insert("ref_model".into(), path(&reference));
     values.insert("sft_data".into(), path(&sft_data));
@@ -583,19 +558,15 @@ fn train(task: &Task, ctx: &TaskContext, kind: &str, work: &Path) -> Result<Task
     let mut argv = render(&command, &values)
         .map_err(|e| TaskError::permanent(format!("stage {stage}: command: {e}")))?;
     argv.extend(
-        extra_args(&task.params, &values)
-            .map_err(|e| TaskError::permanent(format!("stage {stage}: {e}")))?,
+        extra_args(&p, &values).map_err(|e| TaskError::permanent(format!("stage {stage}: {e}")))?,
     );
 
-    let env: Vec<(String, String)> = task
-        .params
-        .get("env")
-        .and_then(Value::as_object)
-        .into_iter()
-        .flatten()
-        .filter_map(|(k, v)| Some((k.clone(), param_text(v)?)))
+    let env: Vec<(String, String)> = p
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
         .collect();
-    let grace = Duration::from_secs(task.param_u64("grace_period_s", 10));
+    let grace = Duration::from_secs(p.grace_period_s.max(0) as u64);
     let total_steps = values["steps"].parse::<f64>().ok();
     let metrics = run_trainer(&argv, &env, work, ctx, grace, total_steps)?;
 
@@ -907,7 +878,7 @@ mod tests {
     #[test]
     fn extra_args_follow_the_rendered_template() {
         let v = values();
-        let params = json!({ "template": "trl", "extra_args": ["--use_cpu", "true", "--bf16", "false", "--output_dir", "{output_dir}"] });
+        let params: ExternalTrain = serde_json::from_value(json!({ "template": "trl", "extra_args": ["--use_cpu", true, "--bf16", "false", "--output_dir", "{output_dir}"] })).unwrap();
         let mut argv = render(
             &template("trl")
                 .unwrap()
@@ -925,9 +896,14 @@ mod tests {
             "{line}"
         );
         assert!(line.starts_with("trl sft"), "{line}");
-        assert!(extra_args(&json!({ "command": ["x"], "extra_args": ["y"] }), &v).is_err());
-        assert!(extra_args(&json!({ "extra_args": "--use_cpu" }), &v).is_err());
-        assert!(extra_args(&json!({}), &v).unwrap().is_empty());
+        let both: ExternalTrain =
+            serde_json::from_value(json!({ "command": ["x"], "extra_args": ["y"] })).unwrap();
+        assert!(extra_args(&both, &v).is_err());
+        assert!(
+            extra_args(&ExternalTrain::default(), &v)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     /// Lines as TRL 1.16 on transformers 5 prints them (`trl sft ... --use_cpu true`): quoted

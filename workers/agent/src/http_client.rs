@@ -65,25 +65,50 @@ impl CallStats {
     }
 }
 
-/// The stage param `key` as a string, or an error naming it.
-pub(crate) fn required_str<'a>(task: &'a Task, key: &str) -> Result<&'a str, TaskError> {
-    task.params
-        .get(key)
-        .and_then(Value::as_str)
+/// The HTTP settings every HTTP backend's params declare (`api_key_env`, `timeout_s`,
+/// `max_retries`, `backoff_initial_ms`, `concurrency`).
+pub(crate) struct HttpSettings<'a> {
+    pub(crate) api_key_env: &'a Option<String>,
+    pub(crate) timeout_s: i64,
+    pub(crate) max_retries: i64,
+    pub(crate) backoff_initial_ms: i64,
+    pub(crate) concurrency: i64,
+}
+
+/// The HTTP settings of a params struct of the contract that declares them.
+macro_rules! http_settings {
+    ($p:expr) => {
+        $crate::http_client::HttpSettings {
+            api_key_env: &$p.api_key_env,
+            timeout_s: $p.timeout_s,
+            max_retries: $p.max_retries,
+            backoff_initial_ms: $p.backoff_initial_ms,
+            concurrency: $p.concurrency,
+        }
+    };
+}
+pub(crate) use http_settings;
+
+/// A required string param (the contract checks it at submission), or an error naming it.
+pub(crate) fn required<'a>(
+    task: &Task,
+    key: &str,
+    v: &'a Option<String>,
+) -> Result<&'a str, TaskError> {
+    v.as_deref()
         .filter(|s| !s.trim().is_empty())
         .ok_or_else(|| {
             TaskError::permanent(format!(
-                "stage {}: params.{key} is required (a string)",
+                "stage {}: params.{key} is required",
                 task.assignment.stage
             ))
         })
 }
 
 impl HttpCaller {
-    /// From params `api_key_env` (name of the variable holding the key), `timeout_s` (default
-    /// 120), `max_retries` (5), `backoff_initial_ms` (500), `concurrency` (8 requests in flight).
-    pub(crate) fn from_params(task: &Task) -> Result<Self, TaskError> {
-        let api_key = match task.params.get("api_key_env").and_then(Value::as_str) {
+    /// From the stage's HTTP settings; the key is read from the variable `api_key_env` names.
+    pub(crate) fn new(task: &Task, settings: HttpSettings<'_>) -> Result<Self, TaskError> {
+        let api_key = match settings.api_key_env.as_deref() {
             None | Some("") => None,
             Some(var) => Some(std::env::var(var).map_err(|_| {
                 TaskError::permanent(format!(
@@ -93,15 +118,15 @@ impl HttpCaller {
             })?),
         };
         let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(task.param_u64("timeout_s", 120).max(1)))
+            .timeout(Duration::from_secs(settings.timeout_s.max(1) as u64))
             .build()
             .map_err(|e| TaskError::permanent(format!("http client: {e}")))?;
         Ok(Self {
             client,
             api_key,
-            max_retries: task.param_u64("max_retries", 5) as u32,
-            backoff_initial: Duration::from_millis(task.param_u64("backoff_initial_ms", 500)),
-            in_flight: task.param_u64("concurrency", 8).clamp(1, 1024) as usize,
+            max_retries: settings.max_retries.max(0) as u32,
+            backoff_initial: Duration::from_millis(settings.backoff_initial_ms.max(0) as u64),
+            in_flight: settings.concurrency.clamp(1, 1024) as usize,
             stats: Arc::new(CallStats::default()),
         })
     }

@@ -19,8 +19,9 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use crate::backend::{Backend, Task, TaskContext, TaskError, TaskResult};
-use crate::datasets::{self, read_jsonl, write_jsonl};
-use crate::http_client::{HttpCaller, required_str};
+use crate::datasets::{read_jsonl, write_jsonl};
+use crate::http_client::{HttpCaller, http_settings, required};
+use flywheel_proto::stage::{OpenaiGenerate, OpenaiJudge};
 
 pub struct OpenAiBackend;
 
@@ -33,10 +34,8 @@ impl Backend for OpenAiBackend {
         let prefix = task.assignment.output_prefix.as_str();
         match task.assignment.kind.as_str() {
             "generate" => generate(task, ctx, prefix),
-            "filter" => match task.params.get("method").and_then(Value::as_str) {
-                Some("llm_judge") => judge(task, ctx, prefix),
-                _ => datasets::filter_stage(task),
-            },
+            // The contract admits only `method: llm_judge` on this backend.
+            "filter" => judge(task, ctx, prefix),
             other => Err(TaskError::permanent(format!(
                 "the openai backend runs generate and filter (method: llm_judge) stages, not {other}"
             ))),
@@ -56,21 +55,18 @@ struct Sampling {
 }
 
 impl Sampling {
-    fn from_params(task: &Task, default_model: &str) -> Result<Self, TaskError> {
-        let base = required_str(task, "base_url")?
-            .trim_end_matches('/')
-            .to_string();
-        let chat = match task.params.get("endpoint").and_then(Value::as_str) {
-            None | Some("chat") => true,
-            Some("completions") => false,
-            Some(other) => {
-                return Err(TaskError::permanent(format!(
-                    "stage {}: params.endpoint {other:?} must be \"chat\" or \"completions\"",
-                    task.assignment.stage
-                )));
-            }
-        };
-        Ok(Self {
+    fn new(
+        base_url: &str,
+        endpoint: &str,
+        model: &Option<String>,
+        default_model: &str,
+        temperature: f64,
+        top_p: f64,
+        max_tokens: i64,
+    ) -> Self {
+        let base = base_url.trim_end_matches('/');
+        let chat = endpoint != "completions";
+        Self {
             url: format!(
                 "{base}/{}",
                 if chat {
@@ -80,16 +76,11 @@ impl Sampling {
                 }
             ),
             chat,
-            model: task
-                .params
-                .get("model")
-                .and_then(Value::as_str)
-                .unwrap_or(default_model)
-                .to_string(),
-            temperature: task.param_f64("temperature", 1.0),
-            top_p: task.param_f64("top_p", 1.0),
-            max_tokens: task.param_u64("max_tokens", 256),
-        })
+            model: model.clone().unwrap_or_else(|| default_model.to_string()),
+            temperature,
+            top_p,
+            max_tokens: max_tokens.max(1) as u64,
+        }
     }
 
     fn body(&self, prompt: &str, n: u64, seed: u64) -> Value {
@@ -129,8 +120,17 @@ impl Sampling {
 fn generate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, TaskError> {
     let a = &task.assignment;
     let generator = task.input("generator")?;
-    let sampling = Sampling::from_params(task, &generator.name)?;
-    let caller = HttpCaller::from_params(task)?;
+    let p: OpenaiGenerate = task.typed()?;
+    let sampling = Sampling::new(
+        required(task, "base_url", &p.base_url)?,
+        &p.endpoint,
+        &p.model,
+        &generator.name,
+        p.temperature,
+        p.top_p,
+        p.max_tokens,
+    );
+    let caller = HttpCaller::new(task, http_settings!(p))?;
     let rows = read_jsonl(&task.inputs("prompts"))?;
     let mine: Vec<Value> = rows
         .into_iter()
@@ -138,13 +138,7 @@ fn generate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, 
         .filter(|(i, _)| *i as i32 % a.shard_count.max(1) == a.shard_index)
         .map(|(_, r)| r)
         .collect();
-    let k = task.param_u64("k", 4).max(1);
-    let use_n = task
-        .params
-        .get("use_n")
-        .and_then(Value::as_bool)
-        .unwrap_or(true);
-    let seed = task.param_u64("seed", 0);
+    let (k, use_n, seed) = (p.k.max(1) as u64, p.use_n, p.seed);
     // One request per prompt with n = k, or one per sample.
     let requests: Vec<(usize, u64)> = (0..mine.len())
         .flat_map(|p| {
@@ -209,16 +203,21 @@ fn verdict(text: &str) -> Option<bool> {
 
 fn judge(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, TaskError> {
     let generator = task.input("generator")?;
-    let mut sampling = Sampling::from_params(task, &generator.name)?;
-    sampling.temperature = task.param_f64("temperature", 0.0);
-    sampling.max_tokens = task.param_u64("max_tokens", 4);
-    let caller = HttpCaller::from_params(task)?;
-    let judge_prompt = task
-        .params
-        .get("judge_prompt")
-        .and_then(Value::as_str)
-        .unwrap_or(JUDGE_PROMPT)
-        .to_string();
+    let p: OpenaiJudge = task.typed()?;
+    let sampling = Sampling::new(
+        required(task, "base_url", &p.base_url)?,
+        &p.endpoint,
+        &p.model,
+        &generator.name,
+        p.temperature,
+        p.top_p,
+        p.max_tokens,
+    );
+    let caller = HttpCaller::new(task, http_settings!(p))?;
+    let judge_prompt = p
+        .judge_prompt
+        .clone()
+        .unwrap_or_else(|| JUDGE_PROMPT.to_string());
     let mut rows = read_jsonl(&task.inputs("responses"))?;
     if rows.is_empty() {
         rows = read_jsonl(&task.inputs("scores"))?;

@@ -15,7 +15,8 @@ use serde_json::{Value, json};
 
 use crate::backend::{Backend, Task, TaskContext, TaskError, TaskResult};
 use crate::datasets::{read_jsonl, write_jsonl};
-use crate::http_client::{HttpCaller, at_path, required_str};
+use crate::http_client::{HttpCaller, at_path, http_settings, required};
+use flywheel_proto::stage::RewardEndpointScore;
 
 /// HelpSteer2's attributes, in the order of Nemotron-4-340B-Reward's output.
 pub const ATTRIBUTES: [&str; 5] = [
@@ -28,10 +29,10 @@ pub const ATTRIBUTES: [&str; 5] = [
 /// Weights of the scalar reward from the Nemotron-4-340B-Reward model card.
 pub const DEFAULT_WEIGHTS: [f64; 5] = [0.3, 0.74, 0.46, 0.47, -0.33];
 
-/// The stage's `weights` param (validated as 5 numbers with the spec), or the default.
-pub fn weights_param(task: &Task) -> [f64; 5] {
-    match task.params.get("weights").and_then(Value::as_array) {
-        Some(w) if w.len() == 5 => std::array::from_fn(|i| w[i].as_f64().unwrap_or(0.0)),
+/// A stage's `weights` param (5 numbers, validated with the spec), or the default.
+pub fn weights(param: &Option<Vec<f64>>) -> [f64; 5] {
+    match param {
+        Some(w) if w.len() == 5 => std::array::from_fn(|i| w[i]),
         _ => DEFAULT_WEIGHTS,
     }
 }
@@ -97,22 +98,13 @@ pub fn parse_reward(body: &Value, path: &str) -> Result<Judgement, String> {
 }
 
 fn score(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
-    let url = required_str(task, "url")?.to_string();
-    let model = task
-        .params
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let pair_request = task.params.get("request").and_then(Value::as_str) == Some("pair");
-    let path = task
-        .params
-        .get("attributes_path")
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
-    let weights = weights_param(task);
-    let caller = HttpCaller::from_params(task)?;
+    let p: RewardEndpointScore = task.typed()?;
+    let url = required(task, "url", &p.url)?.to_string();
+    let model = p.model.clone();
+    let pair_request = p.request == "pair";
+    let path = p.attributes_path.clone();
+    let weights = weights(&p.weights);
+    let caller = HttpCaller::new(task, http_settings!(p))?;
     let mut rows = read_jsonl(&task.inputs("responses"))?;
     let bodies: Arc<Vec<Value>> = Arc::new(
         rows.iter()

@@ -6,9 +6,10 @@
 //! a `quality` number; training raises it by an amount computed from the training data, and
 //! evaluation reports it back. Initial models named `test://...?quality=Q` start at Q.
 //!
-//! Stage params that steer it in tests: `sleep_ms` (work slowly, honouring cancellation),
-//! `fail_attempts: N` (attempts 1..=N fail, retryably), `fail_permanently: true`,
-//! `crash_attempts: N` (attempts 1..=N abort the whole worker process).
+//! Its params are the stage contract's: its knobs (`TestKnobs`: `sleep_ms`, `fail_attempts`,
+//! `fail_permanently`, `crash_attempts`) on every kind, and the builtin's params of the kind,
+//! which it uses where it can (`count`, `k`, `weights`, the filter's) and records in its
+//! outputs' metadata (`params`) where it cannot (sampling and training settings).
 
 use std::time::{Duration, Instant};
 
@@ -18,9 +19,10 @@ use sha2::{Digest, Sha256};
 use crate::artifacts;
 use crate::backend::{Backend, Output, Task, TaskContext, TaskError, TaskResult};
 use crate::datasets::{self, read_jsonl, write_jsonl};
-
-/// HelpSteer2 attribute weights (helpfulness, correctness, coherence, complexity, verbosity).
-const DEFAULT_WEIGHTS: [f64; 5] = [0.3, 0.74, 0.46, 0.47, -0.33];
+use crate::reward_endpoint;
+use flywheel_proto::stage::{
+    BuiltinGenerate, BuiltinPreference, BuiltinPrompts, BuiltinScore, BuiltinSft, TestKnobs,
+};
 
 pub struct TestBackend;
 
@@ -30,21 +32,22 @@ impl Backend for TestBackend {
     }
 
     fn run(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
-        let attempt = task.assignment.attempt as u64;
-        if attempt <= task.param_u64("crash_attempts", 0) {
+        let attempt = task.assignment.attempt as i64;
+        let knobs: TestKnobs = task.typed()?;
+        if attempt <= knobs.crash_attempts {
             tracing::error!(
                 attempt,
                 "test backend: crashing the worker process as asked"
             );
             std::process::abort();
         }
-        work_for(task.param_u64("sleep_ms", 0), ctx)?;
-        if attempt <= task.param_u64("fail_attempts", 0) {
+        work_for(knobs.sleep_ms.max(0) as u64, ctx)?;
+        if attempt <= knobs.fail_attempts {
             return Err(TaskError::retryable(format!(
                 "test backend: attempt {attempt} fails as asked"
             )));
         }
-        if task.params.get("fail_permanently").and_then(Value::as_bool) == Some(true) {
+        if knobs.fail_permanently {
             return Err(TaskError::permanent(
                 "test backend: fails permanently as asked",
             ));
@@ -55,7 +58,8 @@ impl Backend for TestBackend {
             "generate" => generate(task, prefix),
             "score" => score(task, prefix),
             "filter" => datasets::filter_stage(task),
-            "sft" | "preference" => train(task, prefix),
+            "sft" => train(task, prefix, recorded::<BuiltinSft>(task)?),
+            "preference" => train(task, prefix, recorded::<BuiltinPreference>(task)?),
             "evaluate" => evaluate(task),
             "custom" => Ok(TaskResult::default()),
             other => Err(TaskError::permanent(format!(
@@ -65,6 +69,12 @@ impl Backend for TestBackend {
         ctx.report(1.0, "done", &[]);
         Ok(r)
     }
+}
+
+/// The builtin params of the stage, resolved with their defaults, as recorded in the outputs.
+fn recorded<T: flywheel_proto::stage::Params>(task: &Task) -> Result<Value, TaskError> {
+    let p: T = task.typed()?;
+    Ok(serde_json::to_value(p).expect("params serialize"))
 }
 
 fn work_for(ms: u64, ctx: &TaskContext) -> Result<(), TaskError> {
@@ -109,11 +119,13 @@ fn model_quality(m: &flywheel_proto::v1::ArtifactRef) -> Result<f64, TaskError> 
 
 fn synthesize(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
     let a = &task.assignment;
-    let count = task.param_u64("count", 8);
+    let p: BuiltinPrompts = task.typed()?;
+    let count = p.count.max(0) as u64;
     let rows: Vec<Value> = (0..count)
         .map(|i| json!({ "id": format!("r{}-p{i}", a.round_index), "prompt": format!("round {} task {i}: add {} and {}", a.round_index, i, i * 7 % 13) }))
         .collect();
-    let out = write_jsonl(prefix, "prompts", "flywheel.prompts", &rows)?;
+    let mut out = write_jsonl(prefix, "prompts", "flywheel.prompts", &rows)?;
+    out.metadata["params"] = serde_json::to_value(&p).expect("params serialize");
     Ok(TaskResult {
         outputs: vec![out],
         metrics: [("prompts".to_string(), count as f64)].into(),
@@ -124,7 +136,8 @@ fn generate(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
     let a = &task.assignment;
     let generator = task.input("generator")?;
     let quality = model_quality(generator)?;
-    let k = task.param_u64("k", 4);
+    let params: BuiltinGenerate = task.typed()?;
+    let k = params.k.max(1);
     let prompts = read_jsonl(&task.inputs("prompts"))?;
     let mut rows = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
@@ -140,7 +153,8 @@ fn generate(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
         }
     }
     let n = rows.len() as f64;
-    let out = write_jsonl(prefix, "responses", "flywheel.responses", &rows)?;
+    let mut out = write_jsonl(prefix, "responses", "flywheel.responses", &rows)?;
+    out.metadata["params"] = serde_json::to_value(&params).expect("params serialize");
     Ok(TaskResult {
         outputs: vec![out],
         metrics: [("responses".to_string(), n)].into(),
@@ -148,12 +162,8 @@ fn generate(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
 }
 
 fn score(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
-    let weights: Vec<f64> = task
-        .params
-        .get("weights")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_f64).collect())
-        .unwrap_or_else(|| DEFAULT_WEIGHTS.to_vec());
+    let params: BuiltinScore = task.typed()?;
+    let weights = reward_endpoint::weights(&params.weights);
     let mut rows = read_jsonl(&task.inputs("responses"))?;
     for r in &mut rows {
         let q = r["generator_quality"].as_f64().unwrap_or(0.3);
@@ -177,7 +187,8 @@ fn score(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
         .filter_map(|r| r["reward"].as_f64())
         .sum::<f64>()
         / rows.len().max(1) as f64;
-    let out = write_jsonl(prefix, "scores", "flywheel.scores", &rows)?;
+    let mut out = write_jsonl(prefix, "scores", "flywheel.scores", &rows)?;
+    out.metadata["params"] = serde_json::to_value(&params).expect("params serialize");
     Ok(TaskResult {
         outputs: vec![out],
         metrics: [
@@ -191,7 +202,7 @@ fn score(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
 /// "Training": the new quality moves toward the quality of the data (mean reward / 4) plus a
 /// bonus that grows with the amount of data. SFT starts from the base model, preference
 /// training from its `model` input (the SFT model).
-fn train(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
+fn train(task: &Task, prefix: &str, params: Value) -> Result<TaskResult, TaskError> {
     let a = &task.assignment;
     let (start, data_role) = if a.kind == "sft" {
         (task.input("base")?, "sft")
@@ -215,7 +226,11 @@ fn train(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
         .collect();
     let data_q = (rewards.iter().sum::<f64>()
         / rewards.len().max(1) as f64
-        / (4.0 * DEFAULT_WEIGHTS.iter().filter(|w| **w > 0.0).sum::<f64>()))
+        / (4.0
+            * reward_endpoint::DEFAULT_WEIGHTS
+                .iter()
+                .filter(|w| **w > 0.0)
+                .sum::<f64>()))
     .clamp(0.0, 1.0);
     let bonus = 0.15 * (data.len() as f64 / 20.0).min(1.0);
     let quality = (start_q.max(data_q) + bonus * (1.0 - start_q.max(data_q))).min(0.99);
@@ -229,7 +244,7 @@ fn train(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
         kind: "model",
         uri,
         content_hash,
-        metadata: json!({ "format": "flywheel-test-model" }),
+        metadata: json!({ "format": "flywheel-test-model", "params": params }),
     };
     Ok(TaskResult {
         outputs: vec![out],

@@ -8,6 +8,9 @@ use std::path::Path;
 
 use candle_core::Device;
 use candle_nn::VarMap;
+use flywheel_proto::stage::{
+    BuiltinEvaluate, BuiltinGenerate, BuiltinPreference, BuiltinPrompts, BuiltinScore, BuiltinSft,
+};
 use flywheel_proto::v1::ArtifactRef;
 use flywheel_worker::artifacts;
 use flywheel_worker::datasets::{self, read_jsonl, write_jsonl};
@@ -64,34 +67,32 @@ fn model_dir(m: &ArtifactRef) -> Result<std::path::PathBuf, TaskError> {
     Ok(artifacts::verified_dir(&m.uri, &m.content_hash)?)
 }
 
-fn str_list(v: &Value, key: &str) -> Option<Vec<String>> {
-    v.get(key)?.as_array().map(|a| {
-        a.iter()
-            .filter_map(|x| x.as_str().map(String::from))
-            .collect()
-    })
-}
-
-fn mix(task: &Task, split: Split) -> Mix {
+/// The task world's prompt mix from a stage's params.
+fn mix(subtopics: &Option<Vec<String>>, max_difficulty: i64, brackets: f64, split: Split) -> Mix {
     let d = Mix::default();
     Mix {
-        subtopics: str_list(&task.params, "subtopics").unwrap_or(d.subtopics),
-        max_difficulty: task.param_u64("max_difficulty", d.max_difficulty as u64) as u32,
-        brackets: task.param_f64("brackets", d.brackets),
+        subtopics: subtopics.clone().unwrap_or(d.subtopics),
+        max_difficulty: max_difficulty.clamp(1, 3) as u32,
+        brackets,
         split,
     }
 }
 
-fn train_config(task: &Task, steps: u64, lr: f64) -> TrainConfig {
+fn train_config(
+    task: &Task,
+    steps: i64,
+    batch_size: i64,
+    lr: f64,
+    warmup: i64,
+    seed: Option<u64>,
+) -> TrainConfig {
     TrainConfig {
-        steps: task.param_u64("steps", steps) as usize,
-        batch_size: task.param_u64("batch_size", 32) as usize,
-        lr: task.param_f64("lr", lr),
-        warmup: task.param_u64("warmup", 20) as usize,
-        seed: task.param_u64(
-            "seed",
-            seed_of(&[&task.assignment.campaign_id, &task.assignment.stage]),
-        ),
+        steps: steps as usize,
+        batch_size: batch_size as usize,
+        lr,
+        warmup: warmup as usize,
+        seed: seed
+            .unwrap_or_else(|| seed_of(&[&task.assignment.campaign_id, &task.assignment.stage])),
         ..TrainConfig::default()
     }
 }
@@ -178,15 +179,14 @@ fn progress_reporter<'a>(
 impl BuiltinBackend {
     fn synthesize(&self, task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
         let a = &task.assignment;
-        let count = task.param_u64("count", 64) as usize;
-        let seed = task.param_u64(
-            "seed",
-            seed_of(&[&a.campaign_id, "prompts", &a.round_index.to_string()]),
-        );
+        let p: BuiltinPrompts = task.typed()?;
+        let seed = p
+            .seed
+            .unwrap_or_else(|| seed_of(&[&a.campaign_id, "prompts", &a.round_index.to_string()]));
         let prompts = tasks::generate(
             seed,
-            count,
-            &mix(task, Split::Train),
+            p.count as usize,
+            &mix(&p.subtopics, p.max_difficulty, p.brackets, Split::Train),
             &format!("r{}-", a.round_index),
             &HashSet::new(),
         );
@@ -221,22 +221,22 @@ impl BuiltinBackend {
             .iter()
             .map(|r| r["prompt"].as_str().unwrap_or_default().to_string())
             .collect();
-        let k = task.param_u64("k", 4) as usize;
+        let p: BuiltinGenerate = task.typed()?;
+        let k = p.k as usize;
         let cfg = SampleConfig {
-            temperature: task.param_f64("temperature", 1.0),
-            top_k: task.param_u64("top_k", 0) as usize,
-            top_p: task.param_f64("top_p", 1.0),
-            max_tokens: task.param_u64("max_tokens", 24) as usize,
-            seed: task.param_u64(
-                "seed",
+            temperature: p.temperature,
+            top_k: p.top_k as usize,
+            top_p: p.top_p,
+            max_tokens: p.max_tokens as usize,
+            seed: p.seed.unwrap_or_else(|| {
                 seed_of(&[
                     &a.campaign_id,
                     "generate",
                     &a.round_index.to_string(),
                     &a.shard_index.to_string(),
-                ]),
-            ),
-            batch_size: task.param_u64("batch_size", 128) as usize,
+                ])
+            }),
+            batch_size: p.batch_size as usize,
         };
         let samples = sample(&model, &prompts, k, &cfg, &mut |done, total| {
             ctx.report(
@@ -268,12 +268,9 @@ impl BuiltinBackend {
 
     fn score(&self, task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
         let rm = checkpoint::load_frozen(&model_dir(task.input("reward")?)?, &self.device)?;
-        let weights = reward_endpoint::weights_param(task);
-        let use_verifier = task
-            .params
-            .get("verifier")
-            .and_then(Value::as_bool)
-            .unwrap_or(true);
+        let p: BuiltinScore = task.typed()?;
+        let weights = reward_endpoint::weights(&p.weights);
+        let use_verifier = p.verifier;
         let mut rows = read_jsonl(&task.inputs("responses"))?;
         let pairs: Vec<(String, String)> = rows
             .iter()
@@ -288,7 +285,7 @@ impl BuiltinBackend {
             .iter()
             .map(|(p, r)| (p.as_str(), r.as_str()))
             .collect();
-        let scores = reward::score(&rm, &refs, 256)?;
+        let scores = reward::score(&rm, &refs, p.batch_size as usize)?;
         let mut verified = 0usize;
         let mut total = 0.0;
         for ((row, (p, r)), mut attrs) in rows.iter_mut().zip(&pairs).zip(scores) {
@@ -321,17 +318,13 @@ impl BuiltinBackend {
     }
 
     fn sft(&self, task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, TaskError> {
-        let init_role = task
-            .params
-            .get("init")
-            .and_then(Value::as_str)
-            .unwrap_or("base");
-        let init = task.input(init_role)?;
+        let p: BuiltinSft = task.typed()?;
+        let init = task.input(&p.init)?;
         let data: Vec<(String, String)> = read_jsonl(&task.inputs("sft"))?
             .iter()
             .filter_map(datasets::sft_example)
             .collect();
-        let cfg = train_config(task, 300, 3e-3);
+        let cfg = train_config(task, p.steps, p.batch_size, p.lr, p.warmup, p.seed);
         let t = jobs::fine_tune(
             &model_dir(init)?,
             jobs::Objective::Sft(&data),
@@ -354,13 +347,20 @@ impl BuiltinBackend {
             .iter()
             .filter_map(Pair::from_row)
             .collect();
-        let loss_kind = match task.params.get("algorithm").and_then(Value::as_str) {
+        let p: BuiltinPreference = task.typed()?;
+        let loss_kind = match p.algorithm.as_deref() {
             Some("dpo") => PreferenceLoss::Dpo,
-            _ => PreferenceLoss::Rpo {
-                eta: task.param_f64("eta", 1.0),
+            Some("rpo") => PreferenceLoss::Rpo {
+                eta: p.eta.unwrap_or(1.0),
             },
+            other => {
+                return Err(TaskError::permanent(format!(
+                    "stage {}: params.algorithm {other:?} must be dpo or rpo",
+                    task.assignment.stage
+                )));
+            }
         };
-        let cfg = train_config(task, 100, 1e-3);
+        let cfg = train_config(task, p.steps, p.batch_size, p.lr, p.warmup, p.seed);
         // The reference is the starting policy itself, frozen.
         let t = jobs::fine_tune(
             &dir,
@@ -369,8 +369,8 @@ impl BuiltinBackend {
                 pairs: &pairs,
                 objective: PreferenceObjective {
                     loss: loss_kind,
-                    beta: task.param_f64("beta", 0.1),
-                    sft_weight: task.param_f64("sft_weight", 0.1),
+                    beta: p.beta,
+                    sft_weight: p.sft_weight,
                 },
             },
             &cfg,
@@ -385,12 +385,11 @@ impl BuiltinBackend {
         let generator =
             checkpoint::load_frozen(&model_dir(task.input("generator")?)?, &self.device)?;
         let rm = checkpoint::load_frozen(&model_dir(task.input("reward")?)?, &self.device)?;
-        let count = task.param_u64("prompts", 200) as usize;
-        let seed = task.param_u64("seed", 1234);
+        let p: BuiltinEvaluate = task.typed()?;
         let prompts: Vec<String> = tasks::generate(
-            seed,
-            count,
-            &mix(task, Split::HeldOut),
+            p.seed,
+            p.prompts as usize,
+            &mix(&p.subtopics, p.max_difficulty, p.brackets, Split::HeldOut),
             "eval-",
             &HashSet::new(),
         )
@@ -402,11 +401,7 @@ impl BuiltinBackend {
         ctx.report(0.5, "candidate evaluated", &[]);
         ctx.checkpoint()?;
         let gen_answers = eval::answers(&generator, &prompts)?;
-        let verifier = task
-            .params
-            .get("verifier")
-            .and_then(Value::as_bool)
-            .unwrap_or(true);
+        let verifier = p.verifier;
         let cand_rewards = eval::rewards(&rm, &prompts, &cand, verifier)?;
         let gen_rewards = eval::rewards(&rm, &prompts, &gen_answers, verifier)?;
         let accuracy = eval::accuracy(&prompts, &cand);

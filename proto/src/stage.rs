@@ -1,0 +1,980 @@
+//! The stage contract: every stage kind, the backends that run each kind, and the params of every
+//! (kind, backend) pair with their types, defaults, bounds and meaning. This is the only place
+//! they are declared: the controller validates a spec's params by checking them against these
+//! declarations, and backends read the same typed structs ([`parse`]). The README's parameter
+//! table is generated from [`PARAMS`] (`flywheel params --markdown`) and checked in CI.
+
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// What a stage does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageKind {
+    SynthesizePrompts,
+    Generate,
+    Score,
+    Filter,
+    Sft,
+    Preference,
+    Evaluate,
+    /// Executed by the controller: compares round metrics with the gate and promotes or not.
+    Promote,
+    /// A user-defined stage the backend implements (exports, notifications, benchmarks).
+    Custom,
+}
+
+impl StageKind {
+    pub const ALL: [StageKind; 9] = [
+        StageKind::SynthesizePrompts,
+        StageKind::Generate,
+        StageKind::Score,
+        StageKind::Filter,
+        StageKind::Sft,
+        StageKind::Preference,
+        StageKind::Evaluate,
+        StageKind::Promote,
+        StageKind::Custom,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StageKind::SynthesizePrompts => "synthesize_prompts",
+            StageKind::Generate => "generate",
+            StageKind::Score => "score",
+            StageKind::Filter => "filter",
+            StageKind::Sft => "sft",
+            StageKind::Preference => "preference",
+            StageKind::Evaluate => "evaluate",
+            StageKind::Promote => "promote",
+            StageKind::Custom => "custom",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// Stages whose work can be split into shards.
+    pub fn shardable(self) -> bool {
+        matches!(
+            self,
+            StageKind::Generate | StageKind::Score | StageKind::Custom
+        )
+    }
+
+    /// Stages that produce a model.
+    pub fn trains(self) -> bool {
+        matches!(self, StageKind::Sft | StageKind::Preference)
+    }
+}
+
+impl fmt::Display for StageKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A worker backend: what runs a stage's tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// The builtin engine (candle, CPU or CUDA).
+    Builtin,
+    /// Any OpenAI-compatible server (vLLM, SGLang, TRT-LLM, `flywheel serve-model`).
+    Openai,
+    /// An HTTP reward model service (NVIDIA's reward API shape or `{prompt, response}`).
+    RewardEndpoint,
+    /// A trainer command: TRL, NeMo-Aligner, OpenRLHF, `flywheel train` or a custom one.
+    External,
+    /// A deterministic stand-in for the builtin engine, for tests: not ML.
+    Test,
+}
+
+impl BackendKind {
+    pub const ALL: [BackendKind; 5] = [
+        BackendKind::Builtin,
+        BackendKind::Openai,
+        BackendKind::RewardEndpoint,
+        BackendKind::External,
+        BackendKind::Test,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Builtin => "builtin",
+            BackendKind::Openai => "openai",
+            BackendKind::RewardEndpoint => "reward_endpoint",
+            BackendKind::External => "external",
+            BackendKind::Test => "test",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|b| b.as_str() == s)
+    }
+
+    /// The stage kinds this backend runs (its capability list). `promote` runs in the
+    /// controller, whatever the stage's backend.
+    pub fn kinds(self) -> &'static [StageKind] {
+        use StageKind::*;
+        match self {
+            BackendKind::Builtin => &[
+                SynthesizePrompts,
+                Generate,
+                Score,
+                Filter,
+                Sft,
+                Preference,
+                Evaluate,
+            ],
+            BackendKind::Openai => &[Generate, Filter],
+            BackendKind::RewardEndpoint => &[Score],
+            BackendKind::External => &[Sft, Preference],
+            BackendKind::Test => &[
+                SynthesizePrompts,
+                Generate,
+                Score,
+                Filter,
+                Sft,
+                Preference,
+                Evaluate,
+                Custom,
+            ],
+        }
+    }
+
+    pub fn runs(self, kind: StageKind) -> bool {
+        kind == StageKind::Promote || self.kinds().contains(&kind)
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A bound on a param's value, checked at submission.
+#[derive(Debug, Clone, Copy)]
+pub enum Rule {
+    None,
+    /// An integer at least this large.
+    IntAtLeast(i64),
+    /// A number at least this large.
+    AtLeast(f64),
+    /// A number greater than zero.
+    Positive,
+    /// A number in (0, 1].
+    Fraction,
+    /// One of these words.
+    OneOf(&'static [&'static str]),
+    /// Exactly this many numbers.
+    Numbers(usize),
+}
+
+impl Rule {
+    fn check(self, name: &str, v: &Value) -> Option<String> {
+        match self {
+            Rule::None => None,
+            Rule::IntAtLeast(min) => (v.as_i64()? < min).then(|| format!("must be >= {min}")),
+            Rule::AtLeast(min) => (v.as_f64()? < min).then(|| format!("must be >= {min}")),
+            Rule::Positive => (v.as_f64()? <= 0.0).then(|| "must be > 0".to_string()),
+            Rule::Fraction => {
+                let x = v.as_f64()?;
+                (x <= 0.0 || x > 1.0).then(|| "must be in (0, 1]".to_string())
+            }
+            Rule::OneOf(words) => {
+                let s = v.as_str()?;
+                (!words.contains(&s))
+                    .then(|| format!("unknown {name} {s:?} (expected {})", words.join(" or ")))
+            }
+            Rule::Numbers(n) => {
+                let ok = v
+                    .as_array()
+                    .is_some_and(|a| a.len() == n && a.iter().all(Value::is_number));
+                (!ok).then(|| {
+                    format!("must list {n} numbers (helpfulness, correctness, coherence, complexity, verbosity)")
+                })
+            }
+        }
+    }
+}
+
+/// One documented param.
+#[derive(Debug, Clone, Copy)]
+pub struct ParamDoc {
+    pub name: &'static str,
+    /// The Rust type, as declared (`i64`, `Option<String>`, ...).
+    pub ty: &'static str,
+    /// The default, as a person should read it (empty: required or derived, see `meaning`).
+    pub default: &'static str,
+    pub meaning: &'static str,
+    pub rule: Rule,
+}
+
+/// The params of one (kind, backend) pair.
+#[derive(Debug, Clone, Copy)]
+pub struct ParamsDoc {
+    pub kinds: &'static [StageKind],
+    pub backend: BackendKind,
+    pub params: &'static [ParamDoc],
+    /// Checks one param's value against its declared type and bound; `None` if it is unknown.
+    check_field: fn(&str, &Value) -> Option<Result<(), String>>,
+    /// Checks the params as a whole (requirements between params), once every field is valid.
+    check_all: fn(&Value) -> Vec<(&'static str, String)>,
+    /// The defaults, as JSON.
+    pub defaults: fn() -> Value,
+}
+
+/// The phrase for a value of the wrong type.
+fn expected(ty: &str) -> String {
+    let inner = ty
+        .strip_prefix("Option<")
+        .and_then(|t| t.strip_suffix('>'))
+        .unwrap_or(ty);
+    match inner {
+        "i64" | "u64" => "must be an integer".into(),
+        "f64" => "must be a number".into(),
+        "bool" => "must be true or false".into(),
+        "String" => "must be a string".into(),
+        "Vec<String>" => "must be a list of strings".into(),
+        "Vec<f64>" => "must be a list of 5 numbers".into(),
+        "Vec<Arg>" => "must be a list of arguments".into(),
+        "Vars" => "must be a map of names to values".into(),
+        other => format!("must be a {other}"),
+    }
+}
+
+/// A params struct of the contract, tied to its declaration.
+pub trait Params: DeserializeOwned + Default + Serialize {
+    const DOC: ParamsDoc;
+}
+
+/// Requirements between a struct's params, beyond each param's own bound.
+pub trait CrossChecks {
+    fn cross_checks(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+}
+
+macro_rules! params {
+    (
+        $(#[doc = $sdoc:literal])*
+        $name:ident for [$($kind:ident),+] on $backend:ident {
+            $(
+                $(#[doc = $fdoc:literal])*
+                $field:ident : $ty:ty = $default:expr, $shown:literal, $rule:expr;
+            )*
+        }
+    ) => {
+        $(#[doc = $sdoc])*
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name {
+            $( $(#[doc = $fdoc])* pub $field: $ty, )*
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self { $( $field: $default, )* }
+            }
+        }
+
+        impl $name {
+            pub const DOC: ParamsDoc = ParamsDoc {
+                kinds: &[$(StageKind::$kind),+],
+                backend: BackendKind::$backend,
+                params: &[$(ParamDoc {
+                    name: stringify!($field),
+                    ty: stringify!($ty),
+                    default: $shown,
+                    meaning: concat!($($fdoc),*),
+                    rule: $rule,
+                }),*],
+                check_field: |name, value| {
+                    match name {
+                        $(stringify!($field) => Some({
+                            let rule: Rule = $rule;
+                            match serde_json::from_value::<$ty>(value.clone()) {
+                                Err(_) => Err(expected(stringify!($ty))),
+                                Ok(_) => match rule.check(name, value) {
+                                    Some(msg) => Err(msg),
+                                    None => Ok(()),
+                                },
+                            }
+                        }),)*
+                        _ => None,
+                    }
+                },
+                check_all: |value| match serde_json::from_value::<$name>(value.clone()) {
+                    Ok(p) => p.cross_checks(),
+                    Err(e) => vec![("", e.to_string())],
+                },
+                defaults: || serde_json::to_value($name::default()).expect("params serialize"),
+            };
+        }
+
+        impl Params for $name {
+            const DOC: ParamsDoc = $name::DOC;
+        }
+    };
+}
+
+/// One command-line argument or environment value: a string, or a number or boolean written
+/// as one in YAML (`[--warmup, 2]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Arg(pub String);
+
+impl<'de> Deserialize<'de> for Arg {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Arg(s)),
+            v @ (Value::Number(_) | Value::Bool(_)) => Ok(Arg(v.to_string())),
+            _ => Err(serde::de::Error::custom(
+                "expected a string, number or boolean",
+            )),
+        }
+    }
+}
+
+/// Names to values (environment variables, command placeholders).
+pub type Vars = std::collections::BTreeMap<String, Arg>;
+
+params! {
+    /// `synthesize_prompts` on `builtin`: prompts from the task world (arithmetic, strings).
+    BuiltinPrompts for [SynthesizePrompts] on Builtin {
+        /// Prompts per shard.
+        count: i64 = 64, "64", Rule::IntAtLeast(1);
+        /// Seed of the prompt generator (default: derived from the campaign and round).
+        seed: Option<u64> = None, "", Rule::None;
+        /// Subtopics to draw from (default: all of add, sub, mul, reverse, sort, upper, count).
+        subtopics: Option<Vec<String>> = None, "all", Rule::None;
+        /// Highest difficulty level, 1 to 3.
+        max_difficulty: i64 = 2, "2", Rule::IntAtLeast(1);
+        /// Fraction of prompts that also ask for the answer in brackets.
+        brackets: f64 = 0.3, "0.3", Rule::AtLeast(0.0);
+    }
+}
+impl CrossChecks for BuiltinPrompts {}
+
+params! {
+    /// `generate` on `builtin`: K samples per prompt with the KV-cached sampler.
+    BuiltinGenerate for [Generate] on Builtin {
+        /// Samples per prompt.
+        k: i64 = 4, "4", Rule::IntAtLeast(1);
+        /// Sampling temperature (0: greedy).
+        temperature: f64 = 1.0, "1.0", Rule::AtLeast(0.0);
+        /// Nucleus sampling mass.
+        top_p: f64 = 1.0, "1.0", Rule::Fraction;
+        /// Top-k sampling (0: off).
+        top_k: i64 = 0, "0", Rule::IntAtLeast(0);
+        /// Most tokens per response.
+        max_tokens: i64 = 24, "24", Rule::IntAtLeast(1);
+        /// Seed (default: derived from the campaign, round and shard).
+        seed: Option<u64> = None, "", Rule::None;
+        /// Sequences sampled together.
+        batch_size: i64 = 128, "128", Rule::IntAtLeast(1);
+    }
+}
+impl CrossChecks for BuiltinGenerate {}
+
+params! {
+    /// `score` on `builtin`: the reward model's five HelpSteer2 attributes and their weighted sum.
+    BuiltinScore for [Score] on Builtin {
+        /// Responses scored together.
+        batch_size: i64 = 256, "256", Rule::IntAtLeast(1);
+        /// Use the task's verifier for correctness where one exists.
+        verifier: bool = true, "true", Rule::None;
+        /// Weights of helpfulness, correctness, coherence, complexity, verbosity.
+        weights: Option<Vec<f64>> = None, "0.3, 0.74, 0.46, 0.47, -0.33", Rule::Numbers(5);
+    }
+}
+impl CrossChecks for BuiltinScore {}
+
+params! {
+    /// `filter` on `builtin` (and the same on `test`): verified best-of-K into SFT data,
+    /// best-vs-worst into preference pairs.
+    BuiltinFilter for [Filter] on Builtin {
+        /// Always best_vs_worst here; llm_judge runs on the openai backend.
+        method: String = "best_vs_worst".into(), "best_vs_worst", Rule::OneOf(&["best_vs_worst"]);
+        /// Least reward gap between chosen and rejected.
+        margin: f64 = 0.0, "0.0", Rule::AtLeast(0.0);
+        /// Least reward of a chosen response (default: none).
+        min_reward: Option<f64> = None, "", Rule::None;
+        /// Keep only responses the verifier accepted, where one exists.
+        require_verified: bool = false, "false", Rule::None;
+    }
+}
+impl CrossChecks for BuiltinFilter {}
+
+params! {
+    /// `sft` on `builtin`: supervised fine-tuning on the stage's SFT data.
+    BuiltinSft for [Sft] on Builtin {
+        /// Input role of the starting model: base (default) or generator.
+        init: String = "base".into(), "base", Rule::OneOf(&["base", "generator"]);
+        /// Optimiser steps.
+        steps: i64 = 300, "300", Rule::IntAtLeast(1);
+        /// Peak learning rate.
+        lr: f64 = 3e-3, "0.003", Rule::Positive;
+        /// Sequences per step.
+        batch_size: i64 = 32, "32", Rule::IntAtLeast(1);
+        /// Linear warm-up steps.
+        warmup: i64 = 20, "20", Rule::IntAtLeast(0);
+        /// Seed of the batch order (default: derived from the campaign and stage).
+        seed: Option<u64> = None, "", Rule::None;
+    }
+}
+impl CrossChecks for BuiltinSft {}
+
+params! {
+    /// `preference` on `builtin`: DPO or RPO (NeMo-Aligner's `rpo_bwd_kl`) from the SFT model.
+    BuiltinPreference for [Preference] on Builtin {
+        /// dpo or rpo (required).
+        algorithm: Option<String> = None, "", Rule::OneOf(&["dpo", "rpo"]);
+        /// KL strength β.
+        beta: f64 = 0.1, "0.1", Rule::Positive;
+        /// RPO's reward scale η (rpo only).
+        eta: Option<f64> = None, "1.0", Rule::Positive;
+        /// Weight of the SFT term on chosen responses.
+        sft_weight: f64 = 0.1, "0.1", Rule::AtLeast(0.0);
+        /// Optimiser steps.
+        steps: i64 = 100, "100", Rule::IntAtLeast(1);
+        /// Peak learning rate.
+        lr: f64 = 1e-3, "0.001", Rule::Positive;
+        /// Pairs per step.
+        batch_size: i64 = 32, "32", Rule::IntAtLeast(1);
+        /// Linear warm-up steps.
+        warmup: i64 = 20, "20", Rule::IntAtLeast(0);
+        /// Seed of the batch order (default: derived from the campaign and stage).
+        seed: Option<u64> = None, "", Rule::None;
+    }
+}
+impl CrossChecks for BuiltinPreference {
+    fn cross_checks(&self) -> Vec<(&'static str, String)> {
+        algorithm_checks(self.algorithm.as_deref(), self.eta.is_some())
+    }
+}
+
+fn algorithm_checks(algorithm: Option<&str>, eta: bool) -> Vec<(&'static str, String)> {
+    match algorithm {
+        None => vec![("algorithm", "is required (dpo or rpo)".into())],
+        Some("dpo") if eta => vec![("eta", "applies to rpo only".into())],
+        _ => Vec::new(),
+    }
+}
+
+params! {
+    /// `evaluate` on `builtin`: held-out accuracy by verifier, mean reward and win rate.
+    BuiltinEvaluate for [Evaluate] on Builtin {
+        /// Held-out prompts.
+        prompts: i64 = 200, "200", Rule::IntAtLeast(1);
+        /// Seed of the held-out prompts.
+        seed: u64 = 1234, "1234", Rule::None;
+        /// Use the task's verifier for correctness in the reward.
+        verifier: bool = true, "true", Rule::None;
+        /// Subtopics of the held-out prompts (default: all).
+        subtopics: Option<Vec<String>> = None, "all", Rule::None;
+        /// Highest difficulty level, 1 to 3.
+        max_difficulty: i64 = 2, "2", Rule::IntAtLeast(1);
+        /// Fraction of prompts that also ask for the answer in brackets.
+        brackets: f64 = 0.3, "0.3", Rule::AtLeast(0.0);
+    }
+}
+impl CrossChecks for BuiltinEvaluate {}
+
+params! {
+    /// `generate` on `openai`: K samples per prompt from an OpenAI-compatible server.
+    OpenaiGenerate for [Generate] on Openai {
+        /// The server's API root, e.g. http://127.0.0.1:8000/v1 (required).
+        base_url: Option<String> = None, "", Rule::None;
+        /// chat (/chat/completions) or completions (/completions).
+        endpoint: String = "chat".into(), "chat", Rule::OneOf(&["chat", "completions"]);
+        /// Model name sent (default: the generator artifact's name).
+        model: Option<String> = None, "", Rule::None;
+        /// Samples per prompt.
+        k: i64 = 4, "4", Rule::IntAtLeast(1);
+        /// One request with n = k (true) or k requests with seeds seed + j (false).
+        use_n: bool = true, "true", Rule::None;
+        /// Sampling temperature.
+        temperature: f64 = 1.0, "1.0", Rule::AtLeast(0.0);
+        /// Nucleus sampling mass.
+        top_p: f64 = 1.0, "1.0", Rule::Fraction;
+        /// Most tokens per response.
+        max_tokens: i64 = 256, "256", Rule::IntAtLeast(1);
+        /// Seed sent with every request.
+        seed: u64 = 0, "0", Rule::None;
+        /// Environment variable holding the API key (the key never enters a spec).
+        api_key_env: Option<String> = None, "", Rule::None;
+        /// Seconds before a request times out.
+        timeout_s: i64 = 120, "120", Rule::IntAtLeast(1);
+        /// Retries of 429, 5xx, timeouts and connection errors.
+        max_retries: i64 = 5, "5", Rule::IntAtLeast(0);
+        /// First retry delay, doubled each time.
+        backoff_initial_ms: i64 = 500, "500", Rule::IntAtLeast(0);
+        /// Requests in flight.
+        concurrency: i64 = 8, "8", Rule::IntAtLeast(1);
+    }
+}
+impl CrossChecks for OpenaiGenerate {
+    fn cross_checks(&self) -> Vec<(&'static str, String)> {
+        required("base_url", &self.base_url)
+    }
+}
+
+fn required(name: &'static str, v: &Option<String>) -> Vec<(&'static str, String)> {
+    match v {
+        Some(s) if !s.trim().is_empty() => Vec::new(),
+        _ => vec![(name, "is required".into())],
+    }
+}
+
+params! {
+    /// `filter` on `openai` with `method: llm_judge`: two responses per prompt judged twice by an
+    /// LLM with the order swapped; kept only when both verdicts agree.
+    OpenaiJudge for [Filter] on Openai {
+        /// llm_judge (required).
+        method: Option<String> = None, "", Rule::OneOf(&["llm_judge"]);
+        /// The judge server's API root (required).
+        base_url: Option<String> = None, "", Rule::None;
+        /// chat or completions.
+        endpoint: String = "chat".into(), "chat", Rule::OneOf(&["chat", "completions"]);
+        /// The judge model's name (default: the generator artifact's name).
+        model: Option<String> = None, "", Rule::None;
+        /// The judge prompt, with {prompt}, {a} and {b} (default: a short A/B question).
+        judge_prompt: Option<String> = None, "", Rule::None;
+        /// Judge sampling temperature.
+        temperature: f64 = 0.0, "0.0", Rule::AtLeast(0.0);
+        /// Judge nucleus sampling mass.
+        top_p: f64 = 1.0, "1.0", Rule::Fraction;
+        /// Most tokens of a verdict.
+        max_tokens: i64 = 4, "4", Rule::IntAtLeast(1);
+        /// Environment variable holding the API key.
+        api_key_env: Option<String> = None, "", Rule::None;
+        /// Seconds before a request times out.
+        timeout_s: i64 = 120, "120", Rule::IntAtLeast(1);
+        /// Retries of 429, 5xx, timeouts and connection errors.
+        max_retries: i64 = 5, "5", Rule::IntAtLeast(0);
+        /// First retry delay, doubled each time.
+        backoff_initial_ms: i64 = 500, "500", Rule::IntAtLeast(0);
+        /// Requests in flight.
+        concurrency: i64 = 8, "8", Rule::IntAtLeast(1);
+    }
+}
+impl CrossChecks for OpenaiJudge {
+    fn cross_checks(&self) -> Vec<(&'static str, String)> {
+        let mut out = required("base_url", &self.base_url);
+        if self.method.is_none() {
+            out.push((
+                "method",
+                "is required: the openai backend filters with llm_judge (best_vs_worst runs on builtin or test)".into(),
+            ));
+        }
+        out
+    }
+}
+
+params! {
+    /// `score` on `reward_endpoint`: five attributes (or a scalar) from an HTTP reward service.
+    RewardEndpointScore for [Score] on RewardEndpoint {
+        /// The service URL (required).
+        url: Option<String> = None, "", Rule::None;
+        /// Model name sent in chat requests.
+        model: String = String::new(), "", Rule::None;
+        /// chat (NVIDIA's reward API: the exchange as messages) or pair ({prompt, response}).
+        request: String = "chat".into(), "chat", Rule::OneOf(&["chat", "pair"]);
+        /// Where the answer is in the reply, dotted (e.g. data.0.score; default: found).
+        attributes_path: String = String::new(), "", Rule::None;
+        /// Weights of helpfulness, correctness, coherence, complexity, verbosity.
+        weights: Option<Vec<f64>> = None, "0.3, 0.74, 0.46, 0.47, -0.33", Rule::Numbers(5);
+        /// Environment variable holding the API key.
+        api_key_env: Option<String> = None, "", Rule::None;
+        /// Seconds before a request times out.
+        timeout_s: i64 = 120, "120", Rule::IntAtLeast(1);
+        /// Retries of 429, 5xx, timeouts and connection errors.
+        max_retries: i64 = 5, "5", Rule::IntAtLeast(0);
+        /// First retry delay, doubled each time.
+        backoff_initial_ms: i64 = 500, "500", Rule::IntAtLeast(0);
+        /// Requests in flight.
+        concurrency: i64 = 8, "8", Rule::IntAtLeast(1);
+    }
+}
+impl CrossChecks for RewardEndpointScore {
+    fn cross_checks(&self) -> Vec<(&'static str, String)> {
+        required("url", &self.url)
+    }
+}
+
+params! {
+    /// `sft` and `preference` on `external`: a trainer command, from a template or given.
+    ExternalTrain for [Sft, Preference] on External {
+        /// trl, nemo_aligner, openrlhf or flywheel (or give command).
+        template: Option<String> = None, "", Rule::OneOf(&["trl", "nemo_aligner", "openrlhf", "flywheel"]);
+        /// The trainer's argument list with {placeholders} (instead of template).
+        command: Option<Vec<Arg>> = None, "", Rule::None;
+        /// Arguments appended to a template's command, with the same placeholders.
+        extra_args: Option<Vec<Arg>> = None, "", Rule::None;
+        /// Values for a command's own {placeholders}.
+        vars: Vars = Vars::new(), "", Rule::None;
+        /// Environment of the trainer process.
+        env: Vars = Vars::new(), "", Rule::None;
+        /// dpo or rpo (preference stages; required there).
+        algorithm: Option<String> = None, "", Rule::OneOf(&["dpo", "rpo"]);
+        /// Input role of the starting model of an sft stage: base (default) or generator.
+        init: String = "base".into(), "base", Rule::OneOf(&["base", "generator"]);
+        /// Input role of a preference stage's reference (default: the starting model).
+        reference: Option<String> = None, "", Rule::None;
+        /// Learning rate (default: 1e-5 for sft, 5e-7 for preference).
+        lr: Option<f64> = None, "", Rule::Positive;
+        /// Epochs.
+        epochs: i64 = 1, "1", Rule::IntAtLeast(1);
+        /// Global batch size.
+        batch_size: i64 = 8, "8", Rule::IntAtLeast(1);
+        /// KL strength β.
+        beta: f64 = 0.1, "0.1", Rule::Positive;
+        /// RPO's reward scale η.
+        eta: f64 = 1.0, "1.0", Rule::Positive;
+        /// Optimiser steps (templates that take them; also drives progress).
+        steps: i64 = 100, "100", Rule::IntAtLeast(1);
+        /// GPUs per node.
+        gpus: i64 = 1, "1", Rule::IntAtLeast(1);
+        /// Seed.
+        seed: u64 = 1234, "1234", Rule::None;
+        /// Seconds between SIGTERM and SIGKILL when the task is stopped.
+        grace_period_s: i64 = 10, "10", Rule::IntAtLeast(0);
+    }
+}
+impl CrossChecks for ExternalTrain {
+    fn cross_checks(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        match (&self.template, &self.command) {
+            (None, None) => out.push((
+                "template",
+                "is required (trl, nemo_aligner, openrlhf, flywheel), or give command".into(),
+            )),
+            (Some(_), Some(_)) => {
+                out.push(("command", "give template or command, not both".into()))
+            }
+            _ => {}
+        }
+        if self.command.is_some() && self.extra_args.is_some() {
+            out.push((
+                "extra_args",
+                "applies to templates; with command, put the arguments in the command".into(),
+            ));
+        }
+        if self.template.is_some() && !self.vars.is_empty() {
+            out.push((
+                "vars",
+                "applies to command; templates take their own params".into(),
+            ));
+        }
+        out
+    }
+}
+
+params! {
+    /// The test backend's own knobs, on every kind it runs.
+    TestKnobs for [Custom] on Test {
+        /// Work this long, honouring cancellation.
+        sleep_ms: i64 = 0, "0", Rule::IntAtLeast(0);
+        /// Attempts 1..=N fail, retryably.
+        fail_attempts: i64 = 0, "0", Rule::IntAtLeast(0);
+        /// Fail without retry.
+        fail_permanently: bool = false, "false", Rule::None;
+        /// Attempts 1..=N abort the worker process.
+        crash_attempts: i64 = 0, "0", Rule::IntAtLeast(0);
+    }
+}
+impl CrossChecks for TestKnobs {}
+
+/// Every documented (kind, backend) pair. The test backend takes its own knobs on every kind,
+/// and, for the kinds whose outputs record them, the builtin's params (see [`docs_for`]).
+pub const PARAMS: &[ParamsDoc] = &[
+    BuiltinPrompts::DOC,
+    BuiltinGenerate::DOC,
+    BuiltinScore::DOC,
+    BuiltinFilter::DOC,
+    BuiltinSft::DOC,
+    BuiltinPreference::DOC,
+    BuiltinEvaluate::DOC,
+    OpenaiGenerate::DOC,
+    OpenaiJudge::DOC,
+    RewardEndpointScore::DOC,
+    ExternalTrain::DOC,
+    TestKnobs::DOC,
+];
+
+/// The declarations that apply to `kind` on `backend`. The test backend, a stand-in for the
+/// builtin engine, takes the builtin's params where it records them in its outputs (prompts,
+/// responses, scores, datasets, models: `metadata.params`), and its knobs everywhere;
+/// `evaluate` has no outputs, so there it takes only its knobs.
+pub fn docs_for(kind: StageKind, backend: BackendKind) -> Vec<&'static ParamsDoc> {
+    let of = |b: BackendKind| {
+        PARAMS
+            .iter()
+            .filter(move |d| d.backend == b && d.kinds.contains(&kind))
+    };
+    match backend {
+        BackendKind::Test => {
+            let mut docs: Vec<_> = if kind == StageKind::Evaluate {
+                Vec::new()
+            } else {
+                of(BackendKind::Builtin).collect()
+            };
+            docs.push(&TestKnobs::DOC);
+            docs
+        }
+        b => of(b).collect(),
+    }
+}
+
+/// A problem with a stage's params: the param (empty: the params as a whole) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamProblem {
+    pub param: String,
+    pub message: String,
+}
+
+/// The closest of `known` to `word`, if it is close enough to be a likely typo.
+fn closest<'a>(word: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let distance = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1];
+            for (j, cb) in b.iter().enumerate() {
+                let sub = prev[j] + usize::from(ca != *cb);
+                cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    };
+    known
+        .map(|k| (distance(word, k), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3))
+        .min()
+        .map(|(_, k)| k)
+}
+
+/// Checks a stage's params against the contract of its (kind, backend): every key known (an
+/// unknown one is reported with the closest known key), every value of its declared type and
+/// within its bound, and the requirements between params. `promote` params are the gate's,
+/// checked by the controller.
+pub fn check(
+    kind: StageKind,
+    backend: BackendKind,
+    params: &Map<String, Value>,
+) -> Vec<ParamProblem> {
+    let problem = |param: &str, message: String| ParamProblem {
+        param: param.to_string(),
+        message,
+    };
+    if kind == StageKind::Promote {
+        return Vec::new();
+    }
+    if !backend.runs(kind) {
+        let others: Vec<&str> = BackendKind::ALL
+            .iter()
+            .filter(|b| b.runs(kind))
+            .map(|b| b.as_str())
+            .collect();
+        return vec![problem(
+            "",
+            format!(
+                "backend {backend} does not run {kind} stages; backends that do: {}",
+                others.join(", ")
+            ),
+        )];
+    }
+    let docs = docs_for(kind, backend);
+    let mut problems = Vec::new();
+    for (key, value) in params {
+        let Some(result) = docs.iter().find_map(|d| (d.check_field)(key, value)) else {
+            let known = docs.iter().flat_map(|d| d.params.iter().map(|p| p.name));
+            let hint = match closest(key, known) {
+                Some(k) => format!("; did you mean {k}?"),
+                None => format!(
+                    "; {kind} on {backend} takes {}",
+                    docs.iter()
+                        .flat_map(|d| d.params.iter().map(|p| p.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+            problems.push(problem(key, format!("unknown field{hint}")));
+            continue;
+        };
+        if let Err(message) = result {
+            problems.push(problem(key, message));
+        }
+    }
+    if problems.is_empty() {
+        for d in &docs {
+            let own: Map<String, Value> = params
+                .iter()
+                .filter(|(k, _)| d.params.iter().any(|p| p.name == k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for (param, message) in (d.check_all)(&Value::Object(own)) {
+                problems.push(problem(param, message));
+            }
+        }
+    }
+    problems
+}
+
+/// A stage's params as the backend reads them: the fields declared by `T` (with their
+/// defaults), leaving out the keys of the other declarations that apply (the test backend's
+/// knobs). The controller validated the params at submission, so an error here means a worker
+/// and its controller disagree about the contract.
+pub fn parse<T: Params>(params: &Value) -> Result<T, String> {
+    let own: Map<String, Value> = params
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| T::DOC.params.iter().any(|p| p.name == k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    serde_json::from_value(Value::Object(own)).map_err(|e| format!("stage params: {e}"))
+}
+
+/// The parameter reference as a Markdown table, generated from [`PARAMS`].
+pub fn markdown() -> String {
+    let mut out = String::from(
+        "| kind | backend | param | type | default | meaning |\n|---|---|---|---|---|---|\n",
+    );
+    for d in PARAMS {
+        let kinds = d
+            .kinds
+            .iter()
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let backend = if d.backend == BackendKind::Test {
+            "test (also the builtin's params of the kind, recorded in its outputs; not on evaluate)"
+                .to_string()
+        } else {
+            d.backend.to_string()
+        };
+        let kinds = if d.backend == BackendKind::Test {
+            "every kind it runs".to_string()
+        } else {
+            kinds
+        };
+        for p in d.params {
+            let ty =
+                p.ty.replace("Vars", "map")
+                    .replace("Arg", "string")
+                    .replace('<', "&lt;")
+                    .replace('>', "&gt;");
+            out.push_str(&format!(
+                "| {kinds} | {backend} | `{}` | {ty} | {} | {} |\n",
+                p.name,
+                if p.default.is_empty() {
+                    "—".to_string()
+                } else {
+                    format!("`{}`", p.default)
+                },
+                p.meaning.trim()
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn problems(kind: StageKind, backend: BackendKind, v: Value) -> Vec<String> {
+        check(kind, backend, v.as_object().unwrap())
+            .into_iter()
+            .map(|p| format!("{}: {}", p.param, p.message))
+            .collect()
+    }
+
+    #[test]
+    fn typos_types_bounds_and_backends_are_named() {
+        use BackendKind::*;
+        use StageKind::*;
+        assert_eq!(
+            problems(
+                Generate,
+                Openai,
+                json!({ "base_url": "http://x/v1", "temprature": 0.7 })
+            ),
+            ["temprature: unknown field; did you mean temperature?"]
+        );
+        assert_eq!(
+            problems(Generate, Builtin, json!({ "k": "four", "top_p": 2.0 })),
+            ["k: must be an integer", "top_p: must be in (0, 1]"]
+        );
+        assert_eq!(
+            problems(Sft, Openai, json!({})),
+            [": backend openai does not run sft stages; backends that do: builtin, external, test"]
+        );
+        assert_eq!(
+            problems(
+                Preference,
+                Builtin,
+                json!({ "algorithm": "dpo", "eta": 1.0 })
+            ),
+            ["eta: applies to rpo only"]
+        );
+        assert_eq!(
+            problems(Preference, Builtin, json!({})),
+            ["algorithm: is required (dpo or rpo)"]
+        );
+        assert_eq!(
+            problems(Sft, Builtin, json!({ "epochs": 2 })),
+            [
+                "epochs: unknown field; sft on builtin takes init, steps, lr, batch_size, warmup, seed"
+            ]
+        );
+        // The test backend takes the builtin's params and its knobs.
+        assert!(
+            problems(
+                Generate,
+                Test,
+                json!({ "k": 2, "temperature": 0.5, "sleep_ms": 10 })
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            problems(Score, RewardEndpoint, json!({})),
+            ["url: is required"]
+        );
+        assert!(problems(Promote, Openai, json!({ "require": {} })).is_empty());
+    }
+
+    #[test]
+    fn backends_read_the_declared_defaults() {
+        let p: BuiltinGenerate = parse(&json!({ "k": 8, "sleep_ms": 5 })).unwrap();
+        assert_eq!((p.k, p.max_tokens, p.temperature), (8, 24, 1.0));
+        let p: OpenaiGenerate = parse(&json!({ "base_url": "u" })).unwrap();
+        assert_eq!((p.max_tokens, p.concurrency, p.use_n), (256, 8, true));
+        let knobs: TestKnobs = parse(&json!({ "k": 8, "sleep_ms": 5 })).unwrap();
+        assert_eq!(knobs.sleep_ms, 5);
+    }
+
+    #[test]
+    fn every_declared_default_passes_its_own_bound() {
+        for d in PARAMS {
+            let defaults = (d.defaults)();
+            for p in d.params {
+                assert!(!p.meaning.trim().is_empty(), "{} has no meaning", p.name);
+                let v = &defaults[p.name];
+                if !v.is_null() {
+                    assert_eq!((d.check_field)(p.name, v), Some(Ok(())), "{}", p.name);
+                }
+            }
+        }
+    }
+}
