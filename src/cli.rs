@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use flywheel_engine::backend::BuiltinBackend;
+use flywheel_builtin::BuiltinBackend;
 use flywheel_orchestrator::template::parse_assignments;
 use flywheel_orchestrator::{ControllerConfig, auth, store};
 use flywheel_proto::ControlClient;
@@ -133,6 +133,12 @@ enum Command {
     InitModel(crate::train_cli::InitModelArgs),
     /// Serve a builtin checkpoint over an OpenAI-compatible HTTP API.
     ServeModel(crate::serve_model::ServeModelArgs),
+    /// Every param of every stage kind and backend, with its type, default and meaning.
+    Params {
+        /// As docs/params.md (Markdown); the default is the same table.
+        #[arg(long)]
+        markdown: bool,
+    },
     /// Apply database migrations (the server also does this at start).
     Migrate {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -490,6 +496,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
                 );
             }
         }
+        Command::Params { markdown: _ } => print!("{}", flywheel_proto::stage::markdown()),
         Command::Migrate { database_url } => {
             admin_pool(&database_url).await?;
             println!("migrations applied");

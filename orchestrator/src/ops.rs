@@ -350,9 +350,15 @@ pub(crate) async fn set_gate(
     get(ctl, id).await
 }
 
-fn stored_spec(c: &CampaignRow) -> Result<CampaignSpec> {
-    serde_json::from_value(c.spec.clone())
-        .map_err(|e| Error::FailedPrecondition(format!("stored spec unreadable: {e}")))
+/// A campaign's stored spec. One that no longer reads (written by another version) is an
+/// error naming the campaign, never an empty spec.
+pub(crate) fn stored_spec(c: &CampaignRow) -> Result<CampaignSpec> {
+    serde_json::from_value(c.spec.clone()).map_err(|e| {
+        Error::FailedPrecondition(format!(
+            "the stored spec of campaign {} no longer reads ({e}); it was written by another version of Flywheel",
+            c.id
+        ))
+    })
 }
 
 /// Re-runs a failed or cancelled stage of a round and everything downstream of it; nothing

@@ -158,6 +158,17 @@ impl fmt::Display for BackendKind {
     }
 }
 
+/// The HelpSteer2 attributes a reward model scores, in the order of every 5-number list.
+pub const HELPSTEER2_ATTRIBUTES: [&str; 5] = [
+    "helpfulness",
+    "correctness",
+    "coherence",
+    "complexity",
+    "verbosity",
+];
+/// The scalar reward's default weights, from the Nemotron-4-340B-Reward model card.
+pub const HELPSTEER2_WEIGHTS: [f64; 5] = [0.3, 0.74, 0.46, 0.47, -0.33];
+
 /// A bound on a param's value, checked at submission.
 #[derive(Debug, Clone, Copy)]
 pub enum Rule {
@@ -514,8 +525,8 @@ params! {
         timeout_s: i64 = 120, "120", Rule::IntAtLeast(1);
         /// Retries of 429, 5xx, timeouts and connection errors.
         max_retries: i64 = 5, "5", Rule::IntAtLeast(0);
-        /// First retry delay, doubled each time.
-        backoff_initial_ms: i64 = 500, "500", Rule::IntAtLeast(0);
+        /// First delay before an HTTP retry, doubled each time (not the task-retry `backoff_initial_ms`).
+        retry_backoff_ms: i64 = 500, "500", Rule::IntAtLeast(0);
         /// Requests in flight.
         concurrency: i64 = 8, "8", Rule::IntAtLeast(1);
     }
@@ -559,8 +570,8 @@ params! {
         timeout_s: i64 = 120, "120", Rule::IntAtLeast(1);
         /// Retries of 429, 5xx, timeouts and connection errors.
         max_retries: i64 = 5, "5", Rule::IntAtLeast(0);
-        /// First retry delay, doubled each time.
-        backoff_initial_ms: i64 = 500, "500", Rule::IntAtLeast(0);
+        /// First delay before an HTTP retry, doubled each time (not the task-retry `backoff_initial_ms`).
+        retry_backoff_ms: i64 = 500, "500", Rule::IntAtLeast(0);
         /// Requests in flight.
         concurrency: i64 = 8, "8", Rule::IntAtLeast(1);
     }
@@ -597,8 +608,8 @@ params! {
         timeout_s: i64 = 120, "120", Rule::IntAtLeast(1);
         /// Retries of 429, 5xx, timeouts and connection errors.
         max_retries: i64 = 5, "5", Rule::IntAtLeast(0);
-        /// First retry delay, doubled each time.
-        backoff_initial_ms: i64 = 500, "500", Rule::IntAtLeast(0);
+        /// First delay before an HTTP retry, doubled each time (not the task-retry `backoff_initial_ms`).
+        retry_backoff_ms: i64 = 500, "500", Rule::IntAtLeast(0);
         /// Requests in flight.
         concurrency: i64 = 8, "8", Rule::IntAtLeast(1);
     }
@@ -844,10 +855,40 @@ pub fn parse<T: Params>(params: &Value) -> Result<T, String> {
     serde_json::from_value(Value::Object(own)).map_err(|e| format!("stage params: {e}"))
 }
 
-/// The parameter reference as a Markdown table, generated from [`PARAMS`].
+/// A declared type as the reference shows it.
+fn human_type(ty: &str) -> String {
+    let (inner, optional) = match ty.strip_prefix("Option<").and_then(|t| t.strip_suffix('>')) {
+        Some(t) => (t, true),
+        None => (ty, false),
+    };
+    let word = match inner {
+        "i64" | "u64" => "integer",
+        "f64" => "number",
+        "bool" => "boolean",
+        "String" => "string",
+        "Vec<String>" => "list of strings",
+        "Vec<f64>" => "list of numbers",
+        "Vec<Arg>" => "list of arguments",
+        "Vars" => "map",
+        other => other,
+    };
+    if optional {
+        format!("{word} (optional)")
+    } else {
+        word.to_string()
+    }
+}
+
+/// `docs/params.md`: the parameter reference, generated from [`PARAMS`]
+/// (`flywheel params --markdown > docs/params.md`; a test checks the file matches).
 pub fn markdown() -> String {
     let mut out = String::from(
-        "| kind | backend | param | type | default | meaning |\n|---|---|---|---|---|---|\n",
+        "# Stage params\n\n\
+         Generated from the stage contract (`proto/src/stage.rs`) by `flywheel params --markdown`;\n\
+         a test fails when this file and the code disagree. A param not listed for a stage's\n\
+         (kind, backend) is refused at submission, as is a backend that does not run the kind.\n\
+         `—` as a default: required, or derived as the meaning says.\n\n\
+         | kind | backend | param | type | default | meaning |\n|---|---|---|---|---|---|\n",
     );
     for d in PARAMS {
         let kinds = d
@@ -868,11 +909,7 @@ pub fn markdown() -> String {
             kinds
         };
         for p in d.params {
-            let ty =
-                p.ty.replace("Vars", "map")
-                    .replace("Arg", "string")
-                    .replace('<', "&lt;")
-                    .replace('>', "&gt;");
+            let ty = human_type(p.ty);
             out.push_str(&format!(
                 "| {kinds} | {backend} | `{}` | {ty} | {} | {} |\n",
                 p.name,
@@ -962,6 +999,14 @@ mod tests {
         assert_eq!((p.max_tokens, p.concurrency, p.use_n), (256, 8, true));
         let knobs: TestKnobs = parse(&json!({ "k": 8, "sleep_ms": 5 })).unwrap();
         assert_eq!(knobs.sleep_ms, 5);
+    }
+
+    #[test]
+    fn the_parameter_reference_matches_the_code() {
+        assert!(
+            include_str!("../../docs/params.md") == markdown(),
+            "docs/params.md is out of date: run `flywheel params --markdown > docs/params.md`"
+        );
     }
 
     #[test]

@@ -40,7 +40,13 @@ fn evaluate(
     prompts: &[String],
 ) -> Result<Variant> {
     let answers = eval::answers(model, prompts)?;
-    let rewards = eval::rewards(rm, prompts, &answers, true)?;
+    let rewards = eval::rewards(
+        rm,
+        prompts,
+        &answers,
+        true,
+        &flywheel_proto::stage::HELPSTEER2_WEIGHTS,
+    )?;
     Ok(Variant {
         name,
         accuracy: eval::accuracy(prompts, &answers),

@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use candle_nn::VarMap;
+use flywheel_builtin::save_checkpoint;
 use flywheel_engine::model::{ModelConfig, Transformer};
 use flywheel_engine::rng::Rng;
 use flywheel_engine::sample::{SampleConfig, sample};
 use flywheel_engine::tasks::{self, Mix, Split};
 use flywheel_engine::train::{self, TrainConfig};
-use flywheel_engine::{backend::save_checkpoint, checkpoint, eval, reward};
+use flywheel_engine::{checkpoint, eval, reward};
 
 pub(crate) struct Models {
     pub(crate) base: PathBuf,

@@ -23,12 +23,17 @@ impl ControlApi {
         let mut conn = self.ctl.pool.acquire().await?;
         let rounds = store::rounds::list(&mut conn, campaign_id).await?;
         let tasks = store::tasks::list_for_campaign(&mut conn, campaign_id).await?;
-        let spec = store::campaigns::get(&mut conn, campaign_id)
+        let campaign = store::campaigns::get(&mut conn, campaign_id)
             .await?
-            .and_then(|c| serde_json::from_value::<crate::spec::CampaignSpec>(c.spec).ok());
-        let needs = spec
-            .map(|s| s.stages.into_iter().map(|st| (st.name, st.needs)).collect())
-            .unwrap_or_default();
+            .ok_or_else(|| Error::NotFound {
+                what: "campaign",
+                id: campaign_id.to_string(),
+            })?;
+        let needs = ops::stored_spec(&campaign)?
+            .stages
+            .into_iter()
+            .map(|st| (st.name, st.needs))
+            .collect();
         Ok(convert::rounds(
             rounds,
             tasks,

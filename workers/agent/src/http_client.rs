@@ -66,12 +66,12 @@ impl CallStats {
 }
 
 /// The HTTP settings every HTTP backend's params declare (`api_key_env`, `timeout_s`,
-/// `max_retries`, `backoff_initial_ms`, `concurrency`).
+/// `max_retries`, `retry_backoff_ms`, `concurrency`).
 pub(crate) struct HttpSettings<'a> {
     pub(crate) api_key_env: &'a Option<String>,
     pub(crate) timeout_s: i64,
     pub(crate) max_retries: i64,
-    pub(crate) backoff_initial_ms: i64,
+    pub(crate) retry_backoff_ms: i64,
     pub(crate) concurrency: i64,
 }
 
@@ -82,7 +82,7 @@ macro_rules! http_settings {
             api_key_env: &$p.api_key_env,
             timeout_s: $p.timeout_s,
             max_retries: $p.max_retries,
-            backoff_initial_ms: $p.backoff_initial_ms,
+            retry_backoff_ms: $p.retry_backoff_ms,
             concurrency: $p.concurrency,
         }
     };
@@ -125,7 +125,7 @@ impl HttpCaller {
             client,
             api_key,
             max_retries: settings.max_retries.max(0) as u32,
-            backoff_initial: Duration::from_millis(settings.backoff_initial_ms.max(0) as u64),
+            backoff_initial: Duration::from_millis(settings.retry_backoff_ms.max(0) as u64),
             in_flight: settings.concurrency.clamp(1, 1024) as usize,
             stats: Arc::new(CallStats::default()),
         })

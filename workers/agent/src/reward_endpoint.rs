@@ -18,16 +18,10 @@ use crate::datasets::{read_jsonl, write_jsonl};
 use crate::http_client::{HttpCaller, at_path, http_settings, required};
 use flywheel_proto::stage::RewardEndpointScore;
 
-/// HelpSteer2's attributes, in the order of Nemotron-4-340B-Reward's output.
-pub const ATTRIBUTES: [&str; 5] = [
-    "helpfulness",
-    "correctness",
-    "coherence",
-    "complexity",
-    "verbosity",
-];
-/// Weights of the scalar reward from the Nemotron-4-340B-Reward model card.
-pub const DEFAULT_WEIGHTS: [f64; 5] = [0.3, 0.74, 0.46, 0.47, -0.33];
+/// HelpSteer2's attributes and the default weights: the stage contract's.
+pub use flywheel_proto::stage::{
+    HELPSTEER2_ATTRIBUTES as ATTRIBUTES, HELPSTEER2_WEIGHTS as DEFAULT_WEIGHTS,
+};
 
 /// A stage's `weights` param (5 numbers, validated with the spec), or the default.
 pub fn weights(param: &Option<Vec<f64>>) -> [f64; 5] {

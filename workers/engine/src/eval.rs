@@ -3,7 +3,7 @@
 
 use crate::EngineError;
 use crate::model::Transformer;
-use crate::reward::{self, DEFAULT_WEIGHTS};
+use crate::reward;
 use crate::sample::{SampleConfig, sample};
 use crate::tasks;
 
@@ -25,13 +25,15 @@ pub fn accuracy(prompts: &[String], answers: &[String]) -> f64 {
     ok as f64 / prompts.len().max(1) as f64
 }
 
-/// Scalar rewards of answers by the reward model; with `verifier`, the correctness attribute
-/// comes from the task's verifier wherever one exists (as in the score stage).
+/// Scalar rewards of answers by the reward model, weighted by `weights`; with `verifier`, the
+/// correctness attribute comes from the task's verifier wherever one exists (as in the score
+/// stage).
 pub fn rewards(
     rm: &Transformer,
     prompts: &[String],
     answers: &[String],
     verifier: bool,
+    weights: &[f64; 5],
 ) -> Result<Vec<f64>, EngineError> {
     let rows: Vec<(&str, &str)> = prompts
         .iter()
@@ -46,7 +48,7 @@ pub fn rewards(
             if verifier && tasks::answer(p).is_some() {
                 attrs[1] = if tasks::verify(p, a) { 4.0 } else { 0.0 };
             }
-            reward::scalar(&attrs, &DEFAULT_WEIGHTS)
+            reward::scalar(&attrs, weights)
         })
         .collect())
 }

@@ -4,12 +4,12 @@
 //! safetensors checkpoints ([`checkpoint`]), a task world with verifiers ([`tasks`]), batched
 //! KV-cached sampling ([`sample`]), SFT / DPO / RPO and reward-model training ([`train`],
 //! [`jobs`] for fine-tuning a checkpoint end to end), a
-//! 5-attribute reward model ([`reward`]), evaluation ([`eval`]), and the worker backend
-//! `builtin` that runs campaign stages on all of it ([`backend`]).
+//! 5-attribute reward model ([`reward`]) and evaluation ([`eval`]).
 //!
-//! Only worker processes link this crate; the controller never compiles it.
+//! A pure engine: it depends on no other Flywheel crate (the worker backend `builtin` that runs
+//! campaign stages on it is `flywheel-builtin`). Only worker processes link it; the controller
+//! never compiles it.
 
-pub mod backend;
 pub mod checkpoint;
 pub mod eval;
 pub mod jobs;

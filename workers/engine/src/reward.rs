@@ -7,10 +7,8 @@ use crate::model::Transformer;
 use crate::tasks;
 use crate::train::batch;
 
-/// The HelpSteer2 attributes and the Nemotron-4-340B-Reward card's weights, shared with the
-/// reward-endpoint backend.
-pub use flywheel_worker::reward_endpoint::{ATTRIBUTES, DEFAULT_WEIGHTS};
-
+/// The weighted sum of the five attributes (helpfulness, correctness, coherence, complexity,
+/// verbosity); the weights are the caller's (Flywheel's default is the stage contract's).
 pub fn scalar(attributes: &[f32; 5], weights: &[f64; 5]) -> f64 {
     attributes
         .iter()

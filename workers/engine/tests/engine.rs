@@ -1,5 +1,6 @@
 //! The engine's behaviour: loss math, gradient flow, checkpoints, sampling, learning.
 
+use flywheel_proto::stage::HELPSTEER2_WEIGHTS;
 use std::collections::HashSet;
 
 use candle_core::{Device, Tensor};
@@ -296,8 +297,7 @@ fn the_reward_head_separates_correct_from_wrong_answers() {
         .chunks(2)
         .zip(scores.chunks(2))
         .filter(|(_, s)| {
-            reward::scalar(&s[0], &reward::DEFAULT_WEIGHTS)
-                > reward::scalar(&s[1], &reward::DEFAULT_WEIGHTS)
+            reward::scalar(&s[0], &HELPSTEER2_WEIGHTS) > reward::scalar(&s[1], &HELPSTEER2_WEIGHTS)
         })
         .count();
     let frac = ranked_right as f64 / held_out.len() as f64;

@@ -1,4 +1,5 @@
-//! The worker backend `builtin`: campaign stages on the engine.
+//! The worker backend `builtin`: campaign stages on the builtin engine (`flywheel-engine`), with
+//! the params the stage contract declares for it.
 //!
 //! Inputs and outputs go through the artifact store: datasets as JSONL (TRL formats), models as
 //! checkpoint directories (`config.json` + `model.safetensors`) whose content hash covers both.
@@ -18,11 +19,11 @@ use flywheel_worker::reward_endpoint;
 use flywheel_worker::{Backend, Output, Task, TaskContext, TaskError, TaskResult};
 use serde_json::{Value, json};
 
-use crate::reward;
-use crate::sample::{SampleConfig, sample};
-use crate::tasks::{self, Mix, Split};
-use crate::train::{Pair, PreferenceLoss, PreferenceObjective, TrainConfig};
-use crate::{EngineError, checkpoint, eval, jobs};
+use flywheel_engine::reward;
+use flywheel_engine::sample::{SampleConfig, sample};
+use flywheel_engine::tasks::{self, Mix, Split};
+use flywheel_engine::train::{Pair, PreferenceLoss, PreferenceObjective, TrainConfig};
+use flywheel_engine::{EngineError, checkpoint, eval, jobs};
 
 pub struct BuiltinBackend {
     device: Device,
@@ -32,7 +33,7 @@ impl BuiltinBackend {
     /// On the GPU when built with `cuda` and one is present, else on the CPU.
     pub fn new() -> Self {
         Self {
-            device: crate::default_device(),
+            device: flywheel_engine::default_device(),
         }
     }
 }
@@ -43,13 +44,19 @@ impl Default for BuiltinBackend {
     }
 }
 
-impl From<EngineError> for TaskError {
-    fn from(e: EngineError) -> Self {
-        match e {
+/// An engine result as a task's: cancellation stays cancellation, I/O and tensor errors are
+/// worth a retry, the rest (bad config, no data, divergence) are not.
+trait IntoTask<T> {
+    fn task(self) -> Result<T, TaskError>;
+}
+
+impl<T> IntoTask<T> for Result<T, EngineError> {
+    fn task(self) -> Result<T, TaskError> {
+        self.map_err(|e| match e {
             EngineError::Cancelled => TaskError::cancelled(),
             EngineError::Io(..) | EngineError::Tensor(_) => TaskError::retryable(e.to_string()),
             _ => TaskError::permanent(e.to_string()),
-        }
+        })
     }
 }
 
@@ -99,13 +106,13 @@ fn train_config(
 
 fn save_model(
     prefix: &str,
-    config: &crate::model::ModelConfig,
+    config: &flywheel_engine::model::ModelConfig,
     varmap: &VarMap,
     parent: &ArtifactRef,
 ) -> Result<Output, TaskError> {
     let uri = format!("{}/model", prefix.trim_end_matches('/'));
     let dir = artifacts::output_dir(&uri)?;
-    checkpoint::save(&dir, config, varmap)?;
+    checkpoint::save(&dir, config, varmap).task()?;
     let content_hash = artifacts::publish_dir(&dir, &uri)?;
     Ok(Output {
         name: "model".into(),
@@ -209,7 +216,7 @@ impl BuiltinBackend {
     ) -> Result<TaskResult, TaskError> {
         let a = &task.assignment;
         let generator = task.input("generator")?;
-        let model = checkpoint::load_frozen(&model_dir(generator)?, &self.device)?;
+        let model = checkpoint::load_frozen(&model_dir(generator)?, &self.device).task()?;
         let rows = read_jsonl(&task.inputs("prompts"))?;
         let mine: Vec<&Value> = rows
             .iter()
@@ -245,7 +252,8 @@ impl BuiltinBackend {
                 &[],
             );
             !ctx.should_stop()
-        })?;
+        })
+        .task()?;
         let mut out = Vec::new();
         let mut tokens = 0usize;
         for (row, responses) in mine.iter().zip(samples) {
@@ -267,7 +275,8 @@ impl BuiltinBackend {
     }
 
     fn score(&self, task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
-        let rm = checkpoint::load_frozen(&model_dir(task.input("reward")?)?, &self.device)?;
+        let rm =
+            checkpoint::load_frozen(&model_dir(task.input("reward")?)?, &self.device).task()?;
         let p: BuiltinScore = task.typed()?;
         let weights = reward_endpoint::weights(&p.weights);
         let use_verifier = p.verifier;
@@ -285,7 +294,7 @@ impl BuiltinBackend {
             .iter()
             .map(|(p, r)| (p.as_str(), r.as_str()))
             .collect();
-        let scores = reward::score(&rm, &refs, p.batch_size as usize)?;
+        let scores = reward::score(&rm, &refs, p.batch_size as usize).task()?;
         let mut verified = 0usize;
         let mut total = 0.0;
         for ((row, (p, r)), mut attrs) in rows.iter_mut().zip(&pairs).zip(scores) {
@@ -331,7 +340,8 @@ impl BuiltinBackend {
             &cfg,
             &self.device,
             &mut progress_reporter(ctx, cfg.steps, "sft"),
-        )?;
+        )
+        .task()?;
         trained(prefix, &t, init, data.len(), cfg.steps)
     }
 
@@ -376,15 +386,18 @@ impl BuiltinBackend {
             &cfg,
             &self.device,
             &mut progress_reporter(ctx, cfg.steps, "preference"),
-        )?;
+        )
+        .task()?;
         trained(prefix, &t, init, pairs.len(), cfg.steps)
     }
 
     fn evaluate(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
-        let candidate = checkpoint::load_frozen(&model_dir(task.input("model")?)?, &self.device)?;
+        let candidate =
+            checkpoint::load_frozen(&model_dir(task.input("model")?)?, &self.device).task()?;
         let generator =
-            checkpoint::load_frozen(&model_dir(task.input("generator")?)?, &self.device)?;
-        let rm = checkpoint::load_frozen(&model_dir(task.input("reward")?)?, &self.device)?;
+            checkpoint::load_frozen(&model_dir(task.input("generator")?)?, &self.device).task()?;
+        let rm =
+            checkpoint::load_frozen(&model_dir(task.input("reward")?)?, &self.device).task()?;
         let p: BuiltinEvaluate = task.typed()?;
         let prompts: Vec<String> = tasks::generate(
             p.seed,
@@ -397,13 +410,27 @@ impl BuiltinBackend {
         .map(|p| p.prompt)
         .collect();
         ctx.checkpoint()?;
-        let cand = eval::answers(&candidate, &prompts)?;
+        let cand = eval::answers(&candidate, &prompts).task()?;
         ctx.report(0.5, "candidate evaluated", &[]);
         ctx.checkpoint()?;
-        let gen_answers = eval::answers(&generator, &prompts)?;
+        let gen_answers = eval::answers(&generator, &prompts).task()?;
         let verifier = p.verifier;
-        let cand_rewards = eval::rewards(&rm, &prompts, &cand, verifier)?;
-        let gen_rewards = eval::rewards(&rm, &prompts, &gen_answers, verifier)?;
+        let cand_rewards = eval::rewards(
+            &rm,
+            &prompts,
+            &cand,
+            verifier,
+            &reward_endpoint::DEFAULT_WEIGHTS,
+        )
+        .task()?;
+        let gen_rewards = eval::rewards(
+            &rm,
+            &prompts,
+            &gen_answers,
+            verifier,
+            &reward_endpoint::DEFAULT_WEIGHTS,
+        )
+        .task()?;
         let accuracy = eval::accuracy(&prompts, &cand);
         let generator_accuracy = eval::accuracy(&prompts, &gen_answers);
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
@@ -430,7 +457,7 @@ impl BuiltinBackend {
 /// outside a campaign, e.g. by the demo).
 pub fn save_checkpoint(
     dir: &Path,
-    config: &crate::model::ModelConfig,
+    config: &flywheel_engine::model::ModelConfig,
     varmap: &VarMap,
 ) -> Result<String, EngineError> {
     checkpoint::save(dir, config, varmap)?;
