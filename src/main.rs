@@ -4,9 +4,6 @@
 mod cli;
 mod demo;
 mod pg;
-mod schedule_cli;
-mod serve_model;
-mod train_cli;
 
 use std::process::ExitCode;
 

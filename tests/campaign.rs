@@ -203,6 +203,26 @@ async fn invalid_specs_and_bad_tokens_are_refused() {
         "{}",
         err.message()
     );
+    // The stage contract: a typo, and a backend that does not run the stage's kind.
+    for (from, to, expected) in [
+        (
+            "k: 4, temperature: 0.8",
+            "k: 4, temprature: 0.8",
+            "recipe.stages[1].params.temprature: unknown field; did you mean temperature?",
+        ),
+        (
+            "      kind: sft\n      pool: gpu",
+            "      kind: sft\n      pool: gpu\n      backend: openai",
+            "recipe.stages[4]: backend openai does not run sft stages; backends that do: builtin, external, test",
+        ),
+    ] {
+        let err = admin
+            .create_campaign(example_spec(&[(from, to)]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(expected), "{}", err.message());
+    }
     assert!(
         admin.list_campaigns().await.unwrap().is_empty(),
         "nothing is stored for an invalid spec"

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use anyhow::Result;
 use candle_nn::VarMap;
-use flywheel_engine::tasks::{self, Split};
 use flywheel_engine::train::{self, Pair, PreferenceLoss, PreferenceObjective, TrainConfig};
+use flywheel_engine::world::{self, Split};
 use flywheel_engine::{checkpoint, eval, model::Transformer};
 use serde::Serialize;
 
@@ -67,7 +67,7 @@ pub(crate) fn run(
         .collect();
     let pairs: Vec<Pair> = read(pairs_uri)?.iter().filter_map(Pair::from_row).collect();
     let rm = checkpoint::load_frozen(reward, &dev)?;
-    let prompts: Vec<String> = tasks::generate(
+    let prompts: Vec<String> = world::generate(
         1234,
         200,
         &super::bootstrap::demo_mix(Split::HeldOut),

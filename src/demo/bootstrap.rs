@@ -12,8 +12,8 @@ use flywheel_builtin::save_checkpoint;
 use flywheel_engine::model::{ModelConfig, Transformer};
 use flywheel_engine::rng::Rng;
 use flywheel_engine::sample::{SampleConfig, sample};
-use flywheel_engine::tasks::{self, Mix, Split};
 use flywheel_engine::train::{self, TrainConfig};
+use flywheel_engine::world::{self, Mix, Split};
 use flywheel_engine::{checkpoint, eval, reward};
 
 pub(crate) struct Models {
@@ -103,7 +103,7 @@ pub(crate) fn run(dir: &Path, seed: u64, tiny: bool, log: &dyn Fn(&str)) -> Resu
         }
     };
     let config = b.config.clone();
-    let train_prompts = tasks::generate(
+    let train_prompts = world::generate(
         seed,
         b.prompts,
         &demo_mix(Split::Train),
@@ -138,7 +138,7 @@ pub(crate) fn run(dir: &Path, seed: u64, tiny: bool, log: &dyn Fn(&str)) -> Resu
         .map(|p| {
             (
                 p.prompt.clone(),
-                tasks::answer(&p.prompt).unwrap_or_default(),
+                world::answer(&p.prompt).unwrap_or_default(),
             )
         })
         .collect();
@@ -152,7 +152,7 @@ pub(crate) fn run(dir: &Path, seed: u64, tiny: bool, log: &dyn Fn(&str)) -> Resu
     let generator_dir = dir.join("generator");
     save_checkpoint(&generator_dir, &config, &varmap)?;
     let held_out: Vec<String> =
-        tasks::generate(1234, 200, &demo_mix(Split::HeldOut), "e", &HashSet::new())
+        world::generate(1234, 200, &demo_mix(Split::HeldOut), "e", &HashSet::new())
             .into_iter()
             .map(|p| p.prompt)
             .collect();
@@ -181,7 +181,7 @@ pub(crate) fn run(dir: &Path, seed: u64, tiny: bool, log: &dyn Fn(&str)) -> Resu
     )?;
     let mut data = Vec::new();
     for (p, s) in rm_prompts.iter().zip(sampled) {
-        let good = tasks::answer(p).unwrap_or_default();
+        let good = world::answer(p).unwrap_or_default();
         let bad = corrupt(&good, &mut rng);
         for response in [good, bad, s[0].clone()] {
             let labels = reward::labels(p, &response);

@@ -119,7 +119,7 @@ pub(crate) async fn run(args: DemoArgs) -> Result<()> {
     let mut demo = Box::pin(run_demo(args));
     tokio::select! {
         r = &mut demo => return r,
-        _ = crate::cli::shutdown_signal() => {}
+        _ = crate::cli::common::shutdown_signal() => {}
     }
     // Dropping the demo kills its workers and stops its Postgres (their guards' Drop).
     drop(demo);

@@ -21,8 +21,8 @@ use serde_json::{Value, json};
 
 use flywheel_engine::reward;
 use flywheel_engine::sample::{SampleConfig, sample};
-use flywheel_engine::tasks::{self, Mix, Split};
 use flywheel_engine::train::{Pair, PreferenceLoss, PreferenceObjective, TrainConfig};
+use flywheel_engine::world::{self, Mix, Split};
 use flywheel_engine::{EngineError, checkpoint, eval, jobs};
 
 pub struct BuiltinBackend {
@@ -190,7 +190,7 @@ impl BuiltinBackend {
         let seed = p
             .seed
             .unwrap_or_else(|| seed_of(&[&a.campaign_id, "prompts", &a.round_index.to_string()]));
-        let prompts = tasks::generate(
+        let prompts = world::generate(
             seed,
             p.count as usize,
             &mix(&p.subtopics, p.max_difficulty, p.brackets, Split::Train),
@@ -298,9 +298,9 @@ impl BuiltinBackend {
         let mut verified = 0usize;
         let mut total = 0.0;
         for ((row, (p, r)), mut attrs) in rows.iter_mut().zip(&pairs).zip(scores) {
-            if use_verifier && tasks::answer(p).is_some() {
+            if use_verifier && world::answer(p).is_some() {
                 // Ground truth where a verifier exists, as the recipe does; the reward model elsewhere.
-                let ok = tasks::verify(p, r);
+                let ok = world::verify(p, r);
                 attrs[1] = if ok { 4.0 } else { 0.0 };
                 verified += ok as usize;
                 row["verified"] = json!(ok);
@@ -399,7 +399,7 @@ impl BuiltinBackend {
         let rm =
             checkpoint::load_frozen(&model_dir(task.input("reward")?)?, &self.device).task()?;
         let p: BuiltinEvaluate = task.typed()?;
-        let prompts: Vec<String> = tasks::generate(
+        let prompts: Vec<String> = world::generate(
             p.seed,
             p.prompts as usize,
             &mix(&p.subtopics, p.max_difficulty, p.brackets, Split::HeldOut),

@@ -10,9 +10,9 @@ use candle_nn::VarMap;
 use flywheel_engine::model::{ModelConfig, Transformer};
 use flywheel_engine::reward;
 use flywheel_engine::sample::{SampleConfig, sample};
-use flywheel_engine::tasks::{self, Mix};
 use flywheel_engine::tokenizer::{encode_prompt, encode_response};
 use flywheel_engine::train::{self, Pair, PreferenceLoss, PreferenceObjective, TrainConfig};
+use flywheel_engine::world::{self, Mix};
 
 fn tokens(data: &[(String, String)]) -> f64 {
     data.iter()
@@ -24,10 +24,10 @@ fn tokens(data: &[(String, String)]) -> f64 {
 fn main() {
     let dev = candle_core::Device::Cpu;
     let config = ModelConfig::small();
-    let prompts = tasks::generate(1, 2000, &Mix::default(), "b", &HashSet::new());
+    let prompts = world::generate(1, 2000, &Mix::default(), "b", &HashSet::new());
     let data: Vec<(String, String)> = prompts
         .iter()
-        .map(|p| (p.prompt.clone(), tasks::answer(&p.prompt).unwrap()))
+        .map(|p| (p.prompt.clone(), world::answer(&p.prompt).unwrap()))
         .collect();
     let per_example = tokens(&data);
     let varmap = VarMap::new();

@@ -5,7 +5,7 @@ use crate::EngineError;
 use crate::model::Transformer;
 use crate::reward;
 use crate::sample::{SampleConfig, sample};
-use crate::tasks;
+use crate::world;
 
 /// Greedy answers of `model` to `prompts`.
 pub fn answers(model: &Transformer, prompts: &[String]) -> Result<Vec<String>, EngineError> {
@@ -20,7 +20,7 @@ pub fn accuracy(prompts: &[String], answers: &[String]) -> f64 {
     let ok = prompts
         .iter()
         .zip(answers)
-        .filter(|(p, a)| tasks::verify(p, a))
+        .filter(|(p, a)| world::verify(p, a))
         .count();
     ok as f64 / prompts.len().max(1) as f64
 }
@@ -45,8 +45,8 @@ pub fn rewards(
         .into_iter()
         .zip(&rows)
         .map(|(mut attrs, (p, a))| {
-            if verifier && tasks::answer(p).is_some() {
-                attrs[1] = if tasks::verify(p, a) { 4.0 } else { 0.0 };
+            if verifier && world::answer(p).is_some() {
+                attrs[1] = if world::verify(p, a) { 4.0 } else { 0.0 };
             }
             reward::scalar(&attrs, weights)
         })

@@ -1,7 +1,7 @@
 //! Flywheel's builtin alignment engine, on candle (CPU, or CUDA with the `cuda` feature).
 //!
 //! A small decoder-only transformer ([`model`]) with a byte-level tokenizer ([`tokenizer`]),
-//! safetensors checkpoints ([`checkpoint`]), a task world with verifiers ([`tasks`]), batched
+//! safetensors checkpoints ([`checkpoint`]), a task world with verifiers ([`world`]), batched
 //! KV-cached sampling ([`sample`]), SFT / DPO / RPO and reward-model training ([`train`],
 //! [`jobs`] for fine-tuning a checkpoint end to end), a
 //! 5-attribute reward model ([`reward`]) and evaluation ([`eval`]).
@@ -17,9 +17,9 @@ pub mod model;
 pub mod reward;
 pub mod rng;
 pub mod sample;
-pub mod tasks;
 pub mod tokenizer;
 pub mod train;
+pub mod world;
 
 /// The GPU when built with `cuda` and one is present, else the CPU.
 pub fn default_device() -> candle_core::Device {

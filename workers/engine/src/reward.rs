@@ -4,8 +4,8 @@ use candle_core::Tensor;
 
 use crate::EngineError;
 use crate::model::Transformer;
-use crate::tasks;
 use crate::train::batch;
+use crate::world;
 
 /// The weighted sum of the five attributes (helpfulness, correctness, coherence, complexity,
 /// verbosity); the weights are the caller's (Flywheel's default is the stage contract's).
@@ -21,8 +21,8 @@ pub fn scalar(attributes: &[f32; 5], weights: &[f64; 5]) -> f64 {
 /// from well-formedness, verbosity from length against the answer asked for, complexity from the
 /// task's difficulty, helpfulness overall.
 pub fn labels(prompt: &str, response: &str) -> [f32; 5] {
-    let correct = tasks::verify(prompt, response);
-    let expected_len = tasks::answer(prompt).map_or(8, |a| a.len()).max(1) as f32;
+    let correct = world::verify(prompt, response);
+    let expected_len = world::answer(prompt).map_or(8, |a| a.len()).max(1) as f32;
     let well_formed = !response.is_empty()
         && response
             .chars()
@@ -36,7 +36,7 @@ pub fn labels(prompt: &str, response: &str) -> [f32; 5] {
         1.5
     };
     let verbosity = (2.0 * response.len() as f32 / expected_len).min(4.0);
-    let complexity = tasks::difficulty(prompt) as f32 * 4.0 / 3.0;
+    let complexity = world::difficulty(prompt) as f32 * 4.0 / 3.0;
     let correctness = if correct { 4.0 } else { 0.0 };
     let helpfulness = if correct {
         3.0 + coherence / 4.0

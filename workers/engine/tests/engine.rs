@@ -8,8 +8,8 @@ use candle_nn::VarMap;
 use flywheel_engine::model::{ModelConfig, Transformer};
 use flywheel_engine::rng::Rng;
 use flywheel_engine::sample::{SampleConfig, sample};
-use flywheel_engine::tasks::{self, Mix};
 use flywheel_engine::train::{self, TrainConfig};
+use flywheel_engine::world::{self, Mix};
 use flywheel_engine::{checkpoint, eval, reward};
 
 fn t(v: &[f32]) -> Tensor {
@@ -251,15 +251,15 @@ fn the_reward_head_separates_correct_from_wrong_answers() {
         subtopics: vec!["upper".into(), "reverse".into()],
         max_difficulty: 1,
         brackets: 0.0,
-        split: tasks::Split::Any,
+        split: world::Split::Any,
     };
-    let train_prompts = tasks::generate(1, 400, &mix, "t", &HashSet::new());
+    let train_prompts = world::generate(1, 400, &mix, "t", &HashSet::new());
     let seen: HashSet<String> = train_prompts.iter().map(|p| p.prompt.clone()).collect();
-    let held_out = tasks::generate(2, 60, &mix, "h", &seen);
+    let held_out = world::generate(2, 60, &mix, "h", &seen);
     let mut rng = Rng::new(3);
     let mut data = Vec::new();
     for p in &train_prompts {
-        let good = tasks::answer(&p.prompt).unwrap();
+        let good = world::answer(&p.prompt).unwrap();
         let bad = corrupt(&good, &mut rng);
         data.push((
             p.prompt.clone(),
@@ -284,7 +284,7 @@ fn the_reward_head_separates_correct_from_wrong_answers() {
     train::reward_model(&rm, &varmap, &data, &cfg, &mut |_, _| true).unwrap();
     let mut rows = Vec::new();
     for p in &held_out {
-        let good = tasks::answer(&p.prompt).unwrap();
+        let good = world::answer(&p.prompt).unwrap();
         rows.push((p.prompt.clone(), good.clone(), true));
         rows.push((p.prompt.clone(), corrupt(&good, &mut rng), false));
     }
@@ -314,17 +314,17 @@ fn a_small_sft_run_raises_held_out_accuracy() {
         subtopics: vec!["upper".into(), "reverse".into(), "add".into()],
         max_difficulty: 1,
         brackets: 0.2,
-        split: tasks::Split::Any,
+        split: world::Split::Any,
     };
-    let train_prompts = tasks::generate(10, 600, &mix, "t", &HashSet::new());
+    let train_prompts = world::generate(10, 600, &mix, "t", &HashSet::new());
     let seen: HashSet<String> = train_prompts.iter().map(|p| p.prompt.clone()).collect();
-    let held_out: Vec<String> = tasks::generate(11, 80, &mix, "h", &seen)
+    let held_out: Vec<String> = world::generate(11, 80, &mix, "h", &seen)
         .into_iter()
         .map(|p| p.prompt)
         .collect();
     let data: Vec<(String, String)> = train_prompts
         .iter()
-        .map(|p| (p.prompt.clone(), tasks::answer(&p.prompt).unwrap()))
+        .map(|p| (p.prompt.clone(), world::answer(&p.prompt).unwrap()))
         .collect();
     let varmap = VarMap::new();
     let config = ModelConfig {

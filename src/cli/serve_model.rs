@@ -114,7 +114,7 @@ pub(crate) async fn run(a: ServeModelArgs) -> Result<()> {
         .with_context(|| format!("cannot listen on {}", a.addr))?;
     let bound = listener.local_addr()?;
     if let Some(f) = &a.addr_file {
-        crate::cli::write_atomically(f, &bound.to_string())?;
+        super::common::write_atomically(f, &bound.to_string())?;
     }
     eprintln!(
         "serving model {:?} at http://{bound}/v1 (OpenAI-compatible)",

@@ -8,7 +8,7 @@ use flywheel_orchestrator::template::parse_assignments;
 use flywheel_proto::ControlClient;
 use flywheel_proto::v1::{CreateScheduleRequest, Schedule};
 
-use crate::cli::{ControlOpts, status_error};
+use super::common::{ControlOpts, status_error};
 
 #[derive(Subcommand)]
 pub(crate) enum ScheduleCommand {
@@ -202,30 +202,15 @@ pub(crate) async fn run(command: ScheduleCommand) -> Result<()> {
     Ok(())
 }
 
-/// `evaluate.win_rate>=0.6` → (`evaluate.win_rate`, `>=0.6`).
-pub(crate) fn parse_requirement(text: &str) -> Result<(String, String)> {
-    let at = text.find(['>', '<']).with_context(|| {
-        format!(
-            "--require {text:?}: expected <stage>.<metric><op><number>, e.g. evaluate.win_rate>=0.6"
-        )
-    })?;
-    Ok((text[..at].trim().to_string(), text[at..].trim().to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn durations_and_requirements() {
+    fn durations() {
         assert_eq!(parse_duration_s("90").unwrap(), 90);
         assert_eq!(parse_duration_s("10m").unwrap(), 600);
         assert_eq!(parse_duration_s("2h").unwrap(), 7200);
         assert!(parse_duration_s("5w").is_err());
-        assert_eq!(
-            parse_requirement("evaluate.win_rate >= 0.6").unwrap(),
-            ("evaluate.win_rate".into(), ">= 0.6".into())
-        );
-        assert!(parse_requirement("evaluate.win_rate").is_err());
     }
 }

@@ -1,0 +1,308 @@
+//! `flywheel campaign ...`: create, inspect and steer campaigns through the control API.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use flywheel_orchestrator::template::parse_assignments;
+use flywheel_proto::ControlClient;
+use flywheel_proto::v1::{
+    CampaignAction, CreateCampaignRequest, ExtendCampaignRequest, ListArtifactsRequest,
+    RetryStageRequest, SetPromotionGateRequest,
+};
+
+use super::common::{ControlOpts, parse_requirement, status_error};
+
+#[derive(Subcommand)]
+pub(super) enum CampaignCommand {
+    /// Validate and submit a campaign spec (or a template with its values).
+    Create {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Template values, `name=value` (repeatable), for `{{ name }}` placeholders.
+        #[arg(long = "param")]
+        params: Vec<String>,
+        /// Makes the call idempotent: run it again with the same id (after a timeout, say) and
+        /// the campaign the first call created is returned instead of a second one.
+        #[arg(long)]
+        request_id: Option<String>,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    List {
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    /// Rounds, stages, tasks and artifacts of a campaign.
+    Show {
+        id: String,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    Pause {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    Resume {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    Cancel {
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    /// Re-run a failed stage of a round and everything downstream of it.
+    RetryStage {
+        id: String,
+        #[arg(long)]
+        round: i32,
+        #[arg(long)]
+        stage: String,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    /// Add rounds; a campaign that finished its rounds runs again from its current generator.
+    Extend {
+        id: String,
+        #[arg(long)]
+        rounds: u32,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    /// Replace a promote stage's gate for the rounds still to be planned.
+    SetGate {
+        id: String,
+        /// The promote stage.
+        #[arg(long, default_value = "promote")]
+        stage: String,
+        /// `<stage>.<metric><op><number>`, e.g. `evaluate.win_rate>=0.6` (repeatable).
+        #[arg(long = "require", required = true)]
+        require: Vec<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+    /// Follow a campaign's events.
+    Events {
+        id: String,
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
+}
+
+pub(super) async fn run(command: CampaignCommand) -> Result<()> {
+    match command {
+        CampaignCommand::Create {
+            file,
+            params,
+            request_id,
+            opts,
+        } => {
+            let spec_yaml = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let params = parse_assignments(params.iter().map(String::as_str))
+                .map_err(|e| anyhow::anyhow!("--param: {e}"))?;
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let campaign = c
+                .create_campaign_from(CreateCampaignRequest {
+                    spec_yaml,
+                    params: params.into_iter().collect(),
+                    request_id: request_id.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?;
+            println!("{}", campaign.id);
+        }
+        CampaignCommand::List { opts } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            println!(
+                "{:<38} {:<28} {:<10} {:>6}",
+                "ID", "NAME", "STATUS", "ROUND"
+            );
+            for x in c.list_campaigns().await.map_err(status_error)? {
+                println!(
+                    "{:<38} {:<28} {:<10} {:>3}/{}",
+                    x.id,
+                    x.name,
+                    x.status,
+                    x.current_round + 1,
+                    x.rounds_total
+                );
+            }
+        }
+        CampaignCommand::Show { id, opts } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let d = c.get_campaign(id.clone()).await.map_err(status_error)?;
+            let x = d.campaign.context("controller sent no campaign")?;
+            println!(
+                "campaign {} ({})  status {}  round {}/{}",
+                x.name,
+                x.id,
+                x.status,
+                x.current_round + 1,
+                x.rounds_total
+            );
+            println!(
+                "generator {} {}",
+                x.current_generator_id, x.current_generator_uri
+            );
+            for r in d.rounds {
+                println!(
+                    "\nround {}: {} {} {}",
+                    r.index, r.status, r.decision, r.decision_reason
+                );
+                let mut metrics: Vec<_> = r.metrics.iter().collect();
+                metrics.sort_by(|a, b| a.0.cmp(b.0));
+                for (k, v) in metrics {
+                    println!("    {k} = {v:.4}");
+                }
+                for s in r.stages {
+                    let done = s.tasks.iter().filter(|t| t.state == "succeeded").count();
+                    println!(
+                        "  {:<12} {:<18} {:<18} {}/{} shards",
+                        s.name,
+                        s.kind,
+                        s.state,
+                        done,
+                        s.tasks.len()
+                    );
+                    for t in s.tasks.iter().filter(|t| !t.last_error.is_empty()) {
+                        println!(
+                            "      shard {} attempt {}: {}",
+                            t.shard_index, t.attempt, t.last_error
+                        );
+                    }
+                }
+            }
+            let artifacts = c
+                .list_artifacts(ListArtifactsRequest {
+                    campaign_id: id,
+                    kind: String::new(),
+                })
+                .await
+                .map_err(status_error)?;
+            println!("\nartifacts:");
+            for a in artifacts {
+                println!(
+                    "  r{:<3} {:<8} {:<10} {:<10} {}",
+                    a.round_index, a.kind, a.name, a.producer_stage, a.uri
+                );
+            }
+        }
+        CampaignCommand::Pause { id, reason, opts } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let x = c
+                .pause_campaign(CampaignAction {
+                    campaign_id: id,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?;
+            println!("{} {}", x.id, x.status);
+        }
+        CampaignCommand::Resume { id, reason, opts } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let x = c
+                .resume_campaign(CampaignAction {
+                    campaign_id: id,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?;
+            println!("{} {}", x.id, x.status);
+        }
+        CampaignCommand::Cancel { id, reason, opts } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let x = c
+                .cancel_campaign(CampaignAction {
+                    campaign_id: id,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?;
+            println!("{} {}", x.id, x.status);
+        }
+        CampaignCommand::RetryStage {
+            id,
+            round,
+            stage,
+            opts,
+        } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let ids = c
+                .retry_stage(RetryStageRequest {
+                    campaign_id: id,
+                    round_index: round,
+                    stage,
+                })
+                .await
+                .map_err(status_error)?;
+            println!("{} task(s) will run again", ids.len());
+        }
+        CampaignCommand::Extend {
+            id,
+            rounds,
+            reason,
+            opts,
+        } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let x = c
+                .extend_campaign(ExtendCampaignRequest {
+                    campaign_id: id,
+                    rounds,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?;
+            println!("{} {} rounds {}", x.id, x.status, x.rounds_total);
+        }
+        CampaignCommand::SetGate {
+            id,
+            stage,
+            require,
+            reason,
+            opts,
+        } => {
+            let require = require
+                .iter()
+                .map(|r| parse_requirement(r))
+                .collect::<Result<_>>()?;
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let x = c
+                .set_promotion_gate(SetPromotionGateRequest {
+                    campaign_id: id,
+                    stage,
+                    require,
+                    reason,
+                })
+                .await
+                .map_err(status_error)?;
+            println!("{} gate changed for rounds after {}", x.id, x.current_round);
+        }
+        CampaignCommand::Events { id, after, opts } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let mut stream = c.stream_events(id, after).await.map_err(status_error)?;
+            while let Some(e) = stream.message().await.map_err(status_error)? {
+                println!(
+                    "{} {:>6} {:<18} {:<12} {}",
+                    e.created_at, e.id, e.kind, e.actor, e.message
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! The trainer process: its own process group, its output streamed as progress, stopped on
+//! cancellation.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::logs::{parse_metrics, parse_progress, shown};
+use crate::backend::{TaskContext, TaskError};
+
+/// Log lines kept for the error message of a failed trainer.
+const TAIL_LINES: usize = 30;
+
+/// Runs the trainer, streaming its output as progress; returns the last value of every metric
+/// it logged.
+pub(super) fn run_trainer(
+    argv: &[String],
+    env: &[(String, String)],
+    cwd: &Path,
+    ctx: &TaskContext,
+    grace: Duration,
+    total_steps: Option<f64>,
+) -> Result<BTreeMap<String, f64>, TaskError> {
+    use std::os::unix::process::CommandExt;
+    std::fs::create_dir_all(cwd)
+        .map_err(|e| TaskError::retryable(format!("cannot create {}: {e}", cwd.display())))?;
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so that a stop reaches launchers' children (deepspeed, torchrun).
+        .process_group(0)
+        .spawn()
+        .map_err(|e| TaskError::permanent(format!("cannot start trainer {:?}: {e}", argv[0])))?;
+    let (tx, rx) = mpsc::channel::<String>();
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
+    let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
+    // The trainer's own progress bar, where it logs no step count.
+    let mut bar = 0.0;
+    let mut streams_open = true;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                for (k, v) in parse_metrics(&line) {
+                    metrics.insert(k, v);
+                }
+                if let Some(f) = parse_progress(&line) {
+                    bar = f;
+                }
+                let fraction = match (metrics.get("step"), total_steps) {
+                    (Some(step), Some(total)) if total > 0.0 => (step + 1.0) / total,
+                    _ => bar,
+                };
+                let metric_list: Vec<(&str, f64)> =
+                    metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                let message: String = shown(&line).chars().take(200).collect();
+                ctx.report(fraction, message, &metric_list);
+                if tail.len() == TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => streams_open = false,
+        }
+        if ctx.should_stop() {
+            stop(&mut child, grace);
+            return Err(TaskError::cancelled());
+        }
+        if !streams_open {
+            break;
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| TaskError::retryable(format!("waiting for the trainer: {e}")))?;
+    if !status.success() {
+        let lines: Vec<String> = tail.into_iter().collect();
+        return Err(TaskError::retryable(format!(
+            "trainer {:?} exited with {status}; last lines of its log:\n{}",
+            argv[0],
+            lines.join("\n")
+        )));
+    }
+    Ok(metrics)
+}
+
+/// SIGTERM to the trainer's process group, then SIGKILL once `grace` has passed.
+fn stop(child: &mut Child, grace: Duration) {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    let group = Pid::from_raw(child.id() as i32);
+    let _ = killpg(group, Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            // The leader is gone; make sure its children are too.
+            let _ = killpg(group, Signal::SIGKILL);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = killpg(group, Signal::SIGKILL);
+    let _ = child.wait();
+}
