@@ -30,6 +30,10 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Longest gRPC error message sent; longer ones are cut (clients refuse large `grpc-message`
+/// headers).
+pub const MAX_STATUS_BYTES: usize = 4096;
+
 impl Error {
     pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         Self::InvalidArgument {
@@ -41,7 +45,7 @@ impl Error {
 
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
-        let message = crate::limits::truncate(&e.to_string(), crate::limits::MAX_STATUS_BYTES);
+        let message = truncate(&e.to_string(), MAX_STATUS_BYTES);
         match &e {
             Error::Db(inner) => {
                 tracing::error!(error = %inner, "database error");
@@ -64,8 +68,28 @@ pub(crate) fn parse_id(field: &'static str, value: &str) -> Result<uuid::Uuid> {
             field,
             format!(
                 "{} is not a valid id (expected a UUID)",
-                crate::limits::excerpt(value)
+                excerpt(value)
             ),
         )
     })
+}
+
+/// The start of a value for an error message: at most 64 characters, quoted.
+pub(crate) fn excerpt(value: &str) -> String {
+    match value.char_indices().nth(64) {
+        Some((end, _)) => format!("{:?}… ({} bytes)", &value[..end], value.len()),
+        None => format!("{value:?}"),
+    }
+}
+
+/// `s` cut to at most `max` bytes at a character boundary, saying how much was cut.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub(40);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} … ({} more bytes)", &s[..end], s.len() - end)
 }

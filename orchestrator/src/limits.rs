@@ -2,6 +2,8 @@
 //! Postgres (which, among other things, refuses U+0000 in text); every error names the field and
 //! the limit. `dashboards/README.md` and ARCHITECTURE.md list the same numbers.
 
+pub(crate) use crate::error::excerpt;
+pub use crate::error::truncate;
 use crate::error::{Error, Result};
 
 /// A campaign spec or schedule template, in bytes.
@@ -20,7 +22,7 @@ pub const MAX_EDGES_PER_ROUND: u64 = 100_000;
 /// YAML events replayed through aliases while parsing one spec (an alias bomb's expansion).
 pub const MAX_YAML_ALIAS_EVENTS: usize = 10_000;
 /// A gRPC error message; longer ones are cut (clients refuse large `grpc-message` headers).
-pub const MAX_STATUS_BYTES: usize = 4096;
+pub use crate::error::MAX_STATUS_BYTES;
 /// Problems listed in one spec error; the rest are counted.
 pub const MAX_LISTED_PROBLEMS: usize = 20;
 
@@ -62,26 +64,6 @@ pub(crate) fn entries(field: &'static str, len: usize) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// The start of a value for an error message: at most 64 characters, quoted.
-pub(crate) fn excerpt(value: &str) -> String {
-    match value.char_indices().nth(64) {
-        Some((end, _)) => format!("{:?}… ({} bytes)", &value[..end], value.len()),
-        None => format!("{value:?}"),
-    }
-}
-
-/// `s` cut to at most `max` bytes at a character boundary, saying how much was cut.
-pub fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max.saturating_sub(40);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{} … ({} more bytes)", &s[..end], s.len() - end)
 }
 
 #[cfg(test)]

@@ -281,7 +281,7 @@ pub(crate) async fn extend_in(
     store::campaigns::set_rounds_total(tx, id, total).await?;
     if c.status == "succeeded" {
         // Every planned round is settled: plan the next one from the current generator.
-        let spec = stored_spec(&c)?;
+        let spec = CampaignSpec::stored(c.id, &c.spec)?;
         let generator = c
             .current_generator_id
             .ok_or_else(|| Error::FailedPrecondition("campaign has no current generator".into()))?;
@@ -322,7 +322,7 @@ pub(crate) async fn set_gate(
             c.status
         )));
     }
-    let spec = stored_spec(&c)?.with_gate(stage, require)?;
+    let spec = CampaignSpec::stored(c.id, &c.spec)?.with_gate(stage, require)?;
     store::campaigns::set_spec(
         &mut tx,
         id,
@@ -350,16 +350,6 @@ pub(crate) async fn set_gate(
     get(ctl, id).await
 }
 
-/// A campaign's stored spec. One that no longer reads (written by another version) is an
-/// error naming the campaign, never an empty spec.
-pub(crate) fn stored_spec(c: &CampaignRow) -> Result<CampaignSpec> {
-    serde_json::from_value(c.spec.clone()).map_err(|e| {
-        Error::FailedPrecondition(format!(
-            "the stored spec of campaign {} no longer reads ({e}); it was written by another version of Flywheel",
-            c.id
-        ))
-    })
-}
 
 /// Re-runs a failed or cancelled stage of a round and everything downstream of it; nothing
 /// upstream runs again. Returns the ids of the tasks that will run.

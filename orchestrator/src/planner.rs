@@ -261,7 +261,7 @@ async fn finish_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
         data: json!({ "round": round.round_index, "metrics": metrics, "generator_id": generator }),
     }];
     if next < campaign.rounds_total && matches!(campaign.status.as_str(), "running" | "paused") {
-        let spec = crate::ops::stored_spec(&campaign)?;
+        let spec = CampaignSpec::stored(campaign.id, &campaign.spec)?;
         plan_round(&mut tx, campaign.id, &spec, next, generator).await?;
         store::campaigns::advance(&mut tx, campaign.id, next, generator).await?;
     } else {

@@ -272,7 +272,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         }
         Command::Demo(args) => {
             init_tracing("warn");
-            crate::demo::run(args).await?;
+            crate::demo::run(args, shutdown_signal()).await?;
         }
         Command::Token { command } => token::run(command).await?,
         Command::Workers {

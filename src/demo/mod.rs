@@ -113,13 +113,13 @@ fn say(msg: &str) {
 /// The demo's campaign, so that the binary runs it from any directory.
 const DEMO_SPEC: &str = include_str!("../../examples/demo.yaml");
 
-/// Runs the demo; SIGTERM or SIGINT at any point stops its worker processes and its private
+/// Runs the demo; `stop` (SIGTERM or SIGINT) at any point stops its worker processes and its private
 /// Postgres before the process exits (status 130).
-pub(crate) async fn run(args: DemoArgs) -> Result<()> {
+pub(crate) async fn run(args: DemoArgs, stop: impl std::future::Future<Output = ()>) -> Result<()> {
     let mut demo = Box::pin(run_demo(args));
     tokio::select! {
         r = &mut demo => return r,
-        _ = crate::cli::common::shutdown_signal() => {}
+        _ = stop => {}
     }
     // Dropping the demo kills its workers and stops its Postgres (their guards' Drop).
     drop(demo);

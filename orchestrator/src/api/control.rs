@@ -29,7 +29,7 @@ impl ControlApi {
                 what: "campaign",
                 id: campaign_id.to_string(),
             })?;
-        let needs = ops::stored_spec(&campaign)?
+        let needs = CampaignSpec::stored(campaign.id, &campaign.spec)?
             .stages
             .into_iter()
             .map(|st| (st.name, st.needs))

@@ -148,6 +148,16 @@ impl CampaignSpec {
         }
     }
 
+    /// A campaign's spec as stored (JSON). One that no longer reads (written by another version)
+    /// is an error naming the campaign, never an empty spec.
+    pub fn stored(campaign_id: uuid::Uuid, spec: &Value) -> Result<Self, crate::Error> {
+        serde_json::from_value(spec.clone()).map_err(|e| {
+            crate::Error::FailedPrecondition(format!(
+                "the stored spec of campaign {campaign_id} no longer reads ({e}); it was written by another version of Flywheel"
+            ))
+        })
+    }
+
     /// This spec with the promotion gate of `stage` replaced; the gate is validated like one
     /// in a submitted spec, with paths starting at `require`.
     pub fn with_gate(

@@ -2,13 +2,15 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use flywheel_proto::stage::StageKind;
 use flywheel_proto::v1::{ArtifactRef, Assignment};
 use serde_json::Value;
 
-/// An assignment as a backend sees it, with its parameters parsed.
+/// An assignment as a backend sees it: its stage kind and parameters parsed.
 #[derive(Debug, Clone)]
 pub struct Task {
     pub assignment: Assignment,
+    pub kind: StageKind,
     pub params: Value,
 }
 
@@ -20,7 +22,17 @@ impl Task {
             serde_json::from_str(&assignment.params_json)
                 .map_err(|e| TaskError::permanent(format!("params_json is not valid JSON: {e}")))?
         };
-        Ok(Self { assignment, params })
+        let kind = StageKind::parse(&assignment.kind).ok_or_else(|| {
+            TaskError::permanent(format!(
+                "stage {}: unknown stage kind {:?} (controller and worker disagree about the contract)",
+                assignment.stage, assignment.kind
+            ))
+        })?;
+        Ok(Self {
+            assignment,
+            kind,
+            params,
+        })
     }
 
     /// All inputs with this role (a fan-in stage gets one per upstream shard).

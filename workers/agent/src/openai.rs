@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use crate::backend::{Backend, Task, TaskContext, TaskError, TaskResult};
 use crate::datasets::{read_jsonl, write_jsonl};
 use crate::http_client::{HttpCaller, http_settings, required};
-use flywheel_proto::stage::{OpenaiGenerate, OpenaiJudge};
+use flywheel_proto::stage::{OpenaiGenerate, OpenaiJudge, StageKind};
 
 pub struct OpenAiBackend;
 
@@ -32,10 +32,10 @@ impl Backend for OpenAiBackend {
 
     fn run(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
         let prefix = task.assignment.output_prefix.as_str();
-        match task.assignment.kind.as_str() {
-            "generate" => generate(task, ctx, prefix),
+        match task.kind {
+            StageKind::Generate => generate(task, ctx, prefix),
             // The contract admits only `method: llm_judge` on this backend.
-            "filter" => judge(task, ctx, prefix),
+            StageKind::Filter => judge(task, ctx, prefix),
             other => Err(TaskError::permanent(format!(
                 "the openai backend runs generate and filter (method: llm_judge) stages, not {other}"
             ))),

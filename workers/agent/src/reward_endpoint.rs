@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use crate::backend::{Backend, Task, TaskContext, TaskError, TaskResult};
 use crate::datasets::{read_jsonl, write_jsonl};
 use crate::http_client::{HttpCaller, at_path, http_settings, required};
-use flywheel_proto::stage::RewardEndpointScore;
+use flywheel_proto::stage::{RewardEndpointScore, StageKind};
 
 /// HelpSteer2's attributes and the default weights: the stage contract's.
 pub use flywheel_proto::stage::{
@@ -50,8 +50,8 @@ impl Backend for RewardEndpointBackend {
     }
 
     fn run(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
-        match task.assignment.kind.as_str() {
-            "score" => score(task, ctx),
+        match task.kind {
+            StageKind::Score => score(task, ctx),
             other => Err(TaskError::permanent(format!(
                 "the reward_endpoint backend runs score stages, not {other}"
             ))),

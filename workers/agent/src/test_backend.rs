@@ -21,7 +21,8 @@ use crate::backend::{Backend, Output, Task, TaskContext, TaskError, TaskResult};
 use crate::datasets::{self, read_jsonl, write_jsonl};
 use crate::reward_endpoint;
 use flywheel_proto::stage::{
-    BuiltinGenerate, BuiltinPreference, BuiltinPrompts, BuiltinScore, BuiltinSft, TestKnobs,
+    BuiltinGenerate, BuiltinPreference, BuiltinPrompts, BuiltinScore, BuiltinSft, StageKind,
+    TestKnobs,
 };
 
 pub struct TestBackend;
@@ -53,18 +54,18 @@ impl Backend for TestBackend {
             ));
         }
         let prefix = task.assignment.output_prefix.as_str();
-        let r = match task.assignment.kind.as_str() {
-            "synthesize_prompts" => synthesize(task, prefix),
-            "generate" => generate(task, prefix),
-            "score" => score(task, prefix),
-            "filter" => datasets::filter_stage(task),
-            "sft" => train(task, prefix, recorded::<BuiltinSft>(task)?),
-            "preference" => train(task, prefix, recorded::<BuiltinPreference>(task)?),
-            "evaluate" => evaluate(task),
-            "custom" => Ok(TaskResult::default()),
-            other => Err(TaskError::permanent(format!(
-                "test backend has no stage kind {other:?}"
-            ))),
+        let r = match task.kind {
+            StageKind::SynthesizePrompts => synthesize(task, prefix),
+            StageKind::Generate => generate(task, prefix),
+            StageKind::Score => score(task, prefix),
+            StageKind::Filter => datasets::filter_stage(task),
+            StageKind::Sft => train(task, prefix, recorded::<BuiltinSft>(task)?),
+            StageKind::Preference => train(task, prefix, recorded::<BuiltinPreference>(task)?),
+            StageKind::Evaluate => evaluate(task),
+            StageKind::Custom => Ok(TaskResult::default()),
+            StageKind::Promote => Err(TaskError::permanent(
+                "promote stages run in the controller, not on a backend",
+            )),
         }?;
         ctx.report(1.0, "done", &[]);
         Ok(r)
@@ -204,7 +205,7 @@ fn score(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
 /// training from its `model` input (the SFT model).
 fn train(task: &Task, prefix: &str, params: Value) -> Result<TaskResult, TaskError> {
     let a = &task.assignment;
-    let (start, data_role) = if a.kind == "sft" {
+    let (start, data_role) = if task.kind == StageKind::Sft {
         (task.input("base")?, "sft")
     } else {
         (task.input("model")?, "pairs")

@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::Device;
 use candle_nn::VarMap;
 use flywheel_proto::stage::{
-    BuiltinEvaluate, BuiltinGenerate, BuiltinPreference, BuiltinPrompts, BuiltinScore, BuiltinSft,
+    StageKind, BuiltinEvaluate, BuiltinGenerate, BuiltinPreference, BuiltinPrompts, BuiltinScore, BuiltinSft,
 };
 use flywheel_proto::v1::ArtifactRef;
 use flywheel_worker::artifacts;
@@ -151,16 +151,16 @@ impl Backend for BuiltinBackend {
 
     fn run(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
         let prefix = task.assignment.output_prefix.as_str();
-        match task.assignment.kind.as_str() {
-            "synthesize_prompts" => self.synthesize(task, prefix),
-            "generate" => self.generate(task, ctx, prefix),
-            "score" => self.score(task, prefix),
-            "filter" => datasets::filter_stage(task),
-            "sft" => self.sft(task, ctx, prefix),
-            "preference" => self.preference(task, ctx, prefix),
-            "evaluate" => self.evaluate(task, ctx),
+        match task.kind {
+            StageKind::SynthesizePrompts => self.synthesize(task, prefix),
+            StageKind::Generate => self.generate(task, ctx, prefix),
+            StageKind::Score => self.score(task, prefix),
+            StageKind::Filter => datasets::filter_stage(task),
+            StageKind::Sft => self.sft(task, ctx, prefix),
+            StageKind::Preference => self.preference(task, ctx, prefix),
+            StageKind::Evaluate => self.evaluate(task, ctx),
             other => Err(TaskError::permanent(format!(
-                "the builtin backend has no stage kind {other:?}"
+                "the builtin backend does not run {other} stages"
             ))),
         }
     }

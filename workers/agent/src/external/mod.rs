@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use flywheel_proto::stage::ExternalTrain;
+use flywheel_proto::stage::{ExternalTrain, StageKind};
 
 pub use export::{PairFormat, SftFormat, export_pairs, export_sft};
 pub use logs::{parse_metrics, parse_progress};
@@ -58,8 +58,8 @@ impl Backend for ExternalTrainerBackend {
     }
 
     fn run(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
-        let kind = task.assignment.kind.as_str();
-        if !matches!(kind, "sft" | "preference") {
+        let kind = task.kind;
+        if !kind.trains() {
             return Err(TaskError::permanent(format!(
                 "the external backend runs sft and preference stages, not {kind}"
             )));
@@ -77,7 +77,13 @@ fn write_jsonl_file(path: &Path, rows: &[Value]) -> Result<(), TaskError> {
         .map_err(|e| TaskError::retryable(format!("cannot write {}: {e}", path.display())))
 }
 
-fn train(task: &Task, ctx: &TaskContext, kind: &str, work: &Path) -> Result<TaskResult, TaskError> {
+fn train(
+    task: &Task,
+    ctx: &TaskContext,
+    kind: StageKind,
+    work: &Path,
+) -> Result<TaskResult, TaskError> {
+    let sft = kind == StageKind::Sft;
     let stage = &task.assignment.stage;
     let p: ExternalTrain = task.typed()?;
     let tpl = match p.template.as_deref() {
@@ -90,7 +96,7 @@ fn train(task: &Task, ctx: &TaskContext, kind: &str, work: &Path) -> Result<Task
         None => None,
     };
     let algorithm = p.algorithm.as_deref().unwrap_or("dpo");
-    if kind == "preference" && algorithm == "rpo" && tpl.is_some_and(|t| !t.rpo) {
+    if !sft && algorithm == "rpo" && tpl.is_some_and(|t| !t.rpo) {
         return Err(TaskError::permanent(format!(
             "stage {stage}: template {} has no reward-aware RPO; use nemo_aligner (rpo_bwd_kl) or flywheel",
             tpl.map(|t| t.name).unwrap_or_default()
@@ -99,7 +105,7 @@ fn train(task: &Task, ctx: &TaskContext, kind: &str, work: &Path) -> Result<Task
     let command: Vec<String> = match (&p.command, tpl) {
         (Some(args), _) => args.iter().map(|a| a.0.clone()).collect(),
         (None, Some(t)) => {
-            let args = if kind == "sft" { t.sft } else { t.preference };
+            let args = if sft { t.sft } else { t.preference };
             args.iter().map(|s| s.to_string()).collect()
         }
         (None, None) => {
@@ -112,7 +118,7 @@ fn train(task: &Task, ctx: &TaskContext, kind: &str, work: &Path) -> Result<Task
     let pair_format = tpl.map_or(PairFormat::Plain, |t| t.pair_format);
 
     // Inputs: the starting model, the reference, and the datasets in the trainer's format.
-    let init_role = if kind == "sft" {
+    let init_role = if sft {
         p.init.as_str()
     } else {
         "model"
@@ -129,7 +135,7 @@ fn train(task: &Task, ctx: &TaskContext, kind: &str, work: &Path) -> Result<Task
     let data_dir = work.join("data");
     let sft_data = data_dir.join("sft/train.jsonl");
     let pairs_data = data_dir.join("pairs/train.jsonl");
-    let records = if kind == "sft" {
+    let records = if sft {
         let rows = export_sft(&read_jsonl(&task.inputs("sft"))?, sft_format);
         write_jsonl_file(&sft_data, &rows)?;
         rows.len()
@@ -149,7 +155,7 @@ fn train(task: &Task, ctx: &TaskContext, kind: &str, work: &Path) -> Result<Task
 
     // Placeholders: the declared params (with their defaults), a command's own `vars`, and the
     // paths below.
-    let lr = p.lr.unwrap_or(if kind == "sft" { 1e-5 } else { 5e-7 });
+    let lr = p.lr.unwrap_or(if sft { 1e-5 } else { 5e-7 });
     let mut values: BTreeMap<String, String> = p
         .vars
         .iter()
