@@ -66,10 +66,7 @@ pub(crate) fn parse_id(field: &'static str, value: &str) -> Result<uuid::Uuid> {
     uuid::Uuid::parse_str(value).map_err(|_| {
         Error::invalid(
             field,
-            format!(
-                "{} is not a valid id (expected a UUID)",
-                excerpt(value)
-            ),
+            format!("{} is not a valid id (expected a UUID)", excerpt(value)),
         )
     })
 }

@@ -350,7 +350,6 @@ pub(crate) async fn set_gate(
     get(ctl, id).await
 }
 
-
 /// Re-runs a failed or cancelled stage of a round and everything downstream of it; nothing
 /// upstream runs again. Returns the ids of the tasks that will run.
 pub(crate) async fn retry_stage(

@@ -10,7 +10,8 @@ use std::path::Path;
 use candle_core::Device;
 use candle_nn::VarMap;
 use flywheel_proto::stage::{
-    StageKind, BuiltinEvaluate, BuiltinGenerate, BuiltinPreference, BuiltinPrompts, BuiltinScore, BuiltinSft,
+    BuiltinEvaluate, BuiltinGenerate, BuiltinPreference, BuiltinPrompts, BuiltinScore, BuiltinSft,
+    StageKind,
 };
 use flywheel_proto::v1::ArtifactRef;
 use flywheel_worker::artifacts;

@@ -118,11 +118,7 @@ fn train(
     let pair_format = tpl.map_or(PairFormat::Plain, |t| t.pair_format);
 
     // Inputs: the starting model, the reference, and the datasets in the trainer's format.
-    let init_role = if sft {
-        p.init.as_str()
-    } else {
-        "model"
-    };
+    let init_role = if sft { p.init.as_str() } else { "model" };
     let init = task.input(init_role)?;
     let base_model = artifacts::verified_dir(&init.uri, &init.content_hash)?;
     let reference = match p.reference.as_deref() {
