@@ -68,6 +68,7 @@ async fn campaign_status(pool: &PgPool, id: uuid::Uuid) -> String {
         .unwrap()
         .unwrap()
         .status
+        .to_string()
 }
 
 #[tokio::test]
@@ -283,7 +284,7 @@ async fn overlap_policies_decide_what_a_firing_does_while_the_previous_run_goes_
     );
     // The previous run finishes: the buffered firing (for 10:10) starts at the next tick.
     let mut conn = pool.acquire().await.unwrap();
-    store::campaigns::set_status(&mut conn, a, "succeeded")
+    store::campaigns::set_status(&mut conn, a, store::campaigns::CampaignStatus::Succeeded)
         .await
         .unwrap();
     drop(conn);
@@ -320,7 +321,7 @@ async fn append_mode_extends_one_long_running_campaign() {
     let id = fired[0].campaign_id.unwrap();
     // The campaign finished its round; the next firing appends two rounds and it runs again.
     let mut conn = pool.acquire().await.unwrap();
-    store::campaigns::set_status(&mut conn, id, "succeeded")
+    store::campaigns::set_status(&mut conn, id, store::campaigns::CampaignStatus::Succeeded)
         .await
         .unwrap();
     let fired = schedules::fire_due(&pool, at("2026-12-07T06:00:01Z"))

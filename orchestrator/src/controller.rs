@@ -68,7 +68,7 @@ impl Controller {
         retries.extend(
             settled
                 .iter()
-                .filter(|s| s.state == "queued")
+                .filter(|s| s.state == store::tasks::TaskState::Queued)
                 .map(|s| s.next_run_at),
         );
     }

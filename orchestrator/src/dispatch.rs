@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::Controller;
 use crate::error::Result;
+use crate::store::attempts::AttemptState;
 use crate::store::{self, events::NewEvent, tasks::ClaimGroup};
 
 pub(crate) type AssignmentSender = mpsc::Sender<Result<Assignment, Status>>;
@@ -374,7 +375,7 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
         ctl.settled(&settled);
         let closed: Vec<_> = settled
             .iter()
-            .map(|s| (s.id, s.attempt, "failed", Some("undelivered")))
+            .map(|s| (s.id, s.attempt, AttemptState::Failed, Some("undelivered")))
             .collect();
         store::attempts::finish_many(&mut tx, &closed).await?;
         tx.commit().await?;
@@ -434,7 +435,7 @@ async fn reap_once(ctl: &Controller) -> Result<()> {
             (
                 s.id,
                 s.attempt,
-                "lease_expired",
+                AttemptState::LeaseExpired,
                 Some("no heartbeat before the lease expired"),
             )
         })

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use crate::Controller;
 use crate::error::Result;
 use crate::store::{self, tasks::SettledRow};
+use crate::store::{campaigns::CampaignStatus, tasks::TaskState};
 
 /// How a settled attempt ended, as counted by `flywheel_tasks_finished_total{outcome}`
 /// (`retried`: it went back to the queue).
@@ -113,17 +114,18 @@ impl Metrics {
     pub(crate) fn settled<'a>(&self, rows: impl IntoIterator<Item = &'a SettledRow>) {
         self.with(|f| {
             for r in rows {
-                let outcome = match r.state.as_str() {
-                    "succeeded" => 0,
-                    "failed" => 1,
-                    "queued" => 2,
+                // In the order of OUTCOMES: succeeded, failed, retried (back to queued), cancelled.
+                let outcome = match r.state {
+                    TaskState::Succeeded => 0,
+                    TaskState::Failed => 1,
+                    TaskState::Queued => 2,
                     _ => 3,
                 };
                 if !f.finished.contains_key(&r.pool) {
                     f.finished.insert(r.pool.clone(), [0; 4]);
                 }
                 f.finished.get_mut(&r.pool).expect("inserted")[outcome] += 1;
-                if r.state == "succeeded" {
+                if r.state == TaskState::Succeeded {
                     match f.stage_duration.get_mut(&r.kind) {
                         Some(h) => h.observe(r.ran_s),
                         None => {
@@ -359,7 +361,7 @@ pub(crate) async fn render(ctl: &Controller) -> Result<String> {
         "gauge",
         "Campaigns per status.",
     );
-    for status in ["running", "paused", "succeeded", "failed", "cancelled"] {
+    for status in CampaignStatus::ALL.iter().map(|s| s.as_str()) {
         let n = campaigns
             .iter()
             .find(|(s, _)| s == status)

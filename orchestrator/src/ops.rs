@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::planner;
 use crate::spec::CampaignSpec;
 use crate::store::{self, campaigns::CampaignRow, events::NewEvent};
+use flywheel_proto::state::{CampaignAction, CampaignStatus, RoundStatus, TaskState};
 
 fn event(campaign_id: Uuid, kind: &'static str, message: String, actor: &Principal) -> NewEvent {
     NewEvent {
@@ -146,13 +147,10 @@ pub(crate) async fn pause(
 ) -> Result<CampaignRow> {
     let mut tx = ctl.pool.begin().await?;
     let c = locked(&mut tx, id).await?;
-    if c.status != "running" {
-        return Err(Error::FailedPrecondition(format!(
-            "campaign is {}, only a running campaign can be paused",
-            c.status
-        )));
-    }
-    store::campaigns::set_status(&mut tx, id, "paused").await?;
+    let to = CampaignAction::Pause
+        .apply(c.status)
+        .map_err(Error::FailedPrecondition)?;
+    store::campaigns::set_status(&mut tx, id, to).await?;
     store::events::insert(
         &mut tx,
         event(
@@ -176,13 +174,10 @@ pub(crate) async fn resume(
 ) -> Result<CampaignRow> {
     let mut tx = ctl.pool.begin().await?;
     let c = locked(&mut tx, id).await?;
-    if c.status != "paused" {
-        return Err(Error::FailedPrecondition(format!(
-            "campaign is {}, only a paused campaign can be resumed",
-            c.status
-        )));
-    }
-    store::campaigns::set_status(&mut tx, id, "running").await?;
+    let to = CampaignAction::Resume
+        .apply(c.status)
+        .map_err(Error::FailedPrecondition)?;
+    store::campaigns::set_status(&mut tx, id, to).await?;
     store::events::insert(
         &mut tx,
         event(
@@ -222,15 +217,13 @@ pub(crate) async fn cancel_in(
     actor: &Principal,
 ) -> Result<()> {
     let c = locked(tx, id).await?;
-    if matches!(c.status.as_str(), "succeeded" | "cancelled") {
-        return Err(Error::FailedPrecondition(format!(
-            "campaign is already {}",
-            c.status
-        )));
-    }
-    store::campaigns::set_status(tx, id, "cancelled").await?;
+    let to = CampaignAction::Cancel
+        .apply(c.status)
+        .map_err(Error::FailedPrecondition)?;
+    store::campaigns::set_status(tx, id, to).await?;
     let running = store::tasks::cancel_campaign(tx, id).await?;
-    store::rounds::set_status_for_campaign(tx, id, "running", "cancelled").await?;
+    store::rounds::set_status_for_campaign(tx, id, RoundStatus::Running, RoundStatus::Cancelled)
+        .await?;
     let message = with_reason(
         &format!(
             "campaign cancelled; {} running task(s) told to stop",
@@ -271,7 +264,7 @@ pub(crate) async fn extend_in(
         return Err(Error::invalid("rounds", "must be between 1 and 1000"));
     }
     let c = locked(tx, id).await?;
-    if matches!(c.status.as_str(), "failed" | "cancelled") {
+    if matches!(c.status, CampaignStatus::Failed | CampaignStatus::Cancelled) {
         return Err(Error::FailedPrecondition(format!(
             "campaign is {}; only a running, paused or succeeded campaign can be extended",
             c.status
@@ -279,7 +272,7 @@ pub(crate) async fn extend_in(
     }
     let total = c.rounds_total + rounds as i32;
     store::campaigns::set_rounds_total(tx, id, total).await?;
-    if c.status == "succeeded" {
+    if c.status == CampaignStatus::Succeeded {
         // Every planned round is settled: plan the next one from the current generator.
         let spec = CampaignSpec::stored(c.id, &c.spec)?;
         let generator = c
@@ -288,7 +281,7 @@ pub(crate) async fn extend_in(
         let next = c.current_round + 1;
         planner::plan_round(tx, id, &spec, next, generator).await?;
         store::campaigns::advance(tx, id, next, generator).await?;
-        store::campaigns::set_status(tx, id, "running").await?;
+        store::campaigns::set_status(tx, id, CampaignStatus::Running).await?;
     }
     let mut e = event(
         id,
@@ -316,7 +309,7 @@ pub(crate) async fn set_gate(
 ) -> Result<CampaignRow> {
     let mut tx = ctl.pool.begin().await?;
     let c = locked(&mut tx, id).await?;
-    if matches!(c.status.as_str(), "failed" | "cancelled" | "succeeded") {
+    if c.status.is_final() {
         return Err(Error::FailedPrecondition(format!(
             "campaign is {}; the gate only applies to rounds still to come",
             c.status
@@ -361,7 +354,10 @@ pub(crate) async fn retry_stage(
 ) -> Result<Vec<Uuid>> {
     let mut tx = ctl.pool.begin().await?;
     let c = locked(&mut tx, id).await?;
-    if matches!(c.status.as_str(), "succeeded" | "cancelled") {
+    if matches!(
+        c.status,
+        CampaignStatus::Succeeded | CampaignStatus::Cancelled
+    ) {
         return Err(Error::FailedPrecondition(format!(
             "campaign is {}; only a failed, running or paused campaign can retry a stage",
             c.status
@@ -384,7 +380,7 @@ pub(crate) async fn retry_stage(
     }
     if !stage_tasks
         .iter()
-        .any(|(_, s)| s == "failed" || s == "cancelled")
+        .any(|(_, s)| matches!(s, TaskState::Failed | TaskState::Cancelled))
     {
         return Err(Error::FailedPrecondition(format!(
             "stage {stage:?} of round {round_index} has no failed or cancelled task to retry"
@@ -394,18 +390,18 @@ pub(crate) async fn retry_stage(
     // their own descendants keep their results.
     let roots: Vec<Uuid> = stage_tasks
         .iter()
-        .filter(|(_, s)| s != "succeeded")
+        .filter(|(_, s)| *s != TaskState::Succeeded)
         .map(|(t, _)| *t)
         .collect();
     let mut redo = roots.clone();
     redo.extend(store::task_edges::descendants(&mut tx, &roots).await?);
     let reset = store::tasks::reset(&mut tx, &redo).await?;
     store::tasks::queue_ready(&mut tx, &reset).await?;
-    if round.status != "running" {
+    if round.status != RoundStatus::Running {
         store::rounds::reopen(&mut tx, round.id).await?;
     }
-    if c.status != "running" {
-        store::campaigns::set_status(&mut tx, id, "running").await?;
+    if c.status != CampaignStatus::Running {
+        store::campaigns::set_status(&mut tx, id, CampaignStatus::Running).await?;
     }
     let mut e = event(
         id,

@@ -17,6 +17,7 @@ use crate::Controller;
 use crate::error::Result;
 use crate::spec::{CampaignSpec, Requirement, round_metrics};
 use crate::store::{self, events::NewEvent, tasks::NewTask};
+use flywheel_proto::state::{CampaignStatus, Decision, RoundStatus, TaskState};
 
 pub(crate) const SYSTEM_ACTOR: &str = "controller";
 
@@ -59,9 +60,9 @@ pub(crate) async fn plan_round(
                 backoff_initial_ms: p.backoff_initial_ms as i32,
                 backoff_max_ms: p.backoff_max_ms as i32,
                 state: if stage.needs.is_empty() {
-                    "queued"
+                    TaskState::Queued
                 } else {
-                    "blocked"
+                    TaskState::Blocked
                 },
             });
             for need in &stage.needs {
@@ -141,7 +142,7 @@ fn metrics_of(tasks: &[store::tasks::TaskRow]) -> serde_json::Map<String, Value>
     let metrics = round_metrics(
         tasks
             .iter()
-            .filter(|t| t.state == "succeeded")
+            .filter(|t| t.state == TaskState::Succeeded)
             .filter_map(|t| t.metrics.as_object().map(|m| (t.stage.as_str(), m))),
     );
     metrics.into_iter().map(|(k, v)| (k, json!(v))).collect()
@@ -189,10 +190,13 @@ async fn run_promotion(ctl: &Controller, task_id: Uuid) -> Result<bool> {
             .iter()
             .map(|r| format!("{} {} {}", r.metric, r.op.as_str(), r.value))
             .collect();
-        ("promoted", format!("gate passed: {}", passed.join(", ")))
+        (
+            Decision::Promoted,
+            format!("gate passed: {}", passed.join(", ")),
+        )
     } else {
         (
-            "rejected",
+            Decision::Rejected,
             format!(
                 "gate failed: {}; the previous generator stays",
                 failures.join("; ")
@@ -227,7 +231,7 @@ async fn run_promotion(ctl: &Controller, task_id: Uuid) -> Result<bool> {
     )
     .await?;
     tx.commit().await?;
-    tracing::info!(campaign_id = %campaign.id, round = round.round_index, decision, "promotion gate ran");
+    tracing::info!(campaign_id = %campaign.id, round = round.round_index, decision = %decision, "promotion gate ran");
     Ok(true)
 }
 
@@ -242,13 +246,13 @@ async fn finish_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
         return Ok(false);
     };
     let tasks = store::tasks::list_for_round(&mut tx, round.id).await?;
-    if tasks.iter().any(|t| t.state != "succeeded") {
+    if tasks.iter().any(|t| t.state != TaskState::Succeeded) {
         return Ok(false);
     }
     let metrics = Value::Object(metrics_of(&tasks));
-    store::rounds::finish(&mut tx, round.id, "succeeded", &metrics).await?;
+    store::rounds::finish(&mut tx, round.id, RoundStatus::Succeeded, &metrics).await?;
     let generator = match (round.decision.as_deref(), round.trained_model_id) {
-        (Some("promoted"), Some(model)) => model,
+        (Some(d), Some(model)) if d == Decision::Promoted.as_str() => model,
         _ => round.generator_id,
     };
     let next = round.round_index + 1;
@@ -260,14 +264,14 @@ async fn finish_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
         actor: SYSTEM_ACTOR.into(),
         data: json!({ "round": round.round_index, "metrics": metrics, "generator_id": generator }),
     }];
-    if next < campaign.rounds_total && matches!(campaign.status.as_str(), "running" | "paused") {
+    if next < campaign.rounds_total && campaign.status.is_active() {
         let spec = CampaignSpec::stored(campaign.id, &campaign.spec)?;
         plan_round(&mut tx, campaign.id, &spec, next, generator).await?;
         store::campaigns::advance(&mut tx, campaign.id, next, generator).await?;
     } else {
         store::campaigns::advance(&mut tx, campaign.id, round.round_index, generator).await?;
-        if campaign.status == "running" || campaign.status == "paused" {
-            store::campaigns::set_status(&mut tx, campaign.id, "succeeded").await?;
+        if campaign.status.is_active() {
+            store::campaigns::set_status(&mut tx, campaign.id, CampaignStatus::Succeeded).await?;
             events.push(NewEvent {
                 campaign_id: Some(campaign.id),
                 task_id: None,
@@ -295,11 +299,11 @@ async fn fail_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
         return Ok(false);
     };
     let tasks = store::tasks::list_for_round(&mut tx, round.id).await?;
-    let Some(failed) = tasks.iter().find(|t| t.state == "failed") else {
+    let Some(failed) = tasks.iter().find(|t| t.state == TaskState::Failed) else {
         return Ok(false);
     };
     let metrics = Value::Object(metrics_of(&tasks));
-    store::rounds::finish(&mut tx, round.id, "failed", &metrics).await?;
+    store::rounds::finish(&mut tx, round.id, RoundStatus::Failed, &metrics).await?;
     let error = failed.last_error.clone().unwrap_or_default();
     let mut events = vec![NewEvent {
         campaign_id: Some(campaign.id),
@@ -312,8 +316,8 @@ async fn fail_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
         actor: SYSTEM_ACTOR.into(),
         data: json!({ "round": round.round_index, "stage": failed.stage, "error": error }),
     }];
-    if matches!(campaign.status.as_str(), "running" | "paused") {
-        store::campaigns::set_status(&mut tx, campaign.id, "failed").await?;
+    if campaign.status.is_active() {
+        store::campaigns::set_status(&mut tx, campaign.id, CampaignStatus::Failed).await?;
         events.push(NewEvent {
             campaign_id: Some(campaign.id),
             task_id: None,

@@ -500,7 +500,7 @@ impl Handling<'_> {
             };
             let running = store::campaigns::get(tx, target)
                 .await?
-                .is_some_and(|c| matches!(c.status.as_str(), "running" | "paused"));
+                .is_some_and(|c| c.status.is_active());
             return Ok(if running { vec![target] } else { Vec::new() });
         }
         Ok(store::schedule_runs::active_campaigns(tx, self.schedule.id).await?)

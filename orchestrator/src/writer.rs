@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::Controller;
 use crate::error::{Error, Result};
 use crate::store::{self, artifacts::NewOutput, events::NewEvent, tasks::Beat};
+use crate::store::{attempts::AttemptState, tasks::TaskState};
 
 /// Most reports written in one transaction.
 const MAX_BATCH: usize = 2048;
@@ -185,7 +186,7 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
     let accepted: HashSet<(Uuid, i32)> = completed.iter().map(|c| (c.id, c.attempt)).collect();
     let closed: Vec<_> = completed
         .iter()
-        .map(|c| (c.id, c.attempt, "succeeded", None))
+        .map(|c| (c.id, c.attempt, AttemptState::Succeeded, None))
         .collect();
     store::attempts::finish_many(&mut tx, &closed).await?;
     let outputs: Vec<NewOutput> = outputs
@@ -218,10 +219,10 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
     let closed: Vec<_> = failed
         .iter()
         .map(|f| {
-            let state = if f.state == "cancelled" {
-                "cancelled"
+            let state = if f.state == TaskState::Cancelled {
+                AttemptState::Cancelled
             } else {
-                "failed"
+                AttemptState::Failed
             };
             (
                 f.id,
@@ -234,12 +235,12 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
     store::attempts::finish_many(&mut tx, &closed).await?;
     for f in &failed {
         let error = errors.get(&(f.id, f.attempt)).copied().unwrap_or_default();
-        let (kind, what) = match f.state.as_str() {
-            "queued" => (
+        let (kind, what) = match f.state {
+            TaskState::Queued => (
                 "task_retrying",
                 format!("will retry at {}", f.next_run_at.format("%H:%M:%S%.3f")),
             ),
-            "cancelled" => ("task_cancelled", "cancelled".to_string()),
+            TaskState::Cancelled => ("task_cancelled", "cancelled".to_string()),
             _ => ("task_failed", "failed for good".to_string()),
         };
         events.push(NewEvent {
@@ -272,11 +273,11 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
         completed: accepted,
         failed: failed
             .iter()
-            .map(|f| ((f.id, f.attempt), f.state == "queued"))
+            .map(|f| ((f.id, f.attempt), f.state == TaskState::Queued))
             .collect(),
         released,
         wake_dispatch: !unblocked.is_empty() || !failed.is_empty() || !completed.is_empty(),
-        wake_planner: !completed.is_empty() || failed.iter().any(|f| f.state != "queued"),
+        wake_planner: !completed.is_empty() || failed.iter().any(|f| f.state != TaskState::Queued),
         events: !events.is_empty(),
     })
 }

@@ -8,6 +8,7 @@
 mod client;
 pub mod codec;
 pub mod stage;
+pub mod state;
 
 mod pb {
     #![allow(unreachable_pub, missing_docs, clippy::all)]

@@ -8,6 +8,8 @@ use serde_json::{Map, Value};
 
 use crate::dispatch::Capabilities;
 use crate::error::{Error, Result};
+use crate::spec::StageKind;
+use crate::store::tasks::TaskState;
 use crate::store::{
     artifacts::ArtifactRow, attempts::AttemptRow, campaigns::CampaignRow, events::EventRow,
     rounds::RoundRow, schedule_runs::ScheduleRunRow, schedules::ScheduleRow, tasks::TaskRow,
@@ -57,7 +59,7 @@ pub(super) fn campaign(c: CampaignRow) -> pb::Campaign {
     pb::Campaign {
         id: c.id.to_string(),
         name: c.name,
-        status: c.status,
+        status: c.status.to_string(),
         rounds_total: c.rounds_total,
         current_round: c.current_round,
         current_generator_id: opt_id(c.current_generator_id),
@@ -70,15 +72,15 @@ pub(super) fn campaign(c: CampaignRow) -> pb::Campaign {
 /// A task's state as people should read it: a queued worker task that no connected worker can
 /// run is "waiting_for_worker", not silently queued.
 fn visible_state(t: &TaskRow, workers: &[Capabilities]) -> String {
-    if t.state == "queued"
-        && t.kind != "promote"
+    if t.state == TaskState::Queued
+        && t.kind != StageKind::Promote.as_str()
         && !workers
             .iter()
             .any(|w| w.can_run(&t.pool, &t.backend, &t.gpu_kind, t.gpu_count))
     {
         "waiting_for_worker".into()
     } else {
-        t.state.clone()
+        t.state.to_string()
     }
 }
 
@@ -133,7 +135,7 @@ pub(super) fn rounds(
             }
             pb::Round {
                 index: r.round_index,
-                status: r.status,
+                status: r.status.to_string(),
                 generator_id: r.generator_id.to_string(),
                 trained_model_id: opt_id(r.trained_model_id),
                 decision: r.decision.unwrap_or_default(),
@@ -242,7 +244,7 @@ pub(super) fn task_detail(
             .map(|a| pb::Attempt {
                 attempt: a.attempt,
                 worker_id: a.worker_id.to_string(),
-                state: a.state,
+                state: a.state.to_string(),
                 error: a.error.unwrap_or_default(),
                 started_at: ts(a.started_at),
                 finished_at: opt_ts(a.finished_at),

@@ -135,7 +135,10 @@ impl WorkerApi {
                 what: "task",
                 id: task_id.to_string(),
             })?;
-        if t.state != "running" || t.attempt != attempt || t.worker_id != Some(worker_id) {
+        if t.state != store::tasks::TaskState::Running
+            || t.attempt != attempt
+            || t.worker_id != Some(worker_id)
+        {
             return Err(stale());
         }
         Ok(self

@@ -4,17 +4,19 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+pub use flywheel_proto::state::AttemptState;
+
 /// Closes running attempts: `(task, attempt, state, error)`.
 pub async fn finish_many(
     conn: &mut PgConnection,
-    finished: &[(Uuid, i32, &str, Option<&str>)],
+    finished: &[(Uuid, i32, AttemptState, Option<&str>)],
 ) -> Result<(), sqlx::Error> {
     if finished.is_empty() {
         return Ok(());
     }
     let task: Vec<_> = finished.iter().map(|f| f.0).collect();
     let attempt: Vec<_> = finished.iter().map(|f| f.1).collect();
-    let state: Vec<_> = finished.iter().map(|f| f.2).collect();
+    let state: Vec<_> = finished.iter().map(|f| f.2.as_str()).collect();
     let error: Vec<_> = finished.iter().map(|f| f.3).collect();
     sqlx::query(
         "UPDATE attempts a SET state = u.s, error = u.e, finished_at = now()
@@ -34,7 +36,8 @@ pub async fn finish_many(
 pub struct AttemptRow {
     pub attempt: i32,
     pub worker_id: Uuid,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: AttemptState,
     pub error: Option<String>,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,

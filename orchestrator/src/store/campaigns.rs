@@ -5,6 +5,8 @@ use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgConnection};
 use uuid::Uuid;
 
+pub use flywheel_proto::state::CampaignStatus;
+
 const COLUMNS: &str = "c.id, c.name, c.spec_yaml, c.spec, c.status, c.rounds_total, c.current_round,
     c.current_generator_id, c.base_model_id, c.reward_model_id, c.created_by, c.created_at, c.updated_at,
     g.uri AS current_generator_uri";
@@ -15,7 +17,8 @@ pub struct CampaignRow {
     pub name: String,
     pub spec_yaml: String,
     pub spec: Value,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: CampaignStatus,
     pub rounds_total: i32,
     pub current_round: i32,
     pub current_generator_id: Option<Uuid>,
@@ -132,11 +135,11 @@ pub async fn list(conn: &mut PgConnection) -> Result<Vec<CampaignRow>, sqlx::Err
 pub async fn set_status(
     conn: &mut PgConnection,
     id: Uuid,
-    status: &str,
+    status: CampaignStatus,
 ) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE campaigns SET status = $2, updated_at = now() WHERE id = $1")
         .bind(id)
-        .bind(status)
+        .bind(status.as_str())
         .execute(conn)
         .await?;
     Ok(())

@@ -5,6 +5,8 @@ use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgConnection};
 use uuid::Uuid;
 
+pub use flywheel_proto::state::{Decision, RoundStatus};
+
 const COLUMNS: &str = "id, campaign_id, round_index, status, generator_id, trained_model_id,
     decision, decision_reason, metrics, started_at, finished_at";
 
@@ -13,7 +15,8 @@ pub struct RoundRow {
     pub id: Uuid,
     pub campaign_id: Uuid,
     pub round_index: i32,
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: RoundStatus,
     pub generator_id: Uuid,
     pub trained_model_id: Option<Uuid>,
     pub decision: Option<String>,
@@ -107,7 +110,7 @@ pub async fn with_failed_task(conn: &mut PgConnection) -> Result<Vec<Uuid>, sqlx
 pub async fn set_decision(
     conn: &mut PgConnection,
     id: Uuid,
-    decision: &str,
+    decision: Decision,
     reason: &str,
     trained_model_id: Option<Uuid>,
     metrics: &Value,
@@ -117,7 +120,7 @@ pub async fn set_decision(
          WHERE id = $1",
     )
     .bind(id)
-    .bind(decision)
+    .bind(decision.as_str())
     .bind(reason)
     .bind(trained_model_id)
     .bind(metrics)
@@ -129,12 +132,12 @@ pub async fn set_decision(
 pub async fn finish(
     conn: &mut PgConnection,
     id: Uuid,
-    status: &str,
+    status: RoundStatus,
     metrics: &Value,
 ) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE rounds SET status = $2, metrics = $3, finished_at = now() WHERE id = $1")
         .bind(id)
-        .bind(status)
+        .bind(status.as_str())
         .bind(metrics)
         .execute(conn)
         .await?;
@@ -144,16 +147,16 @@ pub async fn finish(
 pub async fn set_status_for_campaign(
     conn: &mut PgConnection,
     campaign_id: Uuid,
-    from: &str,
-    to: &str,
+    from: RoundStatus,
+    to: RoundStatus,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE rounds SET status = $3, finished_at = CASE WHEN $3 = 'running' THEN NULL ELSE now() END
          WHERE campaign_id = $1 AND status = $2",
     )
     .bind(campaign_id)
-    .bind(from)
-    .bind(to)
+    .bind(from.as_str())
+    .bind(to.as_str())
     .execute(conn)
     .await?;
     Ok(())

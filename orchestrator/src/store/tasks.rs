@@ -9,6 +9,8 @@ use serde_json::Value;
 use sqlx::{AssertSqlSafe, PgConnection};
 use uuid::Uuid;
 
+pub use flywheel_proto::state::TaskState;
+
 #[derive(Debug, Clone)]
 pub struct NewTask {
     pub id: Uuid,
@@ -30,7 +32,7 @@ pub struct NewTask {
     pub backoff_initial_ms: i32,
     pub backoff_max_ms: i32,
     /// `queued` for tasks without dependencies, else `blocked`.
-    pub state: &'static str,
+    pub state: TaskState,
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -49,7 +51,8 @@ pub struct TaskRow {
     pub backend: String,
     pub gpu_kind: String,
     pub gpu_count: i32,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: TaskState,
     pub attempt: i32,
     pub max_attempts: i32,
     pub worker_id: Option<Uuid>,
@@ -96,7 +99,8 @@ pub struct SettledRow {
     pub shard_index: i32,
     pub worker_id: Option<Uuid>,
     /// The task's state after settling.
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: TaskState,
     pub next_run_at: DateTime<Utc>,
     pub kind: String,
     pub pool: String,
@@ -140,7 +144,7 @@ pub async fn insert_many(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<(
     .bind(col!(max_attempts))
     .bind(col!(backoff_initial_ms))
     .bind(col!(backoff_max_ms))
-    .bind(col!(state))
+    .bind(tasks.iter().map(|t| t.state.as_str()).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())
@@ -532,14 +536,22 @@ pub async fn ids_of_stage(
     conn: &mut PgConnection,
     round_id: Uuid,
     stage: &str,
-) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
-    sqlx::query_as(
+) -> Result<Vec<(Uuid, TaskState)>, sqlx::Error> {
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
         "SELECT id, state FROM tasks WHERE round_id = $1 AND stage = $2 ORDER BY shard_index",
     )
     .bind(round_id)
     .bind(stage)
     .fetch_all(conn)
-    .await
+    .await?;
+    rows.into_iter()
+        .map(|(id, s)| {
+            Ok((
+                id,
+                TaskState::try_from(s).map_err(|e| sqlx::Error::Decode(e.into()))?,
+            ))
+        })
+        .collect()
 }
 
 pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Option<TaskRow>, sqlx::Error> {

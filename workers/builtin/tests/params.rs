@@ -238,7 +238,7 @@ fn every_builtin_param_changes_what_its_stage_does() {
         &mut w,
         "filter",
         json!({}),
-        &[scores.clone()],
+        std::slice::from_ref(&scores),
         &[
             ("margin", json!(0.5)),
             ("min_reward", json!(2.0)),
