@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::planner;
 use crate::spec::CampaignSpec;
 use crate::store::{self, campaigns::CampaignRow, events::NewEvent};
-use flywheel_proto::state::{CampaignAction, CampaignStatus, RoundStatus, TaskState};
+use flywheel_proto::state::{CampaignStatus, RoundStatus, Steer, TaskState};
 
 fn event(campaign_id: Uuid, kind: &'static str, message: String, actor: &Principal) -> NewEvent {
     NewEvent {
@@ -139,77 +139,42 @@ async fn locked(tx: &mut store::PgConnection, id: Uuid) -> Result<CampaignRow> {
 }
 
 /// Pause: running tasks finish, nothing new starts.
-pub(crate) async fn pause(
+/// Pause, resume or cancel a campaign: one transaction that locks it, checks the action against
+/// its status ([`Steer::apply`]), sets the new status and records the event.
+pub(crate) async fn steer(
     ctl: &Controller,
     id: Uuid,
+    action: Steer,
     reason: &str,
     actor: &Principal,
 ) -> Result<CampaignRow> {
     let mut tx = ctl.pool.begin().await?;
-    let c = locked(&mut tx, id).await?;
-    let to = CampaignAction::Pause
-        .apply(c.status)
-        .map_err(Error::FailedPrecondition)?;
-    store::campaigns::set_status(&mut tx, id, to).await?;
-    store::events::insert(
-        &mut tx,
-        event(
-            id,
-            "campaign_paused",
-            with_reason("campaign paused", reason),
-            actor,
-        ),
-    )
-    .await?;
+    match action {
+        Steer::Cancel => cancel_in(&mut tx, id, reason, actor).await?,
+        Steer::Pause | Steer::Resume => {
+            let c = locked(&mut tx, id).await?;
+            let to = action.apply(c.status).map_err(Error::FailedPrecondition)?;
+            store::campaigns::set_status(&mut tx, id, to).await?;
+            let (kind, message) = if action == Steer::Pause {
+                ("campaign_paused", "campaign paused")
+            } else {
+                ("campaign_resumed", "campaign resumed")
+            };
+            let e = event(id, kind, with_reason(message, reason), actor);
+            store::events::insert(&mut tx, e).await?;
+        }
+    }
     tx.commit().await?;
+    if action == Steer::Resume {
+        ctl.dispatch_wake.notify_one();
+        ctl.planner_wake.notify_one();
+    }
     ctl.events_changed();
     get(ctl, id).await
 }
 
-pub(crate) async fn resume(
-    ctl: &Controller,
-    id: Uuid,
-    reason: &str,
-    actor: &Principal,
-) -> Result<CampaignRow> {
-    let mut tx = ctl.pool.begin().await?;
-    let c = locked(&mut tx, id).await?;
-    let to = CampaignAction::Resume
-        .apply(c.status)
-        .map_err(Error::FailedPrecondition)?;
-    store::campaigns::set_status(&mut tx, id, to).await?;
-    store::events::insert(
-        &mut tx,
-        event(
-            id,
-            "campaign_resumed",
-            with_reason("campaign resumed", reason),
-            actor,
-        ),
-    )
-    .await?;
-    tx.commit().await?;
-    ctl.dispatch_wake.notify_one();
-    ctl.planner_wake.notify_one();
-    ctl.events_changed();
-    get(ctl, id).await
-}
-
-/// Cancel: waiting tasks are cancelled now; running ones are told to stop at their next heartbeat.
-pub(crate) async fn cancel(
-    ctl: &Controller,
-    id: Uuid,
-    reason: &str,
-    actor: &Principal,
-) -> Result<CampaignRow> {
-    let mut tx = ctl.pool.begin().await?;
-    cancel_in(&mut tx, id, reason, actor).await?;
-    tx.commit().await?;
-    ctl.events_changed();
-    get(ctl, id).await
-}
-
-/// The transactional part of [`cancel`], shared with the `cancel_old` overlap policy.
+/// Cancel, inside a transaction (also a schedule's `cancel_old`): waiting tasks are cancelled
+/// now; running ones are told to stop at their next heartbeat.
 pub(crate) async fn cancel_in(
     tx: &mut store::PgConnection,
     id: Uuid,
@@ -217,7 +182,7 @@ pub(crate) async fn cancel_in(
     actor: &Principal,
 ) -> Result<()> {
     let c = locked(tx, id).await?;
-    let to = CampaignAction::Cancel
+    let to = Steer::Cancel
         .apply(c.status)
         .map_err(Error::FailedPrecondition)?;
     store::campaigns::set_status(tx, id, to).await?;

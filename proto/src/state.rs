@@ -129,37 +129,37 @@ impl CampaignStatus {
 
 /// A steering action on a campaign.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CampaignAction {
+pub enum Steer {
     Pause,
     Resume,
     Cancel,
 }
 
-impl CampaignAction {
+impl Steer {
     /// The status the action moves a campaign in `from` to, or why it cannot: the one place
     /// where pause, resume and cancel are allowed or refused.
     pub fn apply(self, from: CampaignStatus) -> Result<CampaignStatus, String> {
         use CampaignStatus::*;
         match (self, from) {
-            (CampaignAction::Pause, Running) => Ok(Paused),
-            (CampaignAction::Resume, Paused) => Ok(Running),
+            (Steer::Pause, Running) => Ok(Paused),
+            (Steer::Resume, Paused) => Ok(Running),
             // A failed campaign may be cancelled too, so that nothing can resume it.
-            (CampaignAction::Cancel, Running | Paused | Failed) => Ok(Cancelled),
-            (CampaignAction::Pause, from) => Err(format!(
+            (Steer::Cancel, Running | Paused | Failed) => Ok(Cancelled),
+            (Steer::Pause, from) => Err(format!(
                 "campaign is {from}, only a running campaign can be paused"
             )),
-            (CampaignAction::Resume, from) => Err(format!(
+            (Steer::Resume, from) => Err(format!(
                 "campaign is {from}, only a paused campaign can be resumed"
             )),
-            (CampaignAction::Cancel, from) => Err(format!("campaign is already {from}")),
+            (Steer::Cancel, from) => Err(format!("campaign is already {from}")),
         }
     }
 
     pub fn as_str(self) -> &'static str {
         match self {
-            CampaignAction::Pause => "pause",
-            CampaignAction::Resume => "resume",
-            CampaignAction::Cancel => "cancel",
+            Steer::Pause => "pause",
+            Steer::Resume => "resume",
+            Steer::Cancel => "cancel",
         }
     }
 }
@@ -175,12 +175,12 @@ mod tests {
         }
         assert!(TaskState::try_from("sleeping".to_string()).is_err());
         use CampaignStatus::*;
-        assert_eq!(CampaignAction::Pause.apply(Running), Ok(Paused));
-        assert_eq!(CampaignAction::Resume.apply(Paused), Ok(Running));
-        assert_eq!(CampaignAction::Cancel.apply(Paused), Ok(Cancelled));
-        assert!(CampaignAction::Pause.apply(Paused).is_err());
-        assert!(CampaignAction::Resume.apply(Running).is_err());
-        assert!(CampaignAction::Cancel.apply(Succeeded).is_err());
-        assert_eq!(CampaignAction::Cancel.apply(Failed), Ok(Cancelled));
+        assert_eq!(Steer::Pause.apply(Running), Ok(Paused));
+        assert_eq!(Steer::Resume.apply(Paused), Ok(Running));
+        assert_eq!(Steer::Cancel.apply(Paused), Ok(Cancelled));
+        assert!(Steer::Pause.apply(Paused).is_err());
+        assert!(Steer::Resume.apply(Running).is_err());
+        assert!(Steer::Cancel.apply(Succeeded).is_err());
+        assert_eq!(Steer::Cancel.apply(Failed), Ok(Cancelled));
     }
 }

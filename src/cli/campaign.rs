@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use flywheel_orchestrator::template::parse_assignments;
 use flywheel_proto::ControlClient;
+use flywheel_proto::state::Steer;
 use flywheel_proto::v1::{
     CampaignAction, CreateCampaignRequest, ExtendCampaignRequest, ListArtifactsRequest,
     RetryStageRequest, SetPromotionGateRequest,
@@ -204,37 +205,13 @@ pub(super) async fn run(command: CampaignCommand) -> Result<()> {
             }
         }
         CampaignCommand::Pause { id, reason, opts } => {
-            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
-            let x = c
-                .pause_campaign(CampaignAction {
-                    campaign_id: id,
-                    reason,
-                })
-                .await
-                .map_err(status_error)?;
-            println!("{} {}", x.id, x.status);
+            steer(&opts, id, reason, Steer::Pause).await?
         }
         CampaignCommand::Resume { id, reason, opts } => {
-            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
-            let x = c
-                .resume_campaign(CampaignAction {
-                    campaign_id: id,
-                    reason,
-                })
-                .await
-                .map_err(status_error)?;
-            println!("{} {}", x.id, x.status);
+            steer(&opts, id, reason, Steer::Resume).await?
         }
         CampaignCommand::Cancel { id, reason, opts } => {
-            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
-            let x = c
-                .cancel_campaign(CampaignAction {
-                    campaign_id: id,
-                    reason,
-                })
-                .await
-                .map_err(status_error)?;
-            println!("{} {}", x.id, x.status);
+            steer(&opts, id, reason, Steer::Cancel).await?
         }
         CampaignCommand::RetryStage {
             id,
@@ -304,5 +281,22 @@ pub(super) async fn run(command: CampaignCommand) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Pause, resume or cancel a campaign; prints its new status.
+async fn steer(opts: &ControlOpts, id: String, reason: String, action: Steer) -> Result<()> {
+    let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+    let req = CampaignAction {
+        campaign_id: id,
+        reason,
+    };
+    let x = match action {
+        Steer::Pause => c.pause_campaign(req).await,
+        Steer::Resume => c.resume_campaign(req).await,
+        Steer::Cancel => c.cancel_campaign(req).await,
+    }
+    .map_err(status_error)?;
+    println!("{} {}", x.id, x.status);
     Ok(())
 }

@@ -13,6 +13,7 @@ use crate::auth::Scope;
 use crate::error::{Error, parse_id};
 use crate::spec::CampaignSpec;
 use crate::{Controller, limits, ops, schedules, store};
+use flywheel_proto::state::Steer;
 
 pub(crate) struct ControlApi {
     pub(crate) ctl: Arc<Controller>,
@@ -113,7 +114,7 @@ impl ControlService for ControlApi {
         let who = self.ctl.auth.require(&req, Scope::Admin).await?;
         let id = parse_id("campaign_id", &req.get_ref().campaign_id)?;
         Ok(Response::new(convert::campaign(
-            ops::pause(&self.ctl, id, &req.get_ref().reason, &who).await?,
+            ops::steer(&self.ctl, id, Steer::Pause, &req.get_ref().reason, &who).await?,
         )))
     }
 
@@ -124,7 +125,7 @@ impl ControlService for ControlApi {
         let who = self.ctl.auth.require(&req, Scope::Admin).await?;
         let id = parse_id("campaign_id", &req.get_ref().campaign_id)?;
         Ok(Response::new(convert::campaign(
-            ops::resume(&self.ctl, id, &req.get_ref().reason, &who).await?,
+            ops::steer(&self.ctl, id, Steer::Resume, &req.get_ref().reason, &who).await?,
         )))
     }
 
@@ -135,7 +136,7 @@ impl ControlService for ControlApi {
         let who = self.ctl.auth.require(&req, Scope::Admin).await?;
         let id = parse_id("campaign_id", &req.get_ref().campaign_id)?;
         Ok(Response::new(convert::campaign(
-            ops::cancel(&self.ctl, id, &req.get_ref().reason, &who).await?,
+            ops::steer(&self.ctl, id, Steer::Cancel, &req.get_ref().reason, &who).await?,
         )))
     }
 
