@@ -111,7 +111,7 @@ pub fn filter(
 }
 
 /// The `filter` stage, the same for every backend: reads the `scores` inputs and writes `sft`
-/// and `pairs` datasets. Params: `margin` (default 0), `min_reward`, `require_verified`.
+/// and `pairs` datasets, with the stage contract's `BuiltinFilter` params.
 pub fn filter_stage(task: &Task) -> Result<TaskResult, TaskError> {
     let p: flywheel_proto::stage::BuiltinFilter = task.typed()?;
     let rows = read_jsonl(&task.inputs("scores"))?;

@@ -3,15 +3,14 @@
 //!
 //! - `generate`: K samples per prompt from `/v1/chat/completions` (default) or
 //!   `/v1/completions`, either as one request with `n = K` or as K requests (`use_n: false`,
-//!   for servers without `n`; sample j gets `seed + j`). Params: `base_url` (required, e.g.
-//!   `http://gpu-node:8000/v1`), `model` (default: the generator's name), `endpoint`
-//!   (`chat` | `completions`), `k`, `temperature`, `top_p`, `max_tokens`, `seed`, plus the
-//!   [`HttpCaller`] params (`api_key_env`, `concurrency`, `max_retries`, `timeout_s`).
+//!   for servers without `n`; sample j gets `seed + j`).
 //! - `filter` with `method: llm_judge`: the recipe's LLM-as-judge. For each prompt, two distinct
 //!   responses are compared twice, with their order swapped; the pair is kept only when both
 //!   verdicts agree. Writes `pairs` (TRL preference records) and `sft` (the winners). The judge
 //!   is `model` at `base_url` (often another server than the generator's); `judge_prompt`
 //!   replaces the default instruction (placeholders `{prompt}`, `{a}`, `{b}`).
+//!
+//! Params: the stage contract's `OpenaiGenerate` and `OpenaiJudge` (`docs/params.md`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

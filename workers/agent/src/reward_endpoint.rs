@@ -6,8 +6,8 @@
 //! dotted path, default the whole body): a JSON object of the five HelpSteer2 attributes
 //! (NVIDIA's shape), a list of `{"token": attribute, "logprob": score}` (the same scores as
 //! NVIDIA's API returns them in `choices.0.logprobs.content`), or a single number (a scalar
-//! reward). Flywheel computes the weighted scalar itself (`weights`, default HelpSteer2's
-//! `[0.3, 0.74, 0.46, 0.47, -0.33]`).
+//! reward). Flywheel computes the weighted scalar itself (`weights`, default HelpSteer2's).
+//! Params: the stage contract's `RewardEndpointScore` (`docs/params.md`).
 
 use std::sync::Arc;
 

@@ -1,0 +1,405 @@
+//! Every param the stage contract declares for the `openai` and `reward_endpoint` backends
+//! changes what the stage does: each stage runs against a local server that records every
+//! request, with baseline params and then once per declared param changed, and the requests sent
+//! (path, authorization, body) or the outputs and metrics must differ. The HTTP timing params
+//! (`timeout_s`, `max_retries`, `concurrency`) are shown by what they do to a slow or failing
+//! server; `retry_backoff_ms` only spaces retries out in time (the HTTP client's unit test checks
+//! retries happen at all).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flywheel_proto::stage::{OpenaiGenerate, OpenaiJudge, Params, RewardEndpointScore};
+use flywheel_proto::v1::{ArtifactRef, Assignment};
+use flywheel_worker::openai::OpenAiBackend;
+use flywheel_worker::reward_endpoint::RewardEndpointBackend;
+use flywheel_worker::{Backend, Task, TaskContext, artifacts};
+use serde_json::{Value, json};
+
+/// Params shown by the timing test below, not by comparing requests.
+const TIMING: &[&str] = &[
+    "timeout_s",
+    "max_retries",
+    "retry_backoff_ms",
+    "concurrency",
+];
+
+#[derive(Debug, Clone, PartialEq)]
+struct Request {
+    path: String,
+    authorization: String,
+    body: Value,
+}
+
+/// What the server answers: status, body, and how long it waits first.
+type Reply = fn(&Request) -> (u16, Value, u64);
+
+struct Server {
+    base: String,
+    requests: Arc<Mutex<Vec<Request>>>,
+    max_in_flight: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    fn start(reply: Reply) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let requests: Arc<Mutex<Vec<Request>>> = Arc::default();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let max_in_flight: Arc<AtomicUsize> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, mx, st) = (requests.clone(), Arc::clone(&max_in_flight), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(Ordering::SeqCst) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                };
+                let (r, inf, mx): (_, Arc<AtomicUsize>, Arc<AtomicUsize>) =
+                    (r.clone(), in_flight.clone(), mx.clone());
+                std::thread::spawn(move || {
+                    stream.set_nonblocking(false).unwrap();
+                    let mut reader = BufReader::new(stream);
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    let path = line.split(' ').nth(1).unwrap_or_default().to_string();
+                    let (mut len, mut authorization) = (0, String::new());
+                    loop {
+                        let mut h = String::new();
+                        reader.read_line(&mut h).unwrap();
+                        let h = h.trim_end();
+                        if h.is_empty() {
+                            break;
+                        }
+                        let lower = h.to_lowercase();
+                        if let Some(v) = lower.strip_prefix("content-length: ") {
+                            len = v.parse().unwrap();
+                        }
+                        if lower.starts_with("authorization: ") {
+                            authorization = h["authorization: ".len()..].to_string();
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    reader.read_exact(&mut body).unwrap();
+                    let req = Request {
+                        path,
+                        authorization,
+                        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                    };
+                    let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
+                    mx.fetch_max(now, Ordering::SeqCst);
+                    let (status, answer, delay) = reply(&req);
+                    r.lock().unwrap().push(req);
+                    std::thread::sleep(Duration::from_millis(delay));
+                    inf.fetch_sub(1, Ordering::SeqCst);
+                    let text = answer.to_string();
+                    let mut stream = reader.into_inner();
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                        text.len()
+                    );
+                });
+            }
+        });
+        Self {
+            base,
+            requests,
+            max_in_flight,
+            stop,
+        }
+    }
+
+    fn take(&self) -> Vec<Request> {
+        std::mem::take(&mut *self.requests.lock().unwrap())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// An OpenAI-compatible answer with `n` choices, and a judge that always prefers A.
+fn openai_reply(req: &Request) -> (u16, Value, u64) {
+    let n = req.body["n"].as_u64().unwrap_or(1);
+    let text = if req.body.to_string().contains("Which response") {
+        "A".to_string()
+    } else {
+        format!("answer {}", req.body["seed"])
+    };
+    let choices: Vec<Value> = (0..n)
+        .map(|i| json!({ "index": i, "message": { "content": format!("{text} #{i}") }, "text": format!("{text} #{i}") }))
+        .collect();
+    (
+        200,
+        json!({ "choices": choices, "usage": { "prompt_tokens": 3, "completion_tokens": 2 } }),
+        0,
+    )
+}
+
+/// Five attributes and a scalar, so that `attributes_path` can pick either.
+fn reward_reply(req: &Request) -> (u16, Value, u64) {
+    let len = req.body.to_string().len() as f64;
+    (
+        200,
+        json!({ "helpfulness": 3.0, "correctness": len / 100.0, "coherence": 2.0, "complexity": 1.0, "verbosity": 0.5, "score": 1.5 }),
+        0,
+    )
+}
+
+struct Run {
+    dir: std::path::PathBuf,
+    n: usize,
+}
+
+impl Run {
+    fn dataset(&mut self, name: &str, rows: &[Value]) -> ArtifactRef {
+        let prefix = format!("file://{}/inputs", self.dir.display());
+        let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+        let (uri, content_hash) =
+            artifacts::write(&prefix, &format!("{name}.jsonl"), text.as_bytes()).unwrap();
+        ArtifactRef {
+            id: format!("{name}-id"),
+            role: name.into(),
+            kind: "dataset".into(),
+            uri,
+            content_hash,
+            name: name.into(),
+        }
+    }
+
+    fn stage(
+        &mut self,
+        backend: &dyn Backend,
+        kind: &str,
+        params: &Value,
+        inputs: &[ArtifactRef],
+    ) -> Result<(Vec<String>, BTreeMap<String, String>), String> {
+        self.n += 1;
+        let assignment = Assignment {
+            task_id: format!("t{}", self.n),
+            attempt: 1,
+            campaign_id: "c".into(),
+            round_index: 0,
+            stage: kind.into(),
+            kind: kind.into(),
+            shard_index: 0,
+            shard_count: 1,
+            params_json: params.to_string(),
+            inputs: inputs.to_vec(),
+            output_prefix: format!("file://{}/run-{}", self.dir.display(), self.n),
+            backend: backend.name().into(),
+        };
+        let r = backend
+            .run(&Task::new(assignment).unwrap(), &TaskContext::default())
+            .map_err(|e| e.message)?;
+        Ok((
+            r.outputs.iter().map(|o| o.content_hash.clone()).collect(),
+            r.metrics
+                .iter()
+                .map(|(k, v)| (k.clone(), format!("{v:.6}")))
+                .collect(),
+        ))
+    }
+}
+
+fn generator() -> ArtifactRef {
+    ArtifactRef {
+        id: "gen".into(),
+        role: "generator".into(),
+        kind: "model".into(),
+        uri: "test://gen".into(),
+        content_hash: String::new(),
+        name: "gen-model".into(),
+    }
+}
+
+/// Baseline, then each change: the requests or results must differ; every declared param is
+/// covered (or a timing param).
+#[allow(clippy::too_many_arguments)]
+fn check<T: Params>(
+    run: &mut Run,
+    server: &Server,
+    backend: &dyn Backend,
+    kind: &str,
+    baseline: Value,
+    inputs: &[ArtifactRef],
+    changes: &[(&str, Value)],
+    single_valued: &[&str],
+) {
+    for p in T::DOC.params {
+        assert!(
+            TIMING.contains(&p.name)
+                || single_valued.contains(&p.name)
+                || changes.iter().any(|(c, _)| *c == p.name),
+            "{kind} on {}: {} is declared but not shown to change anything",
+            backend.name(),
+            p.name
+        );
+    }
+    let base = run.stage(backend, kind, &baseline, inputs).unwrap();
+    let base_requests = server.take();
+    assert!(!base_requests.is_empty());
+    for (name, value) in changes {
+        let mut params = baseline.clone();
+        params[*name] = value.clone();
+        let result = run.stage(backend, kind, &params, inputs);
+        let requests = server.take();
+        assert!(
+            requests != base_requests || result.as_ref().ok() != Some(&base),
+            "{kind} on {}: {name} = {value} changed nothing",
+            backend.name()
+        );
+    }
+}
+
+#[test]
+fn every_openai_and_reward_endpoint_param_changes_what_the_stage_does() {
+    let dir = std::env::temp_dir().join(format!("flywheel-http-params-{}", std::process::id()));
+    let mut run = Run {
+        dir: dir.clone(),
+        n: 0,
+    };
+    let prompts = run.dataset(
+        "prompts",
+        &[
+            json!({ "id": "p0", "prompt": "add 2 and 3" }),
+            json!({ "id": "p1", "prompt": "reverse abc" }),
+        ],
+    );
+    let responses = run.dataset(
+        "responses",
+        &[
+            json!({ "prompt_id": "p0", "prompt": "add 2 and 3", "sample": 0, "response": "5" }),
+            json!({ "prompt_id": "p0", "prompt": "add 2 and 3", "sample": 1, "response": "6" }),
+            json!({ "prompt_id": "p1", "prompt": "reverse abc", "sample": 0, "response": "cba" }),
+            json!({ "prompt_id": "p1", "prompt": "reverse abc", "sample": 1, "response": "abc" }),
+        ],
+    );
+
+    let llm = Server::start(openai_reply);
+    let v1 = format!("{}/v1", llm.base);
+    check::<OpenaiGenerate>(
+        &mut run,
+        &llm,
+        &OpenAiBackend,
+        "generate",
+        json!({ "base_url": v1 }),
+        &[prompts.clone(), generator()],
+        &[
+            ("base_url", json!(format!("{}/other/v1", llm.base))),
+            ("endpoint", json!("completions")),
+            ("model", json!("another-model")),
+            ("k", json!(2)),
+            ("use_n", json!(false)),
+            ("temperature", json!(0.2)),
+            ("top_p", json!(0.5)),
+            ("max_tokens", json!(7)),
+            ("seed", json!(42)),
+            ("api_key_env", json!("PATH")),
+        ],
+        &[],
+    );
+    check::<OpenaiJudge>(
+        &mut run,
+        &llm,
+        &OpenAiBackend,
+        "filter",
+        json!({ "method": "llm_judge", "base_url": v1 }),
+        &[responses.clone(), generator()],
+        &[
+            ("base_url", json!(format!("{}/other/v1", llm.base))),
+            ("endpoint", json!("completions")),
+            ("model", json!("judge-model")),
+            (
+                "judge_prompt",
+                json!("Which response is better, A or B? {prompt} A: {a} B: {b}"),
+            ),
+            ("temperature", json!(0.7)),
+            ("top_p", json!(0.5)),
+            ("max_tokens", json!(2)),
+            ("api_key_env", json!("PATH")),
+        ],
+        &["method"],
+    );
+
+    let rm = Server::start(reward_reply);
+    check::<RewardEndpointScore>(
+        &mut run,
+        &rm,
+        &RewardEndpointBackend,
+        "score",
+        json!({ "url": format!("{}/v1/rewards", rm.base) }),
+        std::slice::from_ref(&responses),
+        &[
+            ("url", json!(format!("{}/v2/rewards", rm.base))),
+            ("model", json!("nemotron-reward")),
+            ("request", json!("pair")),
+            ("attributes_path", json!("score")),
+            ("weights", json!([1.0, 0.0, 0.0, 0.0, 0.0])),
+            ("api_key_env", json!("PATH")),
+        ],
+        &[],
+    );
+
+    // Timing: a server that always answers 503 gets max_retries + 1 requests per call.
+    let failing = Server::start(|_| (503, json!({ "error": "busy" }), 0));
+    for retries in [0, 2] {
+        let params = json!({ "url": format!("{}/r", failing.base), "max_retries": retries, "retry_backoff_ms": 1, "concurrency": 1 });
+        let mut one = run.dataset(
+            "one-response",
+            &[json!({ "prompt_id": "p0", "prompt": "x", "sample": 0, "response": "y" })],
+        );
+        one.role = "responses".into();
+        assert!(
+            run.stage(&RewardEndpointBackend, "score", &params, &[one])
+                .is_err()
+        );
+        assert_eq!(failing.take().len(), retries + 1, "max_retries {retries}");
+    }
+    // A slow server: timeout_s 1 fails what the default waits for; concurrency bounds what is
+    // in flight.
+    let slow = Server::start(|_| (200, json!({ "score": 1.0 }), 1200));
+    let params = json!({ "url": format!("{}/r", slow.base), "timeout_s": 1, "max_retries": 0 });
+    let e = run
+        .stage(
+            &RewardEndpointBackend,
+            "score",
+            &params,
+            std::slice::from_ref(&responses),
+        )
+        .unwrap_err();
+    assert!(
+        e.contains("gave up") || e.contains("timed out") || e.contains("timeout"),
+        "{e}"
+    );
+    let slow = Server::start(|_| (200, json!({ "score": 1.0 }), 300));
+    let params =
+        json!({ "url": format!("{}/r", slow.base), "attributes_path": "score", "concurrency": 1 });
+    run.stage(
+        &RewardEndpointBackend,
+        "score",
+        &params,
+        std::slice::from_ref(&responses),
+    )
+    .unwrap();
+    assert_eq!(slow.max_in_flight.swap(0, Ordering::SeqCst), 1);
+    let params =
+        json!({ "url": format!("{}/r", slow.base), "attributes_path": "score", "concurrency": 4 });
+    run.stage(
+        &RewardEndpointBackend,
+        "score",
+        &params,
+        std::slice::from_ref(&responses),
+    )
+    .unwrap();
+    assert!(slow.max_in_flight.load(Ordering::SeqCst) > 1);
+    let _ = std::fs::remove_dir_all(dir);
+}
