@@ -403,3 +403,129 @@ fn every_openai_and_reward_endpoint_param_changes_what_the_stage_does() {
     assert!(slow.max_in_flight.load(Ordering::SeqCst) > 1);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The external trainer's params, through a `command` that records its arguments and
+/// environment in the model it writes: each param that reaches the trainer changes the model's
+/// content hash. `template` and `extra_args` are rendered by the unit tests of each trainer's
+/// documented arguments and run for real with `flywheel train` in `tests/integrations.rs`;
+/// `grace_period_s` only times the SIGKILL after a SIGTERM on cancellation.
+#[test]
+fn every_external_param_reaches_the_trainer() {
+    use flywheel_proto::stage::ExternalTrain;
+    use flywheel_worker::external::ExternalTrainerBackend;
+
+    let dir = std::env::temp_dir().join(format!("flywheel-ext-params-{}", std::process::id()));
+    let mut run = Run {
+        dir: dir.clone(),
+        n: 0,
+    };
+    let model = |name: &str| {
+        let path = dir.join("models").join(name);
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(path.join("weights"), name).unwrap();
+        ArtifactRef {
+            id: format!("{name}-id"),
+            role: name.into(),
+            kind: "model".into(),
+            uri: format!("file://{}", path.display()),
+            content_hash: artifacts::hash_dir(&path).unwrap(),
+            name: name.into(),
+        }
+    };
+    let (base, generator, sft_model) = (model("base"), model("generator"), model("model"));
+    let sft = run.dataset(
+        "sft",
+        &[json!({ "messages": [{ "role": "user", "content": "q" }, { "role": "assistant", "content": "a" }] })],
+    );
+    let pairs = run.dataset(
+        "pairs",
+        &[json!({ "prompt": "q", "chosen": "a", "rejected": "b", "chosen_reward": 2.0, "rejected_reward": 1.0 })],
+    );
+    // The trainer: writes its arguments and its FLYWHEEL_* environment into the output dir.
+    let record = "out=$1; shift; printf '%s\\n' \"$@\" > \"$out/args\"; env | grep '^FW_' | sort > \"$out/env\"";
+    let command = |extra: &[&str]| {
+        let mut c = vec![
+            "sh",
+            "-c",
+            record,
+            "trainer",
+            "{output_dir}",
+            "{base_model}",
+            "{ref_model}",
+            "{lr}",
+            "{epochs}",
+            "{batch_size}",
+            "{beta}",
+            "{eta}",
+            "{steps}",
+            "{gpus}",
+            "{seed}",
+            "{algorithm}",
+        ];
+        c.extend_from_slice(extra);
+        json!(c)
+    };
+    let signature = |run: &mut Run, kind: &str, params: Value, inputs: &[ArtifactRef]| {
+        run.stage(&ExternalTrainerBackend, kind, &params, inputs)
+            .unwrap_or_else(|e| panic!("{kind} {params}: {e}"))
+    };
+    let covered_elsewhere = ["template", "extra_args", "grace_period_s"];
+    let sft_inputs = [sft.clone(), base.clone(), generator.clone()];
+    let pref_inputs = [pairs.clone(), sft_model.clone(), base.clone()];
+    let changes: &[(&str, &str, Value)] = &[
+        ("sft", "init", json!("generator")),
+        ("preference", "reference", json!("base")),
+        ("sft", "lr", json!(0.5)),
+        ("sft", "epochs", json!(3)),
+        ("sft", "batch_size", json!(2)),
+        ("preference", "beta", json!(0.5)),
+        ("preference", "eta", json!(2.0)),
+        ("sft", "steps", json!(9)),
+        ("sft", "gpus", json!(4)),
+        ("sft", "seed", json!(5)),
+        ("preference", "algorithm", json!("dpo")),
+        ("sft", "env", json!({ "FW_FLAG": "on" })),
+        ("sft", "vars", json!({ "mine": "7" })),
+        ("sft", "command", command(&["extra"])),
+    ];
+    for p in ExternalTrain::DOC.params {
+        assert!(
+            covered_elsewhere.contains(&p.name) || changes.iter().any(|(_, c, _)| *c == p.name),
+            "external: {} is declared but not shown to reach the trainer",
+            p.name
+        );
+    }
+    for (kind, name, value) in changes {
+        let inputs: &[ArtifactRef] = if *kind == "sft" {
+            &sft_inputs
+        } else {
+            &pref_inputs
+        };
+        let mut baseline = json!({ "command": command(&[]) });
+        if *kind == "preference" {
+            baseline["algorithm"] = json!("rpo");
+        }
+        let mut changed = baseline.clone();
+        match *name {
+            // A command's own placeholder needs a value; the change is the value.
+            "vars" => {
+                baseline["command"] = command(&["{mine}"]);
+                baseline["vars"] = json!({ "mine": "1" });
+                changed["command"] = command(&["{mine}"]);
+                changed["vars"] = value.clone();
+            }
+            "env" => {
+                baseline["env"] = json!({ "FW_FLAG": "off" });
+                changed["env"] = value.clone();
+            }
+            _ => changed[*name] = value.clone(),
+        }
+        let before = signature(&mut run, kind, baseline, inputs);
+        let after = signature(&mut run, kind, changed, inputs);
+        assert_ne!(
+            before.0, after.0,
+            "{kind}.{name} = {value} did not reach the trainer"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
