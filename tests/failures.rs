@@ -13,26 +13,8 @@ use flywheel_proto::v1::{
 use sqlx::Row;
 use tonic::Code;
 
-/// A one-round recipe on the cpu pool.
 fn spec(stages: &str, extra_defaults: &str) -> String {
-    format!(
-        "apiVersion: flywheel/v1
-name: failures
-models:
-  generator: {{ uri: \"test://gen\" }}
-  base: {{ uri: \"test://base\" }}
-  reward: {{ uri: \"test://reward\" }}
-rounds: 1
-defaults:
-  pool: cpu
-  backend: test
-  backoff_initial_ms: 50
-  backoff_max_ms: 200
-{extra_defaults}
-recipe:
-  stages:
-{stages}"
-    )
+    common::one_round_spec("failures", stages, extra_defaults)
 }
 
 /// `(attempt, state)` of every attempt of the tasks of one stage, in order.

@@ -19,25 +19,8 @@ use flywheel_proto::{WorkerClient, connect_channel};
 use sqlx::Row;
 use tonic::Code;
 
-/// A one-round recipe on the test backend.
 fn spec(name: &str, stages: &str) -> String {
-    format!(
-        "apiVersion: flywheel/v1
-name: {name}
-models:
-  generator: {{ uri: \"test://gen\" }}
-  base: {{ uri: \"test://base\" }}
-  reward: {{ uri: \"test://reward\" }}
-rounds: 1
-defaults:
-  pool: cpu
-  backend: test
-  backoff_initial_ms: 50
-  backoff_max_ms: 200
-recipe:
-  stages:
-{stages}"
-    )
+    common::one_round_spec(name, stages, "")
 }
 
 fn register(worker_id: &str, pool: &str, slots: u32) -> RegisterRequest {

@@ -350,6 +350,29 @@ impl Drop for Cluster {
     }
 }
 
+/// A one-round recipe on the test backend in pool cpu, with fast retries: `stages` is the
+/// indented list under `recipe.stages`, `extra_defaults` more indented `defaults` lines.
+pub fn one_round_spec(name: &str, stages: &str, extra_defaults: &str) -> String {
+    format!(
+        "apiVersion: flywheel/v1
+name: {name}
+models:
+  generator: {{ uri: \"test://gen\" }}
+  base: {{ uri: \"test://base\" }}
+  reward: {{ uri: \"test://reward\" }}
+rounds: 1
+defaults:
+  pool: cpu
+  backend: test
+  backoff_initial_ms: 50
+  backoff_max_ms: 200
+{extra_defaults}
+recipe:
+  stages:
+{stages}"
+    )
+}
+
 /// The shipped example spec with some text replaced.
 pub fn example_spec(replacements: &[(&str, &str)]) -> String {
     let mut s = include_str!("../../examples/test-backend.yaml").to_string();

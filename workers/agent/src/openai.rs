@@ -53,6 +53,21 @@ struct Sampling {
     max_tokens: u64,
 }
 
+/// The sampling settings of a params struct that declares them (generate's and the judge's).
+macro_rules! sampling {
+    ($task:expr, $p:expr, $default_model:expr) => {
+        Sampling::new(
+            required($task, "base_url", &$p.base_url)?,
+            &$p.endpoint,
+            &$p.model,
+            &$default_model,
+            $p.temperature,
+            $p.top_p,
+            $p.max_tokens,
+        )
+    };
+}
+
 impl Sampling {
     fn new(
         base_url: &str,
@@ -120,15 +135,7 @@ fn generate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, 
     let a = &task.assignment;
     let generator = task.input("generator")?;
     let p: OpenaiGenerate = task.typed()?;
-    let sampling = Sampling::new(
-        required(task, "base_url", &p.base_url)?,
-        &p.endpoint,
-        &p.model,
-        &generator.name,
-        p.temperature,
-        p.top_p,
-        p.max_tokens,
-    );
+    let sampling = sampling!(task, p, generator.name);
     let caller = HttpCaller::new(task, http_settings!(p))?;
     let rows = read_jsonl(&task.inputs("prompts"))?;
     let mine: Vec<Value> = rows
@@ -203,15 +210,7 @@ fn verdict(text: &str) -> Option<bool> {
 fn judge(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, TaskError> {
     let generator = task.input("generator")?;
     let p: OpenaiJudge = task.typed()?;
-    let sampling = Sampling::new(
-        required(task, "base_url", &p.base_url)?,
-        &p.endpoint,
-        &p.model,
-        &generator.name,
-        p.temperature,
-        p.top_p,
-        p.max_tokens,
-    );
+    let sampling = sampling!(task, p, generator.name);
     let caller = HttpCaller::new(task, http_settings!(p))?;
     let judge_prompt = p
         .judge_prompt
