@@ -152,12 +152,18 @@ fn metrics_of(tasks: &[store::tasks::TaskRow]) -> serde_json::Map<String, Value>
 async fn run_promotion(ctl: &Controller, task_id: Uuid) -> Result<bool> {
     let mut tx = ctl.pool.begin().await?;
     let Some(task) = store::tasks::lock_queued(&mut tx, task_id).await? else {
+        // Release what this transaction locked now, not when the connection is next used.
+        tx.rollback().await?;
         return Ok(false);
     };
     let Some(round) = store::rounds::lock_running(&mut tx, task.round_id).await? else {
+        // Release what this transaction locked now, not when the connection is next used.
+        tx.rollback().await?;
         return Ok(false);
     };
     let Some(campaign) = store::campaigns::get(&mut tx, task.campaign_id).await? else {
+        // Release what this transaction locked now, not when the connection is next used.
+        tx.rollback().await?;
         return Ok(false);
     };
     let tasks = store::tasks::list_for_round(&mut tx, round.id).await?;
@@ -240,13 +246,18 @@ async fn run_promotion(ctl: &Controller, task_id: Uuid) -> Result<bool> {
 async fn finish_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
     let mut tx = ctl.pool.begin().await?;
     let Some(round) = store::rounds::lock_running(&mut tx, round_id).await? else {
+        // Release what this transaction locked now, not when the connection is next used.
+        tx.rollback().await?;
         return Ok(false);
     };
     let Some(campaign) = store::campaigns::lock(&mut tx, round.campaign_id).await? else {
+        // Release what this transaction locked now, not when the connection is next used.
+        tx.rollback().await?;
         return Ok(false);
     };
     let tasks = store::tasks::list_for_round(&mut tx, round.id).await?;
     if tasks.iter().any(|t| t.state != TaskState::Succeeded) {
+        tx.rollback().await?;
         return Ok(false);
     }
     let metrics = Value::Object(metrics_of(&tasks));
@@ -293,13 +304,19 @@ async fn finish_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
 async fn fail_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
     let mut tx = ctl.pool.begin().await?;
     let Some(round) = store::rounds::lock_running(&mut tx, round_id).await? else {
+        // Release what this transaction locked now, not when the connection is next used.
+        tx.rollback().await?;
         return Ok(false);
     };
     let Some(campaign) = store::campaigns::lock(&mut tx, round.campaign_id).await? else {
+        // Release what this transaction locked now, not when the connection is next used.
+        tx.rollback().await?;
         return Ok(false);
     };
     let tasks = store::tasks::list_for_round(&mut tx, round.id).await?;
     let Some(failed) = tasks.iter().find(|t| t.state == TaskState::Failed) else {
+        // Release what this transaction locked now, not when the connection is next used.
+        tx.rollback().await?;
         return Ok(false);
     };
     let metrics = Value::Object(metrics_of(&tasks));

@@ -376,9 +376,13 @@ pub async fn fire_due(pool: &PgPool, now: DateTime<Utc>) -> Result<Vec<Firing>> 
         // Another controller holding the row is handling it; one that already did has moved
         // `next_fire_at` past `now`.
         let Some(s) = store::schedules::lock_skip_locked(&mut tx, id).await? else {
+            tx.rollback().await?;
             continue;
         };
         if s.status != "active" || (s.next_fire_at > now && s.buffered_for.is_none()) {
+            // A dropped transaction's ROLLBACK is sent only when its connection is next used;
+            // until then the row would stay locked and every controller would skip it.
+            tx.rollback().await?;
             continue;
         }
         let runs = handle(&mut tx, &s, now).await?;

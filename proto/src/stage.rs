@@ -158,6 +158,69 @@ impl fmt::Display for BackendKind {
     }
 }
 
+/// What an artifact is to the stage that reads or writes it. A stage's inputs are found by role:
+/// the outputs of the stages it `needs`, named by what they hold, and the round's models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Prompts (`synthesize_prompts`).
+    Prompts,
+    /// K responses per prompt (`generate`).
+    Responses,
+    /// Responses with their attributes and reward (`score`).
+    Scores,
+    /// SFT records (`filter`).
+    Sft,
+    /// Preference pairs (`filter`).
+    Pairs,
+    /// A trained model (`sft`, `preference`; the promotion candidate).
+    Model,
+    /// The round's generator.
+    Generator,
+    /// The base model each round's training starts from.
+    Base,
+    /// The reward model.
+    Reward,
+}
+
+impl Role {
+    pub const ALL: [Role; 9] = [
+        Role::Prompts,
+        Role::Responses,
+        Role::Scores,
+        Role::Sft,
+        Role::Pairs,
+        Role::Model,
+        Role::Generator,
+        Role::Base,
+        Role::Reward,
+    ];
+
+    /// The name on the wire and in the artifact store (an output's `name`, an input's `role`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Prompts => "prompts",
+            Role::Responses => "responses",
+            Role::Scores => "scores",
+            Role::Sft => "sft",
+            Role::Pairs => "pairs",
+            Role::Model => "model",
+            Role::Generator => "generator",
+            Role::Base => "base",
+            Role::Reward => "reward",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The HelpSteer2 attributes a reward model scores, in the order of every 5-number list.
 pub const HELPSTEER2_ATTRIBUTES: [&str; 5] = [
     "helpfulness",
@@ -637,8 +700,9 @@ params! {
         algorithm: Option<String> = None, "", Rule::OneOf(&["dpo", "rpo"]);
         /// Input role of the starting model of an sft stage: base (default) or generator.
         init: String = "base".into(), "base", Rule::OneOf(&["base", "generator"]);
-        /// Input role of a preference stage's reference (default: the starting model).
-        reference: Option<String> = None, "", Rule::None;
+        /// Input role of a preference stage's reference: base or generator (default: the
+        /// starting model).
+        reference: Option<String> = None, "", Rule::OneOf(&["base", "generator"]);
         /// Learning rate (default: 1e-5 for sft, 5e-7 for preference).
         lr: Option<f64> = None, "", Rule::Positive;
         /// Epochs.

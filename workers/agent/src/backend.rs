@@ -2,7 +2,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use flywheel_proto::stage::StageKind;
+use flywheel_proto::stage::{Role, StageKind};
 use flywheel_proto::v1::{ArtifactRef, Assignment};
 use serde_json::Value;
 
@@ -36,19 +36,30 @@ impl Task {
     }
 
     /// All inputs with this role (a fan-in stage gets one per upstream shard).
-    pub fn inputs(&self, role: &str) -> Vec<&ArtifactRef> {
+    pub fn inputs(&self, role: Role) -> Vec<&ArtifactRef> {
         self.assignment
             .inputs
             .iter()
-            .filter(|i| i.role == role)
+            .filter(|i| i.role == role.as_str())
             .collect()
     }
 
-    pub fn input(&self, role: &str) -> Result<&ArtifactRef, TaskError> {
+    pub fn input(&self, role: Role) -> Result<&ArtifactRef, TaskError> {
         self.inputs(role).into_iter().next().ok_or_else(|| {
             TaskError::permanent(format!(
-                "stage {} ({}) needs an input {role:?}; check the recipe's needs",
+                "stage {} ({}) needs an input {role}; check the recipe's needs",
                 self.assignment.stage, self.assignment.kind
+            ))
+        })
+    }
+
+    /// A param that names an input role (`init`, `reference`), which the contract restricts to
+    /// roles.
+    pub fn role_param(&self, param: &str, value: &str) -> Result<Role, TaskError> {
+        Role::parse(value).ok_or_else(|| {
+            TaskError::permanent(format!(
+                "stage {}: params.{param} {value:?} is not an input role",
+                self.assignment.stage
             ))
         })
     }

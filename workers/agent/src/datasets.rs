@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 use crate::artifacts;
 use crate::backend::{Output, Task, TaskError, TaskResult};
+use flywheel_proto::stage::Role;
 
 /// JSON Lines text: one compact JSON value per line.
 pub fn to_jsonl(rows: &[Value]) -> String {
@@ -42,17 +43,18 @@ pub fn read_jsonl(inputs: &[&ArtifactRef]) -> Result<Vec<Value>, TaskError> {
     Ok(rows)
 }
 
-/// Writes `rows` as `<prefix>/<name>.jsonl`, recording the record count and format.
+/// Writes `rows` as `<prefix>/<role>.jsonl`, the output named by its role, recording the record
+/// count and format.
 pub fn write_jsonl(
     prefix: &str,
-    name: &str,
+    role: Role,
     format: &str,
     rows: &[Value],
 ) -> Result<Output, TaskError> {
     let text = to_jsonl(rows);
-    let (uri, content_hash) = artifacts::write(prefix, &format!("{name}.jsonl"), text.as_bytes())?;
+    let (uri, content_hash) = artifacts::write(prefix, &format!("{role}.jsonl"), text.as_bytes())?;
     Ok(Output {
-        name: name.into(),
+        name: role.to_string(),
         kind: "dataset",
         uri,
         content_hash,
@@ -114,7 +116,7 @@ pub fn filter(
 /// and `pairs` datasets, with the stage contract's `BuiltinFilter` params.
 pub fn filter_stage(task: &Task) -> Result<TaskResult, TaskError> {
     let p: flywheel_proto::stage::BuiltinFilter = task.typed()?;
-    let rows = read_jsonl(&task.inputs("scores"))?;
+    let rows = read_jsonl(&task.inputs(Role::Scores))?;
     let (sft, pairs) = filter(
         &rows,
         p.margin,
@@ -127,10 +129,14 @@ pub fn filter_stage(task: &Task) -> Result<TaskResult, TaskError> {
         ("pair_records".to_string(), pairs.len() as f64),
     ]
     .into();
-    let outputs = vec![
-        write_jsonl(prefix, "sft", "trl.messages", &sft)?,
-        write_jsonl(prefix, "pairs", "trl.preference", &pairs)?,
+    let mut outputs = vec![
+        write_jsonl(prefix, Role::Sft, "trl.messages", &sft)?,
+        write_jsonl(prefix, Role::Pairs, "trl.preference", &pairs)?,
     ];
+    // Lineage: the settings that made these datasets.
+    for o in &mut outputs {
+        o.metadata["params"] = serde_json::to_value(&p).expect("params serialize");
+    }
     Ok(TaskResult { outputs, metrics })
 }
 

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use crate::backend::{Backend, Task, TaskContext, TaskError, TaskResult};
 use crate::datasets::{read_jsonl, write_jsonl};
 use crate::http_client::{HttpCaller, http_settings, required};
-use flywheel_proto::stage::{OpenaiGenerate, OpenaiJudge, StageKind};
+use flywheel_proto::stage::{OpenaiGenerate, OpenaiJudge, Role, StageKind};
 
 pub struct OpenAiBackend;
 
@@ -133,11 +133,11 @@ impl Sampling {
 
 fn generate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, TaskError> {
     let a = &task.assignment;
-    let generator = task.input("generator")?;
+    let generator = task.input(Role::Generator)?;
     let p: OpenaiGenerate = task.typed()?;
     let sampling = sampling!(task, p, generator.name);
     let caller = HttpCaller::new(task, http_settings!(p))?;
-    let rows = read_jsonl(&task.inputs("prompts"))?;
+    let rows = read_jsonl(&task.inputs(Role::Prompts))?;
     let mine: Vec<Value> = rows
         .into_iter()
         .enumerate()
@@ -185,7 +185,7 @@ fn generate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, 
             *sample += 1;
         }
     }
-    let file = write_jsonl(prefix, "responses", "flywheel.responses", &out)?;
+    let file = write_jsonl(prefix, Role::Responses, "flywheel.responses", &out)?;
     let mut metrics = caller.stats.metric_map();
     metrics.insert("responses".into(), out.len() as f64);
     Ok(TaskResult {
@@ -208,7 +208,7 @@ fn verdict(text: &str) -> Option<bool> {
 }
 
 fn judge(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, TaskError> {
-    let generator = task.input("generator")?;
+    let generator = task.input(Role::Generator)?;
     let p: OpenaiJudge = task.typed()?;
     let sampling = sampling!(task, p, generator.name);
     let caller = HttpCaller::new(task, http_settings!(p))?;
@@ -216,9 +216,9 @@ fn judge(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, Tas
         .judge_prompt
         .clone()
         .unwrap_or_else(|| JUDGE_PROMPT.to_string());
-    let mut rows = read_jsonl(&task.inputs("responses"))?;
+    let mut rows = read_jsonl(&task.inputs(Role::Responses))?;
     if rows.is_empty() {
-        rows = read_jsonl(&task.inputs("scores"))?;
+        rows = read_jsonl(&task.inputs(Role::Scores))?;
     }
     // Per prompt, the first two distinct responses.
     let mut by_prompt: BTreeMap<String, (Value, Vec<String>)> = BTreeMap::new();
@@ -291,8 +291,8 @@ fn judge(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, Tas
         ] }));
     }
     let outputs = vec![
-        write_jsonl(prefix, "sft", "trl.messages", &sft)?,
-        write_jsonl(prefix, "pairs", "trl.preference", &pairs)?,
+        write_jsonl(prefix, Role::Sft, "trl.messages", &sft)?,
+        write_jsonl(prefix, Role::Pairs, "trl.preference", &pairs)?,
     ];
     let mut metrics = caller.stats.metric_map();
     metrics.insert("judged".into(), candidates.len() as f64);

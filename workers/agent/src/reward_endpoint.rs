@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use crate::backend::{Backend, Task, TaskContext, TaskError, TaskResult};
 use crate::datasets::{read_jsonl, write_jsonl};
 use crate::http_client::{HttpCaller, at_path, http_settings, required};
-use flywheel_proto::stage::{RewardEndpointScore, StageKind};
+use flywheel_proto::stage::{RewardEndpointScore, Role, StageKind};
 
 /// HelpSteer2's attributes and the default weights: the stage contract's.
 pub use flywheel_proto::stage::{
@@ -99,7 +99,7 @@ fn score(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
     let path = p.attributes_path.clone();
     let weights = weights(&p.weights);
     let caller = HttpCaller::new(task, http_settings!(p))?;
-    let mut rows = read_jsonl(&task.inputs("responses"))?;
+    let mut rows = read_jsonl(&task.inputs(Role::Responses))?;
     let bodies: Arc<Vec<Value>> = Arc::new(
         rows.iter()
             .map(|r| {
@@ -137,7 +137,7 @@ fn score(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
     }
     let out = write_jsonl(
         &task.assignment.output_prefix,
-        "scores",
+        Role::Scores,
         "flywheel.scores",
         &rows,
     )?;

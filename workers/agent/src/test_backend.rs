@@ -21,7 +21,7 @@ use crate::backend::{Backend, Output, Task, TaskContext, TaskError, TaskResult};
 use crate::datasets::{self, read_jsonl, write_jsonl};
 use crate::reward_endpoint;
 use flywheel_proto::stage::{
-    BuiltinGenerate, BuiltinPreference, BuiltinPrompts, BuiltinScore, BuiltinSft, StageKind,
+    BuiltinGenerate, BuiltinPreference, BuiltinPrompts, BuiltinScore, BuiltinSft, Role, StageKind,
     TestKnobs,
 };
 
@@ -125,7 +125,7 @@ fn synthesize(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
     let rows: Vec<Value> = (0..count)
         .map(|i| json!({ "id": format!("r{}-p{i}", a.round_index), "prompt": format!("round {} task {i}: add {} and {}", a.round_index, i, i * 7 % 13) }))
         .collect();
-    let mut out = write_jsonl(prefix, "prompts", "flywheel.prompts", &rows)?;
+    let mut out = write_jsonl(prefix, Role::Prompts, "flywheel.prompts", &rows)?;
     out.metadata["params"] = serde_json::to_value(&p).expect("params serialize");
     Ok(TaskResult {
         outputs: vec![out],
@@ -135,11 +135,11 @@ fn synthesize(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
 
 fn generate(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
     let a = &task.assignment;
-    let generator = task.input("generator")?;
+    let generator = task.input(Role::Generator)?;
     let quality = model_quality(generator)?;
     let params: BuiltinGenerate = task.typed()?;
     let k = params.k.max(1);
-    let prompts = read_jsonl(&task.inputs("prompts"))?;
+    let prompts = read_jsonl(&task.inputs(Role::Prompts))?;
     let mut rows = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         if i as i32 % a.shard_count.max(1) != a.shard_index {
@@ -154,7 +154,7 @@ fn generate(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
         }
     }
     let n = rows.len() as f64;
-    let mut out = write_jsonl(prefix, "responses", "flywheel.responses", &rows)?;
+    let mut out = write_jsonl(prefix, Role::Responses, "flywheel.responses", &rows)?;
     out.metadata["params"] = serde_json::to_value(&params).expect("params serialize");
     Ok(TaskResult {
         outputs: vec![out],
@@ -165,7 +165,7 @@ fn generate(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
 fn score(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
     let params: BuiltinScore = task.typed()?;
     let weights = reward_endpoint::weights(&params.weights);
-    let mut rows = read_jsonl(&task.inputs("responses"))?;
+    let mut rows = read_jsonl(&task.inputs(Role::Responses))?;
     for r in &mut rows {
         let q = r["generator_quality"].as_f64().unwrap_or(0.3);
         let id = format!("{}#{}", r["prompt_id"], r["sample"]);
@@ -188,7 +188,7 @@ fn score(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
         .filter_map(|r| r["reward"].as_f64())
         .sum::<f64>()
         / rows.len().max(1) as f64;
-    let mut out = write_jsonl(prefix, "scores", "flywheel.scores", &rows)?;
+    let mut out = write_jsonl(prefix, Role::Scores, "flywheel.scores", &rows)?;
     out.metadata["params"] = serde_json::to_value(&params).expect("params serialize");
     Ok(TaskResult {
         outputs: vec![out],
@@ -206,9 +206,9 @@ fn score(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
 fn train(task: &Task, prefix: &str, params: Value) -> Result<TaskResult, TaskError> {
     let a = &task.assignment;
     let (start, data_role) = if task.kind == StageKind::Sft {
-        (task.input("base")?, "sft")
+        (task.input(Role::Base)?, Role::Sft)
     } else {
-        (task.input("model")?, "pairs")
+        (task.input(Role::Model)?, Role::Pairs)
     };
     let start_q = model_quality(start)?;
     let data = read_jsonl(&task.inputs(data_role))?;
@@ -241,7 +241,7 @@ fn train(task: &Task, prefix: &str, params: Value) -> Result<TaskResult, TaskErr
     });
     let (uri, content_hash) = artifacts::write(prefix, "model.json", model.to_string().as_bytes())?;
     let out = Output {
-        name: "model".into(),
+        name: Role::Model.to_string(),
         kind: "model",
         uri,
         content_hash,
@@ -258,8 +258,8 @@ fn train(task: &Task, prefix: &str, params: Value) -> Result<TaskResult, TaskErr
 }
 
 fn evaluate(task: &Task) -> Result<TaskResult, TaskError> {
-    let candidate = model_quality(task.input("model")?)?;
-    let generator = model_quality(task.input("generator")?)?;
+    let candidate = model_quality(task.input(Role::Model)?)?;
+    let generator = model_quality(task.input(Role::Generator)?)?;
     let win_rate = 1.0 / (1.0 + (-(candidate - generator) * 10.0).exp());
     Ok(TaskResult {
         outputs: Vec::new(),

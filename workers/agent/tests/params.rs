@@ -160,6 +160,32 @@ struct Run {
 }
 
 impl Run {
+    /// A task of `kind` for `backend`, writing under a prefix of its own.
+    fn task(
+        &mut self,
+        backend: &dyn Backend,
+        kind: &str,
+        params: &Value,
+        inputs: &[ArtifactRef],
+    ) -> Task {
+        self.n += 1;
+        Task::new(Assignment {
+            task_id: format!("t{}", self.n),
+            attempt: 1,
+            campaign_id: "c".into(),
+            round_index: 0,
+            stage: kind.into(),
+            kind: kind.into(),
+            shard_index: 0,
+            shard_count: 1,
+            params_json: params.to_string(),
+            inputs: inputs.to_vec(),
+            output_prefix: format!("file://{}/run-{}", self.dir.display(), self.n),
+            backend: backend.name().into(),
+        })
+        .unwrap()
+    }
+
     fn dataset(&mut self, name: &str, rows: &[Value]) -> ArtifactRef {
         let prefix = format!("file://{}/inputs", self.dir.display());
         let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
@@ -182,31 +208,51 @@ impl Run {
         params: &Value,
         inputs: &[ArtifactRef],
     ) -> Result<(Vec<String>, BTreeMap<String, String>), String> {
-        self.n += 1;
-        let assignment = Assignment {
-            task_id: format!("t{}", self.n),
-            attempt: 1,
-            campaign_id: "c".into(),
-            round_index: 0,
-            stage: kind.into(),
-            kind: kind.into(),
-            shard_index: 0,
-            shard_count: 1,
-            params_json: params.to_string(),
-            inputs: inputs.to_vec(),
-            output_prefix: format!("file://{}/run-{}", self.dir.display(), self.n),
-            backend: backend.name().into(),
-        };
         let r = backend
-            .run(&Task::new(assignment).unwrap(), &TaskContext::default())
+            .run(
+                &self.task(backend, kind, params, inputs),
+                &TaskContext::default(),
+            )
             .map_err(|e| e.message)?;
         Ok((
-            r.outputs.iter().map(|o| o.content_hash.clone()).collect(),
+            r.outputs
+                .iter()
+                .map(|o| format!("{} {}", o.content_hash, o.metadata))
+                .collect(),
             r.metrics
                 .iter()
                 .map(|(k, v)| (k.clone(), format!("{v:.6}")))
                 .collect(),
         ))
+    }
+}
+
+impl Run {
+    /// Runs a stage and returns its outputs as the inputs of the stages after it.
+    fn outputs(
+        &mut self,
+        backend: &dyn Backend,
+        kind: &str,
+        params: &Value,
+        inputs: &[ArtifactRef],
+    ) -> Vec<ArtifactRef> {
+        let r = backend
+            .run(
+                &self.task(backend, kind, params, inputs),
+                &TaskContext::default(),
+            )
+            .unwrap();
+        r.outputs
+            .into_iter()
+            .map(|o| ArtifactRef {
+                id: format!("{kind}-{}", o.name),
+                role: o.name.clone(),
+                kind: o.kind.into(),
+                uri: o.uri,
+                content_hash: o.content_hash,
+                name: o.name,
+            })
+            .collect()
     }
 }
 
@@ -526,6 +572,98 @@ fn every_external_param_reaches_the_trainer() {
             before.0, after.0,
             "{kind}.{name} = {value} did not reach the trainer"
         );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Another valid value for a declared param, from its type and rule.
+fn another(p: &flywheel_proto::stage::ParamDoc, current: &Value) -> Value {
+    use flywheel_proto::stage::Rule;
+    match (p.rule, p.ty) {
+        (Rule::OneOf(words), _) => json!(
+            words
+                .iter()
+                .find(|w| current.as_str() != Some(**w))
+                .unwrap()
+        ),
+        (Rule::Numbers(n), _) => json!((0..n).map(|i| i as f64).collect::<Vec<_>>()),
+        (_, "bool") => json!(!current.as_bool().unwrap()),
+        (_, "i64") => json!(current.as_i64().unwrap() + 1),
+        (_, "f64") => json!(current.as_f64().unwrap() + 0.5),
+        (_, "u64" | "Option<u64>") => json!(current.as_u64().unwrap_or(0) + 7),
+        (_, "Option<f64>") => json!(current.as_f64().unwrap_or(0.0) + 0.5),
+        (_, "Option<Vec<String>>") => json!(["add"]),
+        (rule, ty) => panic!("{}: no other value for {ty} {rule:?}", p.name),
+    }
+}
+
+/// The test backend takes the builtin's params of each kind it records in its outputs: each one
+/// changes the outputs it writes (their `params` metadata, or their content).
+#[test]
+fn the_test_backend_records_every_builtin_param_it_takes() {
+    use flywheel_proto::stage::{BackendKind, StageKind, docs_for};
+    use flywheel_worker::test_backend::TestBackend;
+
+    let dir = std::env::temp_dir().join(format!("flywheel-test-params-{}", std::process::id()));
+    let mut run = Run {
+        dir: dir.clone(),
+        n: 0,
+    };
+    let model = |role: &str| ArtifactRef {
+        id: role.into(),
+        role: role.into(),
+        kind: "model".into(),
+        uri: format!("test://{role}?quality=0.4"),
+        content_hash: String::new(),
+        name: role.into(),
+    };
+    let mut inputs: Vec<ArtifactRef> = vec![model("generator"), model("base"), model("model")];
+    // Each kind's inputs, from the previous kind's outputs.
+    let stages = [
+        (
+            "synthesize_prompts",
+            StageKind::SynthesizePrompts,
+            json!({ "count": 4 }),
+        ),
+        ("generate", StageKind::Generate, json!({})),
+        ("score", StageKind::Score, json!({})),
+        ("filter", StageKind::Filter, json!({})),
+        ("sft", StageKind::Sft, json!({})),
+        (
+            "preference",
+            StageKind::Preference,
+            json!({ "algorithm": "rpo" }),
+        ),
+    ];
+    for (kind, stage_kind, baseline) in stages {
+        let docs = docs_for(stage_kind, BackendKind::Test);
+        let builtin: Vec<_> = docs
+            .iter()
+            .filter(|d| d.backend == BackendKind::Builtin)
+            .collect();
+        assert_eq!(builtin.len(), 1, "{kind}");
+        let defaults = (builtin[0].defaults)();
+        let base = run.stage(&TestBackend, kind, &baseline, &inputs).unwrap();
+        for p in builtin[0].params {
+            if p.name == "method" {
+                continue; // a single allowed value
+            }
+            let current = baseline.get(p.name).unwrap_or(&defaults[p.name]).clone();
+            let mut changed = baseline.clone();
+            changed[p.name] = another(p, &current);
+            if p.name == "eta" && changed["algorithm"] == "dpo" {
+                continue;
+            }
+            let after = run.stage(&TestBackend, kind, &changed, &inputs);
+            assert!(
+                after.as_ref().ok() != Some(&base),
+                "test backend: {kind}.{} = {} changed nothing",
+                p.name,
+                changed[p.name]
+            );
+        }
+        // The next kind reads what this one wrote.
+        inputs.extend(run.outputs(&TestBackend, kind, &baseline, &inputs));
     }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -11,7 +11,7 @@ use candle_core::Device;
 use candle_nn::VarMap;
 use flywheel_proto::stage::{
     BuiltinEvaluate, BuiltinGenerate, BuiltinPreference, BuiltinPrompts, BuiltinScore, BuiltinSft,
-    StageKind,
+    Role, StageKind,
 };
 use flywheel_proto::v1::ArtifactRef;
 use flywheel_worker::artifacts;
@@ -116,7 +116,7 @@ fn save_model(
     checkpoint::save(&dir, config, varmap).task()?;
     let content_hash = artifacts::publish_dir(&dir, &uri)?;
     Ok(Output {
-        name: "model".into(),
+        name: Role::Model.to_string(),
         kind: "model",
         uri,
         content_hash,
@@ -202,7 +202,7 @@ impl BuiltinBackend {
             .iter()
             .map(|p| serde_json::to_value(p).expect("prompt serializes"))
             .collect();
-        let out = write_jsonl(prefix, "prompts", "flywheel.prompts", &rows)?;
+        let out = write_jsonl(prefix, Role::Prompts, "flywheel.prompts", &rows)?;
         Ok(TaskResult {
             outputs: vec![out],
             metrics: [("prompts".to_string(), rows.len() as f64)].into(),
@@ -216,9 +216,9 @@ impl BuiltinBackend {
         prefix: &str,
     ) -> Result<TaskResult, TaskError> {
         let a = &task.assignment;
-        let generator = task.input("generator")?;
+        let generator = task.input(Role::Generator)?;
         let model = checkpoint::load_frozen(&model_dir(generator)?, &self.device).task()?;
-        let rows = read_jsonl(&task.inputs("prompts"))?;
+        let rows = read_jsonl(&task.inputs(Role::Prompts))?;
         let mine: Vec<&Value> = rows
             .iter()
             .enumerate()
@@ -264,7 +264,7 @@ impl BuiltinBackend {
             }
         }
         let n = out.len() as f64;
-        let file = write_jsonl(prefix, "responses", "flywheel.responses", &out)?;
+        let file = write_jsonl(prefix, Role::Responses, "flywheel.responses", &out)?;
         Ok(TaskResult {
             outputs: vec![file],
             metrics: [
@@ -277,11 +277,11 @@ impl BuiltinBackend {
 
     fn score(&self, task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
         let rm =
-            checkpoint::load_frozen(&model_dir(task.input("reward")?)?, &self.device).task()?;
+            checkpoint::load_frozen(&model_dir(task.input(Role::Reward)?)?, &self.device).task()?;
         let p: BuiltinScore = task.typed()?;
         let weights = reward_endpoint::weights(&p.weights);
         let use_verifier = p.verifier;
-        let mut rows = read_jsonl(&task.inputs("responses"))?;
+        let mut rows = read_jsonl(&task.inputs(Role::Responses))?;
         let pairs: Vec<(String, String)> = rows
             .iter()
             .map(|r| {
@@ -312,7 +312,7 @@ impl BuiltinBackend {
             row["reward"] = json!(scalar);
         }
         let n = rows.len();
-        let out = write_jsonl(prefix, "scores", "flywheel.scores", &rows)?;
+        let out = write_jsonl(prefix, Role::Scores, "flywheel.scores", &rows)?;
         Ok(TaskResult {
             outputs: vec![out],
             metrics: [
@@ -329,8 +329,8 @@ impl BuiltinBackend {
 
     fn sft(&self, task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, TaskError> {
         let p: BuiltinSft = task.typed()?;
-        let init = task.input(&p.init)?;
-        let data: Vec<(String, String)> = read_jsonl(&task.inputs("sft"))?
+        let init = task.input(task.role_param("init", &p.init)?)?;
+        let data: Vec<(String, String)> = read_jsonl(&task.inputs(Role::Sft))?
             .iter()
             .filter_map(datasets::sft_example)
             .collect();
@@ -352,9 +352,9 @@ impl BuiltinBackend {
         ctx: &TaskContext,
         prefix: &str,
     ) -> Result<TaskResult, TaskError> {
-        let init = task.input("model")?;
+        let init = task.input(Role::Model)?;
         let dir = model_dir(init)?;
-        let pairs: Vec<Pair> = read_jsonl(&task.inputs("pairs"))?
+        let pairs: Vec<Pair> = read_jsonl(&task.inputs(Role::Pairs))?
             .iter()
             .filter_map(Pair::from_row)
             .collect();
@@ -394,11 +394,12 @@ impl BuiltinBackend {
 
     fn evaluate(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
         let candidate =
-            checkpoint::load_frozen(&model_dir(task.input("model")?)?, &self.device).task()?;
+            checkpoint::load_frozen(&model_dir(task.input(Role::Model)?)?, &self.device).task()?;
         let generator =
-            checkpoint::load_frozen(&model_dir(task.input("generator")?)?, &self.device).task()?;
+            checkpoint::load_frozen(&model_dir(task.input(Role::Generator)?)?, &self.device)
+                .task()?;
         let rm =
-            checkpoint::load_frozen(&model_dir(task.input("reward")?)?, &self.device).task()?;
+            checkpoint::load_frozen(&model_dir(task.input(Role::Reward)?)?, &self.device).task()?;
         let p: BuiltinEvaluate = task.typed()?;
         let prompts: Vec<String> = world::generate(
             p.seed,

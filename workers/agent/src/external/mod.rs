@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use flywheel_proto::stage::{ExternalTrain, StageKind};
+use flywheel_proto::stage::{ExternalTrain, Role, StageKind};
 
 pub use export::{PairFormat, SftFormat, export_pairs, export_sft};
 pub use logs::{parse_metrics, parse_progress};
@@ -118,12 +118,16 @@ fn train(
     let pair_format = tpl.map_or(PairFormat::Plain, |t| t.pair_format);
 
     // Inputs: the starting model, the reference, and the datasets in the trainer's format.
-    let init_role = if sft { p.init.as_str() } else { "model" };
+    let init_role = if sft {
+        task.role_param("init", &p.init)?
+    } else {
+        Role::Model
+    };
     let init = task.input(init_role)?;
     let base_model = artifacts::verified_dir(&init.uri, &init.content_hash)?;
     let reference = match p.reference.as_deref() {
         Some(role) => {
-            let r = task.input(role)?;
+            let r = task.input(task.role_param("reference", role)?)?;
             artifacts::verified_dir(&r.uri, &r.content_hash)?
         }
         None => base_model.clone(),
@@ -132,11 +136,11 @@ fn train(
     let sft_data = data_dir.join("sft/train.jsonl");
     let pairs_data = data_dir.join("pairs/train.jsonl");
     let records = if sft {
-        let rows = export_sft(&read_jsonl(&task.inputs("sft"))?, sft_format);
+        let rows = export_sft(&read_jsonl(&task.inputs(Role::Sft))?, sft_format);
         write_jsonl_file(&sft_data, &rows)?;
         rows.len()
     } else {
-        let rows = export_pairs(&read_jsonl(&task.inputs("pairs"))?, pair_format);
+        let rows = export_pairs(&read_jsonl(&task.inputs(Role::Pairs))?, pair_format);
         write_jsonl_file(&pairs_data, &rows)?;
         rows.len()
     };
@@ -222,7 +226,7 @@ fn train(
     result_metrics.insert("records".into(), records as f64);
     Ok(TaskResult {
         outputs: vec![Output {
-            name: "model".into(),
+            name: Role::Model.to_string(),
             kind: "model",
             uri: model_uri,
             content_hash,
