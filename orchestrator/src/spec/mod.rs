@@ -11,6 +11,7 @@
 //! Stage kinds, backends and params are the stage contract's (`flywheel_proto::stage`).
 
 mod gate;
+mod locate;
 mod validate;
 
 pub use gate::{CompareOp, Requirement, round_metrics};
@@ -29,6 +30,9 @@ pub const API_VERSION: &str = "flywheel/v1";
 pub struct Problem {
     pub path: String,
     pub message: String,
+    /// Line and column (1-based) of the field in the submitted YAML, or of its nearest
+    /// enclosing field; `None` when there is no text to point at.
+    pub location: Option<(u64, u64)>,
 }
 
 impl fmt::Display for Problem {
@@ -50,7 +54,10 @@ fn listed(problems: &[Problem]) -> String {
     let mut out = problems
         .iter()
         .take(max)
-        .map(ToString::to_string)
+        .map(|p| match p.location {
+            Some((line, column)) => format!("{p} (line {line}, column {column})"),
+            None => p.to_string(),
+        })
         .collect::<Vec<_>>()
         .join("; ");
     if problems.len() > max {
@@ -109,19 +116,22 @@ pub struct CampaignSpec {
     pub stages: Vec<StageSpec>,
 }
 
-/// Parses YAML into a generic value with bounded work: aliases may replay at most
-/// [`MAX_YAML_ALIAS_EVENTS`](crate::limits::MAX_YAML_ALIAS_EVENTS) events in all (an alias bomb
-/// is refused, not expanded), duplicate keys are an error (not "last one wins"), and only
-/// `true`/`false` are booleans (YAML 1.2, as before).
-fn parse_yaml(text: &str) -> Result<Value, String> {
-    let options = serde_saphyr::options! {
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
         duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::Error,
         alias_limits: serde_saphyr::alias_limits! {
             max_total_replayed_events: crate::limits::MAX_YAML_ALIAS_EVENTS,
         },
         strict_booleans: true,
-    };
-    serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+    }
+}
+
+/// Parses YAML into a generic value with bounded work: aliases may replay at most
+/// [`MAX_YAML_ALIAS_EVENTS`](crate::limits::MAX_YAML_ALIAS_EVENTS) events in all (an alias bomb
+/// is refused, not expanded), duplicate keys are an error (not "last one wins"), and only
+/// `true`/`false` are booleans (YAML 1.2, as before).
+fn parse_yaml(text: &str) -> Result<Value, String> {
+    serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| {
         let e = e.to_string();
         let e = e.lines().next().unwrap_or_default();
         format!("not valid YAML: {}", crate::limits::truncate(e, 500))
@@ -135,6 +145,7 @@ impl CampaignSpec {
             problems: vec![Problem {
                 path: "$".into(),
                 message,
+                location: None,
             }],
         })?;
         let mut v = Validator::default();
@@ -142,9 +153,14 @@ impl CampaignSpec {
         let spec = v.campaign(&doc);
         match spec {
             Some(spec) if v.problems.is_empty() => Ok(spec),
-            _ => Err(SpecError {
-                problems: v.problems,
-            }),
+            _ => {
+                let lines = locate::locations(text, yaml_options());
+                let mut problems = v.problems;
+                for p in &mut problems {
+                    p.location = locate::find(&lines, &p.path);
+                }
+                Err(SpecError { problems })
+            }
         }
     }
 
@@ -174,6 +190,7 @@ impl CampaignSpec {
                 problems: vec![Problem {
                     path: "stage".into(),
                     message: format!("the recipe has no promote stage named {stage:?}"),
+                    location: None,
                 }],
             });
         };

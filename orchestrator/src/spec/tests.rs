@@ -344,3 +344,27 @@ fn sharded_metrics_are_averaged_and_totalled() {
 fn not_yaml() {
     assert!(problems(":\n  - [")[0].starts_with("$: not valid YAML"));
 }
+
+#[test]
+fn problems_point_at_their_line_and_column() {
+    let bad = GOOD.replace("k: 4, temperature: 0.8", "k: 4, temprature: 0.8");
+    let e = CampaignSpec::from_yaml(&bad).unwrap_err();
+    let line = bad.lines().position(|l| l.contains("temprature")).unwrap() as u64 + 1;
+    assert_eq!(e.problems.len(), 1);
+    let (l, c) = e.problems[0].location.expect("a location");
+    assert_eq!(l, line, "{e}");
+    // The column is the field's value, on that line.
+    assert!(
+        (c as usize) <= bad.lines().nth(line as usize - 1).unwrap().len(),
+        "{e}"
+    );
+    assert!(
+        e.to_string().ends_with(&format!(
+            "recipe.stages[1].params.temprature: unknown field; did you mean temperature? (line {l}, column {c})"
+        )),
+        "{e}"
+    );
+    // A missing field points at its enclosing mapping.
+    let e = CampaignSpec::from_yaml(&GOOD.replace("      kind: evaluate\n", "")).unwrap_err();
+    assert!(e.problems.iter().all(|p| p.location.is_some()), "{e}");
+}

@@ -36,6 +36,7 @@ impl Validator {
         self.problems.push(Problem {
             path: path.into(),
             message: message.into(),
+            location: None,
         });
     }
 
