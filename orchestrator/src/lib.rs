@@ -14,7 +14,6 @@
 //! - `api`: the gRPC services (worker protocol and control API).
 //! - `http`: the web dashboard, its JSON API (the control API over HTTP) and `/metrics`;
 //!   `metrics`: the Prometheus counters, histograms and scrape-time gauges.
-//!
 //! - `controller`: [`ControllerConfig`] and the state one controller process shares.
 //!
 //! [`serve`] runs all of it on one listener until a shutdown future resolves.

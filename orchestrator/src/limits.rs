@@ -43,6 +43,47 @@ pub(crate) fn text(field: &'static str, value: &str, max: usize) -> Result<()> {
     Ok(())
 }
 
+/// Where a JSON value holds a NUL character (which Postgres' text and jsonb refuse), as
+/// `(path, in_key)` in field-path notation (`a.b[2]`; `$` for the value itself).
+pub(crate) fn nul_paths(v: &serde_json::Value, path: &str) -> Vec<(String, bool)> {
+    use serde_json::Value;
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_string()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match v {
+        Value::String(s) if s.contains('\0') => {
+            vec![(
+                if path.is_empty() {
+                    "$".into()
+                } else {
+                    path.into()
+                },
+                false,
+            )]
+        }
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .flat_map(|(i, item)| nul_paths(item, &format!("{path}[{i}]")))
+            .collect(),
+        Value::Object(m) => m
+            .iter()
+            .flat_map(|(k, item)| {
+                if k.contains('\0') {
+                    vec![(join(&k.replace('\0', "\\0")), true)]
+                } else {
+                    nul_paths(item, &join(k))
+                }
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// A name: non-empty after trimming, at most [`MAX_NAME_BYTES`], no control characters.
 pub(crate) fn name(field: &'static str, value: &str) -> Result<()> {
     text(field, value, MAX_NAME_BYTES)?;

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use flywheel_orchestrator::template::parse_assignments;
 use flywheel_proto::ControlClient;
 use flywheel_proto::state::Steer;
 use flywheel_proto::v1::{
@@ -12,7 +11,7 @@ use flywheel_proto::v1::{
     RetryStageRequest, SetPromotionGateRequest,
 };
 
-use super::common::{ControlOpts, parse_requirement, status_error};
+use super::common::{ControlOpts, parse_requirement, read_with_params, status_error};
 
 #[derive(Subcommand)]
 pub(super) enum CampaignCommand {
@@ -113,10 +112,7 @@ pub(super) async fn run(command: CampaignCommand) -> Result<()> {
             request_id,
             opts,
         } => {
-            let spec_yaml = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            let params = parse_assignments(params.iter().map(String::as_str))
-                .map_err(|e| anyhow::anyhow!("--param: {e}"))?;
+            let (spec_yaml, params) = read_with_params(&file, &params)?;
             let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
             let campaign = c
                 .create_campaign_from(CreateCampaignRequest {

@@ -29,6 +29,19 @@ pub(crate) async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// A spec or template file and its `--param name=value` values, errors naming the flag.
+pub(super) fn read_with_params(
+    file: &std::path::Path,
+    params: &[String],
+) -> Result<(String, std::collections::BTreeMap<String, String>)> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let params =
+        flywheel_orchestrator::template::parse_assignments(params.iter().map(String::as_str))
+            .map_err(|e| anyhow::anyhow!("--param: {e}"))?;
+    Ok((text, params))
+}
+
 /// One connection for an admin command on the controller's host, with migrations applied.
 pub(super) async fn admin_pool(database_url: &str) -> Result<sqlx::PgPool> {
     let pool = store::connect(database_url, 1)

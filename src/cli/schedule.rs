@@ -4,11 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use flywheel_orchestrator::template::parse_assignments;
 use flywheel_proto::ControlClient;
 use flywheel_proto::v1::{CreateScheduleRequest, Schedule};
 
-use super::common::{ControlOpts, status_error};
+use super::common::{ControlOpts, read_with_params, status_error};
 
 #[derive(Subcommand)]
 pub(crate) enum ScheduleCommand {
@@ -124,10 +123,7 @@ pub(crate) async fn run(command: ScheduleCommand) -> Result<()> {
             catch_up,
             opts,
         } => {
-            let template_yaml = std::fs::read_to_string(&template)
-                .with_context(|| format!("cannot read {}", template.display()))?;
-            let params = parse_assignments(params.iter().map(String::as_str))
-                .map_err(|e| anyhow::anyhow!("--param: {e}"))?;
+            let (template_yaml, params) = read_with_params(&template, &params)?;
             let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
             let s = c
                 .create_schedule(CreateScheduleRequest {

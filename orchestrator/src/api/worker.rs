@@ -78,16 +78,6 @@ fn check_content_hash(hash: &str) -> Result<(), Error> {
     }
 }
 
-/// Whether a JSON value holds a NUL character anywhere (Postgres' jsonb refuses `\u0000`).
-fn has_nul(v: &Value) -> bool {
-    match v {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(a) => a.iter().any(has_nul),
-        Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
-        _ => false,
-    }
-}
-
 impl WorkerApi {
     /// Checks that `worker_id` was registered by the caller's token: another token may neither
     /// report for a worker nor take its assignment stream.
@@ -412,7 +402,7 @@ impl WorkerService for WorkerApi {
                     )
                 })?
             };
-            if has_nul(&metadata) {
+            if !limits::nul_paths(&metadata, "").is_empty() {
                 return Err(Error::invalid(
                     "outputs[].metadata_json",
                     format!(

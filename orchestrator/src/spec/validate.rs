@@ -486,29 +486,13 @@ impl Validator {
 impl Validator {
     /// Strings (a YAML `"\0"` escape included) may not hold NUL: Postgres refuses to store it.
     pub(super) fn no_nul(&mut self, v: &Value, path: &str) {
-        match v {
-            Value::String(s) if s.contains('\0') => self.problem(
-                if path.is_empty() { "$" } else { path },
-                "contains a NUL character",
-            ),
-            Value::Array(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    self.no_nul(item, &format!("{path}[{i}]"));
-                }
-            }
-            Value::Object(m) => {
-                for (k, item) in m {
-                    if k.contains('\0') {
-                        self.problem(
-                            join(path, &k.replace('\0', "\\0")),
-                            "key contains a NUL character",
-                        );
-                    } else {
-                        self.no_nul(item, &join(path, k));
-                    }
-                }
-            }
-            _ => {}
+        for (at, in_key) in crate::limits::nul_paths(v, path) {
+            let what = if in_key {
+                "key contains a NUL character"
+            } else {
+                "contains a NUL character"
+            };
+            self.problem(at, what);
         }
     }
 
