@@ -723,9 +723,43 @@ params! {
         grace_period_s: i64 = 10, "10", Rule::IntAtLeast(0);
     }
 }
+/// The placeholders the external backend fills itself: a command's `vars` may not reuse them
+/// (they would be overwritten, and the spec would not do what it says).
+pub const EXTERNAL_PLACEHOLDERS: &[&str] = &[
+    "lr",
+    "epochs",
+    "batch_size",
+    "beta",
+    "eta",
+    "steps",
+    "gpus",
+    "seed",
+    "algorithm",
+    "base_model",
+    "ref_model",
+    "sft_data",
+    "sft_dir",
+    "pairs_data",
+    "pairs_dir",
+    "data_dir",
+    "output_dir",
+    "preference_loss",
+    "flywheel",
+];
+
 impl CrossChecks for ExternalTrain {
     fn cross_checks(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
+        if let Some(k) = self
+            .vars
+            .keys()
+            .find(|k| EXTERNAL_PLACEHOLDERS.contains(&k.as_str()))
+        {
+            out.push((
+                "vars",
+                format!("{k:?} is a placeholder the backend fills itself; set the param instead, or pick another name"),
+            ));
+        }
         match (&self.template, &self.command) {
             (None, None) => out.push((
                 "template",
@@ -1053,6 +1087,16 @@ mod tests {
             ["url: is required"]
         );
         assert!(problems(Promote, Openai, json!({ "require": {} })).is_empty());
+        assert_eq!(
+            problems(
+                Sft,
+                External,
+                json!({ "command": ["t", "{lr}"], "vars": { "lr": "5" } })
+            ),
+            [
+                "vars: \"lr\" is a placeholder the backend fills itself; set the param instead, or pick another name"
+            ]
+        );
     }
 
     #[test]

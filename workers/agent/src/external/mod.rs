@@ -196,6 +196,14 @@ fn train(
         .map(|p| path(&p))
         .unwrap_or_else(|_| "flywheel".into());
     values.insert("flywheel".into(), exe);
+    // The contract refuses `vars` that reuse these names; keep its list and this map in step.
+    debug_assert!(
+        values
+            .keys()
+            .filter(|k| !p.vars.contains_key(*k))
+            .all(|k| flywheel_proto::stage::EXTERNAL_PLACEHOLDERS.contains(&k.as_str())),
+        "a placeholder the backend fills is missing from stage::EXTERNAL_PLACEHOLDERS"
+    );
     let mut argv = render(&command, &values)
         .map_err(|e| TaskError::permanent(format!("stage {stage}: command: {e}")))?;
     argv.extend(
