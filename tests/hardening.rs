@@ -60,6 +60,7 @@ fn beat(task_id: &str, attempt: i32, message: &str) -> TaskProgress {
         progress: 0.5,
         message: message.into(),
         metrics: Default::default(),
+        endpoint: None,
     }
 }
 

@@ -194,7 +194,7 @@ async fn openai_backend_generates_and_judges_through_serve_model() {
       kind: generate
       needs: [prompts]
       backend: openai
-      params: {{ base_url: \"{base}\", endpoint: completions, use_n: false, k: 2, max_tokens: 4 }}
+      params: {{ base_url: \"{base}\", api: completions, use_n: false, k: 2, max_tokens: 4 }}
     - name: judge
       kind: filter
       needs: [generate]

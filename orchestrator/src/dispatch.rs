@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flywheel_proto::v1::{ArtifactRef, Assignment};
+use flywheel_proto::v1::{ArtifactRef, Assignment, Endpoint};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 use uuid::Uuid;
@@ -315,6 +315,19 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
             name: row.name,
         });
     }
+    let mut endpoints: HashMap<Uuid, Vec<Endpoint>> = HashMap::new();
+    for row in store::endpoints::for_consumers(&mut tx, &ids).await? {
+        endpoints
+            .entry(row.consumer_id)
+            .or_default()
+            .push(Endpoint {
+                name: row.stage,
+                url: row.url,
+                served_name: row.served_name,
+                model_id: row.model_id.map(|m| m.to_string()).unwrap_or_default(),
+                content_hash: row.content_hash,
+            });
+    }
     tx.commit().await?;
 
     let mut undeliverable = Vec::new();
@@ -342,6 +355,7 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
             inputs: inputs.remove(&c.id).unwrap_or_default(),
             output_prefix: prefix.to_string(),
             backend: c.backend.clone(),
+            endpoints: endpoints.remove(&c.id).unwrap_or_default(),
         };
         let sent = match ctl.registry.assign(c.worker_id, c.id, c.attempt, prefix) {
             Some(stream) => stream.try_send(Ok(assignment)).is_ok(),
@@ -441,6 +455,8 @@ async fn reap_once(ctl: &Controller) -> Result<()> {
         })
         .collect();
     store::attempts::finish_many(&mut tx, &closed).await?;
+    // A server whose worker went silent is gone: its consumers wait for the next one.
+    store::endpoints::retire(&mut tx, &crate::writer::serve_tasks(&expired), false).await?;
     let events: Vec<NewEvent> = expired
         .iter()
         .map(|s| NewEvent {

@@ -118,7 +118,7 @@ impl Metrics {
                 let outcome = match r.state {
                     TaskState::Succeeded => 0,
                     TaskState::Failed => 1,
-                    TaskState::Queued => 2,
+                    TaskState::Queued | TaskState::Blocked => 2,
                     _ => 3,
                 };
                 if !f.finished.contains_key(&r.pool) {

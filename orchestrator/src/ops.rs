@@ -9,6 +9,7 @@ use crate::auth::Principal;
 use crate::error::{Error, Result};
 use crate::planner;
 use crate::spec::CampaignSpec;
+use crate::store::attempts::AttemptState;
 use crate::store::{self, campaigns::CampaignRow, events::NewEvent};
 use flywheel_proto::state::{CampaignStatus, RoundStatus, Steer, TaskState};
 
@@ -138,7 +139,6 @@ async fn locked(tx: &mut store::PgConnection, id: Uuid) -> Result<CampaignRow> {
         })
 }
 
-/// Pause: running tasks finish, nothing new starts.
 /// Pause, resume or cancel a campaign: one transaction that locks it, checks the action against
 /// its status ([`Steer::apply`]), sets the new status and records the event.
 pub(crate) async fn steer(
@@ -155,6 +155,9 @@ pub(crate) async fn steer(
             let c = locked(&mut tx, id).await?;
             let to = action.apply(c.status).map_err(Error::FailedPrecondition)?;
             store::campaigns::set_status(&mut tx, id, to).await?;
+            if action == Steer::Pause {
+                stop_serving(&mut tx, id, None, "campaign paused").await?;
+            }
             let (kind, message) = if action == Steer::Pause {
                 ("campaign_paused", "campaign paused")
             } else {
@@ -171,6 +174,26 @@ pub(crate) async fn steer(
     }
     ctl.events_changed();
     get(ctl, id).await
+}
+
+/// Stops the running servers of a campaign (or of one of its rounds) that is not going on:
+/// their serve tasks go back to the queue and start again when it runs, and their endpoints
+/// are gone (consumers wait for the next). Inside the caller's transaction.
+pub(crate) async fn stop_serving(
+    tx: &mut store::PgConnection,
+    campaign_id: Uuid,
+    round_id: Option<Uuid>,
+    why: &str,
+) -> Result<()> {
+    let requeued = store::tasks::requeue_serving(tx, campaign_id, round_id).await?;
+    let closed: Vec<_> = requeued
+        .iter()
+        .map(|(id, attempt)| (*id, *attempt, AttemptState::Cancelled, Some(why)))
+        .collect();
+    store::attempts::finish_many(tx, &closed).await?;
+    let ids: Vec<Uuid> = requeued.iter().map(|r| r.0).collect();
+    store::endpoints::retire(tx, &ids, false).await?;
+    Ok(())
 }
 
 /// Cancel, inside a transaction (also a schedule's `cancel_old`): waiting tasks are cancelled

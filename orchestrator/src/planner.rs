@@ -321,6 +321,7 @@ async fn fail_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
     };
     let metrics = Value::Object(metrics_of(&tasks));
     store::rounds::finish(&mut tx, round.id, RoundStatus::Failed, &metrics).await?;
+    crate::ops::stop_serving(&mut tx, campaign.id, Some(round.id), "round failed").await?;
     let error = failed.last_error.clone().unwrap_or_default();
     let mut events = vec![NewEvent {
         campaign_id: Some(campaign.id),

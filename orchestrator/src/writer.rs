@@ -122,8 +122,8 @@ async fn write_batch(ctl: &Controller, reports: Vec<Report>) {
 }
 
 struct Committed {
-    /// Current attempts that heartbeated, with their cancel flag.
-    alive: HashMap<(Uuid, i32), bool>,
+    /// Current attempts that heartbeated, with the directive they get.
+    alive: HashMap<(Uuid, i32), Directive>,
     completed: HashSet<(Uuid, i32)>,
     /// Settled failures: (task, attempt) → will retry.
     failed: HashMap<(Uuid, i32), bool>,
@@ -181,6 +181,39 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
 
     let alive = store::tasks::heartbeat(&mut tx, &beats, ttl).await?;
     store::workers::touch(&mut tx, &workers).await?;
+    // Endpoints of serve attempts that are current: readiness releases their consumers.
+    let current: HashSet<(Uuid, i32)> = alive.iter().map(|a| (a.0, a.1)).collect();
+    let reported: Vec<&store::endpoints::NewEndpoint> = beats
+        .iter()
+        .filter(|b| current.contains(&(b.id, b.attempt)))
+        .filter_map(|b| b.endpoint.as_ref())
+        .collect();
+    let ready = store::endpoints::ready(&mut tx, &reported).await?;
+    let ready_ids: Vec<Uuid> = ready.iter().map(|r| r.0).collect();
+    let mut unblocked = store::tasks::unblock_dependents(&mut tx, &ready_ids).await?;
+    for (task_id, campaign_id, stage) in &ready {
+        let Some(e) = reported.iter().find(|e| e.task_id == *task_id) else {
+            continue;
+        };
+        let weights = if e.content_hash.is_empty() {
+            "not reported by the server"
+        } else {
+            &e.content_hash
+        };
+        events.push(NewEvent {
+            campaign_id: Some(*campaign_id),
+            task_id: Some(*task_id),
+            kind: "endpoint_ready",
+            message: format!(
+                "stage {stage} attempt {}: endpoint {} ready at {} (weights {weights})",
+                e.attempt, e.served_name, e.url
+            ),
+            actor: crate::planner::SYSTEM_ACTOR.into(),
+            data: json!({ "stage": stage, "url": e.url, "served_name": e.served_name,
+                          "model_id": e.model_id, "content_hash": e.content_hash,
+                          "attempt": e.attempt }),
+        });
+    }
 
     let completed = store::tasks::complete(&mut tx, &completions).await?;
     let accepted: HashSet<(Uuid, i32)> = completed.iter().map(|c| (c.id, c.attempt)).collect();
@@ -196,7 +229,8 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
         .collect();
     store::artifacts::insert_outputs(&mut tx, &outputs).await?;
     let completed_ids: Vec<Uuid> = completed.iter().map(|c| c.id).collect();
-    let unblocked = store::tasks::unblock_dependents(&mut tx, &completed_ids).await?;
+    unblocked.extend(store::tasks::unblock_dependents(&mut tx, &completed_ids).await?);
+    store::endpoints::retire(&mut tx, &serve_tasks(&completed), true).await?;
     let pairs: Vec<(Uuid, String)> = completed
         .iter()
         .map(|c| (c.round_id, c.stage.clone()))
@@ -215,6 +249,7 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
     }
 
     let failed = store::tasks::fail(&mut tx, &failures).await?;
+    store::endpoints::retire(&mut tx, &serve_tasks(&failed), false).await?;
     let errors: HashMap<(Uuid, i32), &str> = failures.iter().map(|f| ((f.0, f.1), f.3)).collect();
     let closed: Vec<_> = failed
         .iter()
@@ -239,6 +274,10 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
             TaskState::Queued => (
                 "task_retrying",
                 format!("will retry at {}", f.next_run_at.format("%H:%M:%S%.3f")),
+            ),
+            TaskState::Blocked => (
+                "task_retrying",
+                "will retry once its endpoint is ready again".to_string(),
             ),
             TaskState::Cancelled => ("task_cancelled", "cancelled".to_string()),
             _ => ("task_failed", "failed for good".to_string()),
@@ -268,12 +307,24 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
     Ok(Committed {
         alive: alive
             .into_iter()
-            .map(|(id, a, cancel)| ((id, a), cancel))
+            .map(|(id, a, cancel, stop)| {
+                let d = if cancel {
+                    Directive::Cancel
+                } else if stop {
+                    Directive::Stop
+                } else {
+                    Directive::Continue
+                };
+                ((id, a), d)
+            })
             .collect(),
         completed: accepted,
         failed: failed
             .iter()
-            .map(|f| ((f.id, f.attempt), f.state == TaskState::Queued))
+            .map(|f| {
+                let retrying = matches!(f.state, TaskState::Queued | TaskState::Blocked);
+                ((f.id, f.attempt), retrying)
+            })
             .collect(),
         released,
         wake_dispatch: !unblocked.is_empty() || !failed.is_empty() || !completed.is_empty(),
@@ -296,8 +347,7 @@ fn answer(ctl: &Controller, reports: Vec<Report>, c: Committed) {
                     .iter()
                     .map(|b| {
                         let d = match c.alive.get(&(b.id, b.attempt)) {
-                            Some(true) => Directive::Cancel,
-                            Some(false) => Directive::Continue,
+                            Some(d) => *d,
                             None => {
                                 released.push((Some(worker_id), b.id, b.attempt));
                                 stale[2] += 1;
@@ -347,6 +397,15 @@ fn answer(ctl: &Controller, reports: Vec<Report>, c: Committed) {
     if c.events {
         ctl.events_changed();
     }
+}
+
+/// The serve tasks among settled attempts: their endpoints close with them.
+pub(crate) fn serve_tasks(settled: &[store::tasks::SettledRow]) -> Vec<Uuid> {
+    settled
+        .iter()
+        .filter(|s| s.kind == "serve")
+        .map(|s| s.id)
+        .collect()
 }
 
 /// Sends a report and waits for the batch it lands in to commit.

@@ -21,6 +21,10 @@ pub enum StageKind {
     Sft,
     Preference,
     Evaluate,
+    /// Runs an OpenAI-compatible inference server for a model of the round (or gives a
+    /// long-lived one the round's weights). Its endpoint being ready, not its completion,
+    /// releases the stages that name it; it stops once they have all finished.
+    Serve,
     /// Executed by the controller: compares round metrics with the gate and promotes or not.
     Promote,
     /// A user-defined stage the backend implements (exports, notifications, benchmarks).
@@ -28,7 +32,7 @@ pub enum StageKind {
 }
 
 impl StageKind {
-    pub const ALL: [StageKind; 9] = [
+    pub const ALL: [StageKind; 10] = [
         StageKind::SynthesizePrompts,
         StageKind::Generate,
         StageKind::Score,
@@ -36,6 +40,7 @@ impl StageKind {
         StageKind::Sft,
         StageKind::Preference,
         StageKind::Evaluate,
+        StageKind::Serve,
         StageKind::Promote,
         StageKind::Custom,
     ];
@@ -49,6 +54,7 @@ impl StageKind {
             StageKind::Sft => "sft",
             StageKind::Preference => "preference",
             StageKind::Evaluate => "evaluate",
+            StageKind::Serve => "serve",
             StageKind::Promote => "promote",
             StageKind::Custom => "custom",
         }
@@ -131,9 +137,9 @@ impl BackendKind {
                 Preference,
                 Evaluate,
             ],
-            BackendKind::Openai => &[Generate, Filter],
+            BackendKind::Openai => &[Generate, Filter, Evaluate],
             BackendKind::RewardEndpoint => &[Score],
-            BackendKind::External => &[Sft, Preference],
+            BackendKind::External => &[Sft, Preference, Serve],
             BackendKind::Test => &[
                 SynthesizePrompts,
                 Generate,
@@ -220,6 +226,15 @@ impl fmt::Display for Role {
         f.write_str(self.as_str())
     }
 }
+
+/// Params that name a serve stage of the recipe: the controller fills that stage's endpoint
+/// (URL, served name, the model it serves) into the consumer's assignment.
+pub const ENDPOINT_PARAMS: &[&str] = &[
+    "endpoint",
+    "candidate_endpoint",
+    "generator_endpoint",
+    "judge_endpoint",
+];
 
 /// The HelpSteer2 attributes a reward model scores, in the order of every 5-number list.
 pub const HELPSTEER2_ATTRIBUTES: [&str; 5] = [
@@ -432,6 +447,8 @@ params! {
         max_difficulty: i64 = 2, "2", Rule::IntAtLeast(1);
         /// Fraction of prompts that also ask for the answer in brackets.
         brackets: f64 = 0.3, "0.3", Rule::AtLeast(0.0);
+        /// train (training prompts) or held_out (evaluation prompts, disjoint from train).
+        split: String = "train".into(), "train", Rule::OneOf(&["train", "held_out"]);
     }
 }
 impl CrossChecks for BuiltinPrompts {}
@@ -564,11 +581,14 @@ impl CrossChecks for BuiltinEvaluate {}
 params! {
     /// `generate` on `openai`: K samples per prompt from an OpenAI-compatible server.
     OpenaiGenerate for [Generate] on Openai {
-        /// The server's API root, e.g. http://127.0.0.1:8000/v1 (required).
+        /// The serve stage whose endpoint answers (its URL and served name are filled in by
+        /// the controller); or give base_url.
+        endpoint: Option<String> = None, "", Rule::None;
+        /// A server's API root, e.g. http://127.0.0.1:8000/v1 (instead of endpoint).
         base_url: Option<String> = None, "", Rule::None;
         /// chat (/chat/completions) or completions (/completions).
-        endpoint: String = "chat".into(), "chat", Rule::OneOf(&["chat", "completions"]);
-        /// Model name sent (default: the generator artifact's name).
+        api: String = "chat".into(), "chat", Rule::OneOf(&["chat", "completions"]);
+        /// Model name sent (default: the endpoint's served name, else the generator's name).
         model: Option<String> = None, "", Rule::None;
         /// Samples per prompt.
         k: i64 = 4, "4", Rule::IntAtLeast(1);
@@ -596,7 +616,26 @@ params! {
 }
 impl CrossChecks for OpenaiGenerate {
     fn cross_checks(&self) -> Vec<(&'static str, String)> {
-        required("base_url", &self.base_url)
+        server_checks(&self.endpoint, &self.base_url)
+    }
+}
+
+/// Exactly one of a serve stage's endpoint and a literal base_url.
+fn server_checks(
+    endpoint: &Option<String>,
+    base_url: &Option<String>,
+) -> Vec<(&'static str, String)> {
+    match (endpoint, base_url) {
+        (Some(_), Some(_)) => vec![("base_url", "give endpoint or base_url, not both".into())],
+        (Some(e), None) if e == "chat" || e == "completions" => vec![(
+            "endpoint",
+            format!("names a serve stage; the API flavour {e:?} is now set with `api`"),
+        )],
+        (None, None) => vec![(
+            "endpoint",
+            "is required: the serve stage that answers (or give base_url)".into(),
+        )],
+        _ => Vec::new(),
     }
 }
 
@@ -613,11 +652,13 @@ params! {
     OpenaiJudge for [Filter] on Openai {
         /// llm_judge (required).
         method: Option<String> = None, "", Rule::OneOf(&["llm_judge"]);
-        /// The judge server's API root (required).
+        /// The serve stage of the judge; or give base_url.
+        endpoint: Option<String> = None, "", Rule::None;
+        /// The judge server's API root (instead of endpoint).
         base_url: Option<String> = None, "", Rule::None;
         /// chat or completions.
-        endpoint: String = "chat".into(), "chat", Rule::OneOf(&["chat", "completions"]);
-        /// The judge model's name (default: the generator artifact's name).
+        api: String = "chat".into(), "chat", Rule::OneOf(&["chat", "completions"]);
+        /// The judge model's name (default: the endpoint's served name, else the generator's).
         model: Option<String> = None, "", Rule::None;
         /// The judge prompt, with {prompt}, {a} and {b} (default: a short A/B question).
         judge_prompt: Option<String> = None, "", Rule::None;
@@ -641,11 +682,60 @@ params! {
 }
 impl CrossChecks for OpenaiJudge {
     fn cross_checks(&self) -> Vec<(&'static str, String)> {
-        let mut out = required("base_url", &self.base_url);
+        let mut out = server_checks(&self.endpoint, &self.base_url);
         if self.method.is_none() {
             out.push((
                 "method",
                 "is required: the openai backend filters with llm_judge (best_vs_worst runs on builtin or test)".into(),
+            ));
+        }
+        out
+    }
+}
+
+params! {
+    /// `evaluate` on `openai`: the round's candidate judged through its endpoint — accuracy on
+    /// held-out prompts by their reference answers, win rate over the generator by an LLM judge
+    /// asked in both orders (with a bootstrap 95% interval), and the generator's accuracy for
+    /// comparison.
+    OpenaiEvaluate for [Evaluate] on Openai {
+        /// The serve stage of the candidate (required).
+        candidate_endpoint: Option<String> = None, "", Rule::None;
+        /// The serve stage of the round's generator (for generator_accuracy and win_rate).
+        generator_endpoint: Option<String> = None, "", Rule::None;
+        /// The serve stage of the judge (for win_rate; needs generator_endpoint).
+        judge_endpoint: Option<String> = None, "", Rule::None;
+        /// The judge prompt, with {prompt}, {a} and {b} (default: a short A/B question).
+        judge_prompt: Option<String> = None, "", Rule::None;
+        /// Held-out prompts used, at most (0: all the input has).
+        prompts: i64 = 0, "0", Rule::IntAtLeast(0);
+        /// chat or completions.
+        api: String = "chat".into(), "chat", Rule::OneOf(&["chat", "completions"]);
+        /// Most tokens per answer.
+        max_tokens: i64 = 24, "24", Rule::IntAtLeast(1);
+        /// Resamples of the win rate's bootstrap interval.
+        bootstrap: i64 = 1000, "1000", Rule::IntAtLeast(1);
+        /// Seed of the bootstrap.
+        seed: u64 = 1234, "1234", Rule::None;
+        /// Environment variable holding the API key.
+        api_key_env: Option<String> = None, "", Rule::None;
+        /// Seconds before a request times out.
+        timeout_s: i64 = 120, "120", Rule::IntAtLeast(1);
+        /// Retries of 429, 5xx, timeouts and connection errors.
+        max_retries: i64 = 5, "5", Rule::IntAtLeast(0);
+        /// First delay before an HTTP retry, doubled each time (not the task-retry `backoff_initial_ms`).
+        retry_backoff_ms: i64 = 500, "500", Rule::IntAtLeast(0);
+        /// Requests in flight.
+        concurrency: i64 = 32, "32", Rule::IntAtLeast(1);
+    }
+}
+impl CrossChecks for OpenaiEvaluate {
+    fn cross_checks(&self) -> Vec<(&'static str, String)> {
+        let mut out = required("candidate_endpoint", &self.candidate_endpoint);
+        if self.judge_endpoint.is_some() && self.generator_endpoint.is_none() {
+            out.push((
+                "judge_endpoint",
+                "judges the candidate against the generator: give generator_endpoint too".into(),
             ));
         }
         out
@@ -787,6 +877,80 @@ impl CrossChecks for ExternalTrain {
 }
 
 params! {
+    /// `serve` on `external`: an OpenAI-compatible server for a model of the round, started from
+    /// a template (vllm, sglang, trtllm, flywheel) or a command on a free port, ready once
+    /// `GET /v1/models` lists its served name; or, with `url`, a long-lived server given the
+    /// round's weights by `swap`.
+    ExternalServe for [Serve] on External {
+        /// Which model: generator (the round's), candidate (the model a training stage in
+        /// needs produced), base or reward.
+        model: String = "generator".into(), "generator", Rule::OneOf(&["generator", "candidate", "base", "reward"]);
+        /// vllm, sglang, trtllm or flywheel (or give command, or url).
+        template: Option<String> = None, "", Rule::OneOf(&["vllm", "sglang", "trtllm", "flywheel"]);
+        /// The server's argument list with {model_path}, {host}, {port}, {served_name},
+        /// {tensor_parallel}, {flywheel} (instead of template).
+        command: Option<Vec<Arg>> = None, "", Rule::None;
+        /// Arguments appended to a template's command.
+        extra_args: Option<Vec<Arg>> = None, "", Rule::None;
+        /// Environment of the server process.
+        env: Vars = Vars::new(), "", Rule::None;
+        /// The name clients ask for (default: flywheel-<artifact id>, so that the name says
+        /// which weights answer).
+        served_name: Option<String> = None, "", Rule::None;
+        /// GPUs the model is split over.
+        tensor_parallel: i64 = 1, "1", Rule::IntAtLeast(1);
+        /// Address the server binds.
+        host: String = "127.0.0.1".into(), "127.0.0.1", Rule::None;
+        /// Host name consumers use (default: host, or this machine's name when host is 0.0.0.0).
+        advertise_host: Option<String> = None, "", Rule::None;
+        /// Seconds to wait for readiness before failing with the server's log.
+        startup_timeout_s: i64 = 600, "600", Rule::IntAtLeast(1);
+        /// Seconds between SIGTERM and SIGKILL when the server is stopped.
+        grace_period_s: i64 = 10, "10", Rule::IntAtLeast(0);
+        /// A long-lived server's API root, e.g. http://10.0.0.5:30000/v1 (instead of starting one).
+        url: Option<String> = None, "", Rule::None;
+        /// How a long-lived server gets the weights: sglang (POST /update_weights_from_disk) or
+        /// vllm_lora (POST /v1/load_lora_adapter; requests then name the adapter).
+        swap: Option<String> = None, "", Rule::OneOf(&["sglang", "vllm_lora"]);
+        /// Environment variable holding the API key of a long-lived server.
+        api_key_env: Option<String> = None, "", Rule::None;
+    }
+}
+impl CrossChecks for ExternalServe {
+    fn cross_checks(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let given = [
+            self.template.is_some(),
+            self.command.is_some(),
+            self.url.is_some(),
+        ];
+        match given.iter().filter(|g| **g).count() {
+            0 => out.push((
+                "template",
+                "is required (vllm, sglang, trtllm, flywheel), or give command, or url".into(),
+            )),
+            1 => {}
+            _ => out.push(("url", "give one of template, command and url".into())),
+        }
+        match (&self.url, &self.swap) {
+            (Some(_), None) => out.push((
+                "swap",
+                "is required with url: sglang or vllm_lora (to restart instead, give template)"
+                    .into(),
+            )),
+            (None, Some(_)) => {
+                out.push(("swap", "applies to a long-lived server given by url".into()))
+            }
+            _ => {}
+        }
+        if self.extra_args.is_some() && self.template.is_none() {
+            out.push(("extra_args", "applies to templates".into()));
+        }
+        out
+    }
+}
+
+params! {
     /// The test backend's own knobs, on every kind it runs.
     TestKnobs for [Custom] on Test {
         /// Work this long, honouring cancellation.
@@ -813,8 +977,10 @@ pub const PARAMS: &[ParamsDoc] = &[
     BuiltinEvaluate::DOC,
     OpenaiGenerate::DOC,
     OpenaiJudge::DOC,
+    OpenaiEvaluate::DOC,
     RewardEndpointScore::DOC,
     ExternalTrain::DOC,
+    ExternalServe::DOC,
     TestKnobs::DOC,
 ];
 

@@ -6,12 +6,21 @@
 //! `seed`, `stop`; `stream: true` is refused (answers come whole). The model is single-turn: a
 //! chat request is answered to its last user message (system and earlier turns are not seen), a
 //! completion request treats `prompt` as the user turn.
-//! Requests are served one at a time on blocking threads; choices of one request are sampled in
-//! one batch.
+//!
+//! Requests in flight are batched: one sampling thread takes every request waiting (up to
+//! `--max-batch` sequences) into one KV-cached batch, each sequence with its request's own
+//! settings, so that 64 concurrent clients get the engine's batched speed (dynamic batching:
+//! a request that arrives during a batch joins the next one).
+//!
+//! Which weights answer: `/v1/models` lists the checkpoint's content hash (`content_hash`, the
+//! artifact store's directory hash), and every response carries the hash of the weights that
+//! produced it as `system_fingerprint`. `POST /update_weights_from_disk {"model_path": ...}`
+//! (SGLang's API) loads another checkpoint in place; requests already batched finish on the
+//! old weights, later ones use the new.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, mpsc};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -22,10 +31,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flywheel_engine::model::Transformer;
-use flywheel_engine::sample::{SampleConfig, sample_ids};
+use flywheel_engine::sample::{Row, SampleConfig, sample_rows};
 use flywheel_engine::tokenizer::{END, decode, encode_prompt};
 use serde_json::{Value, json};
-use tokio::sync::Mutex;
+use tokio::sync::oneshot;
 
 #[derive(clap::Args)]
 pub(crate) struct ServeModelArgs {
@@ -40,14 +49,106 @@ pub(crate) struct ServeModelArgs {
     /// Write the bound address here once listening (useful with port 0).
     #[arg(long)]
     addr_file: Option<PathBuf>,
+    /// Most sequences sampled together in one batch.
+    #[arg(long, default_value_t = 128)]
+    max_batch: usize,
+}
+
+/// A loaded checkpoint and the content hash of its directory.
+struct Weights {
+    model: Arc<Transformer>,
+    hash: String,
+    path: PathBuf,
 }
 
 struct Served {
     name: String,
-    model: Arc<Transformer>,
     created: u64,
-    /// One sampling job at a time: the engine uses every core for one batch.
-    busy: Mutex<()>,
+    weights: RwLock<Arc<Weights>>,
+    /// Requests waiting for the sampling thread.
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Served {
+    fn weights(&self) -> Arc<Weights> {
+        self.weights.read().expect("weights").clone()
+    }
+}
+
+/// Token ids per prompt and sample, and the hash of the weights that produced them.
+type Sampled = (Vec<Vec<Vec<u32>>>, String);
+
+/// One request's sampling work: `n` samples of each prompt.
+struct Job {
+    prompts: Vec<String>,
+    n: usize,
+    cfg: SampleConfig,
+    reply: oneshot::Sender<Result<Sampled, String>>,
+}
+
+fn load(path: &Path) -> Result<Weights> {
+    let device = flywheel_engine::default_device();
+    let model = flywheel_engine::checkpoint::load_frozen(path, &device)
+        .with_context(|| format!("cannot load the checkpoint in {}", path.display()))?;
+    let hash = flywheel_worker::artifacts::hash_dir(path)
+        .with_context(|| format!("cannot hash {}", path.display()))?;
+    Ok(Weights {
+        model: Arc::new(model),
+        hash,
+        path: path.to_path_buf(),
+    })
+}
+
+/// The sampling thread: takes every waiting job (up to `max_batch` sequences) into one batch
+/// on the current weights, and answers each job with its share.
+fn batcher(served: Arc<Served>, jobs: mpsc::Receiver<Job>, max_batch: usize) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        let mut rows = batch[0].prompts.len() * batch[0].n;
+        while rows < max_batch {
+            match jobs.try_recv() {
+                Ok(j) => {
+                    rows += j.prompts.len() * j.n;
+                    batch.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        let weights = served.weights();
+        let mut seqs = Vec::with_capacity(rows);
+        for (b, job) in batch.iter().enumerate() {
+            for (i, prompt) in job.prompts.iter().enumerate() {
+                for j in 0..job.n {
+                    seqs.push((b, i, j, prompt.as_str()));
+                }
+            }
+        }
+        let mut engine_rows: Vec<Row> = seqs
+            .iter()
+            .map(|(b, i, j, prompt)| Row {
+                prompt,
+                cfg: &batch[*b].cfg,
+                rng: Row::rng_of(batch[*b].cfg.seed, *i, *j),
+            })
+            .collect();
+        let result = sample_rows(&weights.model, &mut engine_rows).map_err(|e| e.to_string());
+        let mut outs: Vec<Vec<Vec<Vec<u32>>>> = batch
+            .iter()
+            .map(|job| vec![vec![Vec::new(); job.n]; job.prompts.len()])
+            .collect();
+        if let Ok(generated) = &result {
+            for ((b, i, j, _), ids) in seqs.iter().zip(generated) {
+                outs[*b][*i][*j] = ids.clone();
+            }
+        }
+        for (job, out) in batch.into_iter().zip(outs) {
+            let answer = match &result {
+                Ok(_) => Ok((out, weights.hash.clone())),
+                Err(e) => Err(e.clone()),
+            };
+            let _ = job.reply.send(answer);
+        }
+    }
 }
 
 /// An OpenAI-style error: `{"error": {"message", "type", "param", "code"}}`.
@@ -89,25 +190,34 @@ fn now() -> u64 {
 }
 
 pub(crate) async fn run(a: ServeModelArgs) -> Result<()> {
-    let device = flywheel_engine::default_device();
-    let model = flywheel_engine::checkpoint::load_frozen(&a.model, &device)
-        .with_context(|| format!("cannot load the checkpoint in {}", a.model.display()))?;
+    let weights = tokio::task::spawn_blocking({
+        let path = a.model.clone();
+        move || load(&path)
+    })
+    .await??;
     let name = a.name.unwrap_or_else(|| {
         a.model
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "flywheel-model".into())
     });
+    let (jobs, queue) = mpsc::channel();
     let state = Arc::new(Served {
         name,
-        model: Arc::new(model),
         created: now(),
-        busy: Mutex::new(()),
+        weights: RwLock::new(Arc::new(weights)),
+        jobs,
     });
+    std::thread::Builder::new().name("sampler".into()).spawn({
+        let state = state.clone();
+        let max_batch = a.max_batch.max(1);
+        move || batcher(state, queue, max_batch)
+    })?;
     let app = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/update_weights_from_disk", post(update_weights))
         .with_state(state.clone());
     let listener = tokio::net::TcpListener::bind(a.addr)
         .await
@@ -117,21 +227,73 @@ pub(crate) async fn run(a: ServeModelArgs) -> Result<()> {
         super::common::write_atomically(f, &bound.to_string())?;
     }
     eprintln!(
-        "serving model {:?} at http://{bound}/v1 (OpenAI-compatible)",
-        state.name
+        "serving model {:?} ({}) at http://{bound}/v1 (OpenAI-compatible)",
+        state.name,
+        state.weights().hash
     );
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
         })
         .await?;
     Ok(())
 }
 
 async fn models(State(s): State<Arc<Served>>) -> Json<Value> {
+    let w = s.weights();
     Json(json!({ "object": "list", "data": [
-        { "id": s.name, "object": "model", "created": s.created, "owned_by": "flywheel" },
+        { "id": s.name, "object": "model", "created": s.created, "owned_by": "flywheel",
+          "root": w.path.display().to_string(), "content_hash": w.hash,
+          "max_model_len": w.model.config.max_seq },
     ] }))
+}
+
+/// SGLang's `POST /update_weights_from_disk`: loads the checkpoint at `model_path` and serves
+/// it from the next batch on. A checkpoint that does not load leaves the old weights serving
+/// and answers 400 with `success: false`.
+async fn update_weights(
+    State(s): State<Arc<Served>>,
+    b: Result<Json<Value>, JsonRejection>,
+) -> Response {
+    let refuse = |status: StatusCode, message: String| {
+        (
+            status,
+            Json(json!({ "success": false, "message": message })),
+        )
+            .into_response()
+    };
+    let body = match body_of(b) {
+        Ok(b) => b,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, e.message),
+    };
+    let Some(path) = body
+        .get("model_path")
+        .and_then(Value::as_str)
+        .map(PathBuf::from)
+    else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "model_path is required: the checkpoint directory to load".into(),
+        );
+    };
+    let loaded = tokio::task::spawn_blocking(move || load(&path)).await;
+    match loaded {
+        Ok(Ok(w)) => {
+            let hash = w.hash.clone();
+            *s.weights.write().expect("weights") = Arc::new(w);
+            eprintln!("weights updated: now serving {hash}");
+            Json(json!({ "success": true, "message": format!("serving {hash}"), "content_hash": hash }))
+                .into_response()
+        }
+        Ok(Err(e)) => refuse(StatusCode::BAD_REQUEST, format!("{e:#}")),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 /// Sampling settings of a request, validated.
@@ -189,7 +351,7 @@ fn parse(s: &Served, body: &Value) -> Result<Request, ApiError> {
         |x| x.fract() == 0.0 && x >= 0.0,
         "a non-negative integer",
     )? as usize;
-    let max_seq = s.model.config.max_seq as f64;
+    let max_seq = s.weights().model.config.max_seq as f64;
     let max_tokens = num(
         "max_tokens",
         64.0_f64.min(max_seq),
@@ -243,8 +405,8 @@ async fn generate(
     prompts: Vec<String>,
     req: &Request,
     param: &'static str,
-) -> Result<Vec<Vec<Choice>>, ApiError> {
-    let context = s.model.config.max_seq;
+) -> Result<(Vec<Vec<Choice>>, String), ApiError> {
+    let context = s.weights().model.config.max_seq;
     if let Some(long) = prompts
         .iter()
         .map(|p| encode_prompt(p).len())
@@ -255,17 +417,20 @@ async fn generate(
             format!("this model's context is {context} tokens; the prompt has {long}"),
         ));
     }
-    let _turn = s.busy.lock().await;
-    let model = s.model.clone();
-    let cfg = req.cfg.clone();
-    let n = req.n;
-    let ids = tokio::task::spawn_blocking(move || {
-        sample_ids(&model, &prompts, n, &cfg, &mut |_, _| true)
-    })
-    .await
-    .map_err(|e| server_error(e.to_string()))?
-    .map_err(|e| server_error(e.to_string()))?;
-    Ok(ids
+    let (reply, answer) = oneshot::channel();
+    s.jobs
+        .send(Job {
+            prompts,
+            n: req.n,
+            cfg: req.cfg.clone(),
+            reply,
+        })
+        .map_err(|_| server_error("the sampler has stopped".into()))?;
+    let (ids, hash) = answer
+        .await
+        .map_err(|_| server_error("the sampler has stopped".into()))?
+        .map_err(server_error)?;
+    let choices = ids
         .into_iter()
         .map(|choices| {
             choices
@@ -294,7 +459,8 @@ async fn generate(
                 })
                 .collect()
         })
-        .collect())
+        .collect();
+    Ok((choices, hash))
 }
 
 fn server_error(message: String) -> ApiError {
@@ -342,15 +508,15 @@ async fn chat(
         })?
         .to_string();
     let prompt_tokens = encode_prompt(&prompt).len();
-    let choices = generate(&s, vec![prompt], &req, "messages")
-        .await?
-        .remove(0);
+    let (mut per_prompt, hash) = generate(&s, vec![prompt], &req, "messages").await?;
+    let choices = per_prompt.remove(0);
     let completion_tokens = choices.iter().map(|c| c.tokens).sum();
     Ok(Json(json!({
         "id": format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         "object": "chat.completion",
         "created": now(),
         "model": s.name,
+        "system_fingerprint": hash,
         "choices": choices.into_iter().enumerate().map(|(i, c)| json!({
             "index": i,
             "message": { "role": "assistant", "content": c.text },
@@ -381,7 +547,7 @@ async fn completions(
         }
     };
     let prompt_tokens = prompts.iter().map(|p| encode_prompt(p).len()).sum();
-    let per_prompt = generate(&s, prompts, &req, "prompt").await?;
+    let (per_prompt, hash) = generate(&s, prompts, &req, "prompt").await?;
     let mut completion_tokens = 0;
     let mut choices = Vec::new();
     // OpenAI's order: all choices of prompt 0, then of prompt 1, ...
@@ -397,6 +563,7 @@ async fn completions(
         "object": "text_completion",
         "created": now(),
         "model": s.name,
+        "system_fingerprint": hash,
         "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     })))

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use flywheel_orchestrator::{ControllerConfig, auth, store};
 use flywheel_proto::ControlClient;
-use flywheel_proto::v1::{ListArtifactsRequest, Round};
+use flywheel_proto::v1::{Artifact, ListArtifactsRequest, Round};
 use serde::Serialize;
 
 use crate::pg::PrivatePostgres;
@@ -45,6 +45,12 @@ pub(crate) struct DemoArgs {
     /// Seed of the bootstrap.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Run the campaign on the production path: serve stages running `flywheel serve-model`
+    /// for every round's generator and candidate, generation and evaluation through the
+    /// `openai` backend, SFT and RPO as external `flywheel train` processes
+    /// (`examples/demo-served.yaml`).
+    #[arg(long, conflicts_with_all = ["spec", "ablation"])]
+    served: bool,
     /// Bootstrap tiny models in seconds (for tests; the models learn little).
     #[arg(long, hide = true)]
     tiny: bool,
@@ -79,6 +85,11 @@ pub(crate) struct RoundSummary {
     decision_reason: String,
     generator_id: String,
     trained_model_id: String,
+    /// Content hash of the model that was to answer this round's generate requests.
+    generator_hash: String,
+    /// Every hash the servers reported while answering them (empty: in-process generation).
+    served_hashes: Vec<String>,
+    trained_model_hash: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -112,6 +123,7 @@ fn say(msg: &str) {
 
 /// The demo's campaign, so that the binary runs it from any directory.
 const DEMO_SPEC: &str = include_str!("../../examples/demo.yaml");
+const DEMO_SERVED_SPEC: &str = include_str!("../../examples/demo-served.yaml");
 
 /// Runs the demo; `stop` (SIGTERM or SIGINT) at any point stops its worker processes and its private
 /// Postgres before the process exits (status 130).
@@ -133,6 +145,7 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
     let spec_text = match &args.spec {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the campaign spec {}", path.display()))?,
+        None if args.served => DEMO_SERVED_SPEC.to_string(),
         None => DEMO_SPEC.to_string(),
     };
     std::fs::create_dir_all(&args.workdir)?;
@@ -207,20 +220,37 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
     let logs = workdir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let mut children = Children(Vec::new());
-    for (name, pool_name) in [("gpu-worker-1", "gpu"), ("cpu-worker-1", "cpu")] {
+    // Served: the gpu pool runs servers and trainer processes (a server holds its slot for
+    // the round), the cpu pool the builtin stages and the API clients.
+    let workers: [(&str, &str, &[&str], &str); 2] = if args.served {
+        [
+            ("gpu-worker-1", "gpu", &["external"], "3"),
+            ("cpu-worker-1", "cpu", &["builtin", "openai"], "2"),
+        ]
+    } else {
+        [
+            ("gpu-worker-1", "gpu", &["builtin"], "1"),
+            ("cpu-worker-1", "cpu", &["builtin"], "1"),
+        ]
+    };
+    for (name, pool_name, backends, slots) in workers {
         let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+        let mut worker_args = vec![
+            "worker",
+            "--controller",
+            &addr,
+            "--name",
+            name,
+            "--pool",
+            pool_name,
+            "--slots",
+            slots,
+        ];
+        for b in backends {
+            worker_args.extend(["--backend", b]);
+        }
         let child = Command::new(&exe)
-            .args([
-                "worker",
-                "--controller",
-                &addr,
-                "--name",
-                name,
-                "--pool",
-                pool_name,
-                "--backend",
-                "builtin",
-            ])
+            .args(worker_args)
             .env("FLYWHEEL_TOKEN", &worker_token)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -254,7 +284,16 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
 
     // 5. Results.
     let rounds = client.list_rounds(campaign.id.clone()).await?;
-    let summary_rounds: Vec<RoundSummary> = rounds.iter().map(round_summary).collect();
+    let artifacts = client
+        .list_artifacts(ListArtifactsRequest {
+            campaign_id: campaign.id.clone(),
+            kind: String::new(),
+        })
+        .await?;
+    let summary_rounds: Vec<RoundSummary> = rounds
+        .iter()
+        .map(|r| round_summary(r, &artifacts))
+        .collect();
     let last_generator = summary_rounds
         .last()
         .map_or(models.generator_accuracy, |r| {
@@ -264,12 +303,6 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
                 r.generator_accuracy
             }
         });
-    let artifacts = client
-        .list_artifacts(ListArtifactsRequest {
-            campaign_id: campaign.id.clone(),
-            kind: String::new(),
-        })
-        .await?;
     let mut summary = Summary {
         campaign_id: campaign.id.clone(),
         status,
@@ -298,6 +331,20 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
         ablation: None,
     };
     print_table(&summary);
+    // A failed round says why: the errors of the tasks that failed for good.
+    for r in &rounds {
+        for st in &r.stages {
+            for t in st.tasks.iter().filter(|t| t.state == "failed") {
+                say(&format!(
+                    "round {} stage {} shard {} failed: {}",
+                    r.index + 1,
+                    st.name,
+                    t.shard_index,
+                    t.last_error
+                ));
+            }
+        }
+    }
     say("\nartifacts (datasets are JSONL in TRL's formats; models are checkpoint directories):");
     for a in artifacts
         .iter()
@@ -362,8 +409,41 @@ fn metric(r: &Round, key: &str) -> f64 {
     r.metrics.get(key).copied().unwrap_or(f64::NAN)
 }
 
-fn round_summary(r: &Round) -> RoundSummary {
+fn round_summary(r: &Round, artifacts: &[Artifact]) -> RoundSummary {
+    // A spec's starting model is registered without a hash: hash its directory here.
+    let hash_of = |id: &str| {
+        let Some(a) = artifacts.iter().find(|a| a.id == id) else {
+            return String::new();
+        };
+        if !a.content_hash.is_empty() {
+            return a.content_hash.clone();
+        }
+        flywheel_worker::artifacts::path_of(&a.uri)
+            .ok()
+            .and_then(|p| flywheel_worker::artifacts::hash_dir(&p).ok())
+            .unwrap_or_default()
+    };
+    let mut served_hashes: Vec<String> = artifacts
+        .iter()
+        .filter(|a| a.round_index == r.index && a.producer_stage == "generate")
+        .filter_map(|a| serde_json::from_str::<serde_json::Value>(&a.metadata_json).ok())
+        .flat_map(|m| {
+            m["served_hashes"]
+                .as_array()
+                .map(|h| {
+                    h.iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_else(Vec::new)
+        })
+        .collect();
+    served_hashes.sort();
+    served_hashes.dedup();
     RoundSummary {
+        generator_hash: hash_of(&r.generator_id),
+        served_hashes,
+        trained_model_hash: hash_of(&r.trained_model_id),
         round: r.index + 1,
         generator_accuracy: metric(r, "evaluate.generator_accuracy"),
         trained_accuracy: metric(r, "evaluate.accuracy"),

@@ -18,6 +18,7 @@ use crate::error::{Error, parse_id};
 use crate::limits::{self, MAX_NAME_BYTES, MAX_TEXT_BYTES, MAX_URI_BYTES};
 use crate::store;
 use crate::store::artifacts::NewOutput;
+use crate::store::endpoints::NewEndpoint;
 use crate::store::tasks::Beat;
 use crate::writer::{self, Rejected, Report};
 
@@ -325,9 +326,46 @@ impl WorkerService for WorkerApi {
         self.check_owner(worker_id, &who).await?;
         let mut beats = Vec::with_capacity(r.tasks.len());
         for t in r.tasks {
+            let id = parse_id("tasks[].task_id", &t.task_id)?;
+            let endpoint = match t.endpoint {
+                None => None,
+                Some(e) => {
+                    limits::text("tasks[].endpoint.url", &e.url, MAX_TEXT_BYTES)?;
+                    limits::text(
+                        "tasks[].endpoint.served_name",
+                        &e.served_name,
+                        MAX_TEXT_BYTES,
+                    )?;
+                    limits::text(
+                        "tasks[].endpoint.content_hash",
+                        &e.content_hash,
+                        MAX_TEXT_BYTES,
+                    )?;
+                    if !(e.url.starts_with("http://") || e.url.starts_with("https://")) {
+                        return Err(Status::invalid_argument(format!(
+                            "tasks[].endpoint.url must be an http(s) URL, got {:?}",
+                            e.url
+                        )));
+                    }
+                    let model_id = if e.model_id.is_empty() {
+                        None
+                    } else {
+                        Some(parse_id("tasks[].endpoint.model_id", &e.model_id)?)
+                    };
+                    Some(NewEndpoint {
+                        task_id: id,
+                        attempt: t.attempt,
+                        url: e.url,
+                        served_name: e.served_name,
+                        model_id,
+                        content_hash: e.content_hash,
+                    })
+                }
+            };
             beats.push(Beat {
                 worker_id,
-                id: parse_id("tasks[].task_id", &t.task_id)?,
+                id,
+                endpoint,
                 attempt: t.attempt,
                 progress: if t.progress.is_finite() {
                     t.progress.clamp(0.0, 1.0)

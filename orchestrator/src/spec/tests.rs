@@ -33,6 +33,7 @@ fn every_example_spec_validates() {
             include_str!("../../../examples/vllm-deployment.yaml"),
         ),
         ("mixed", include_str!("../../../examples/mixed.yaml")),
+        ("demo-served", include_str!("../../../examples/demo-served.yaml")),
     ] {
         if let Err(e) = CampaignSpec::from_yaml(yaml) {
             panic!("examples/{name}.yaml: {e}");
@@ -197,6 +198,7 @@ fn every_filter_in_the_examples_feeds_a_training_stage() {
             include_str!("../../../examples/vllm-deployment.yaml"),
         ),
         ("mixed", include_str!("../../../examples/mixed.yaml")),
+        ("demo-served", include_str!("../../../examples/demo-served.yaml")),
     ] {
         let spec = CampaignSpec::from_yaml(yaml).unwrap();
         for f in spec.stages.iter().filter(|s| s.kind == StageKind::Filter) {
@@ -367,4 +369,81 @@ fn problems_point_at_their_line_and_column() {
     // A missing field points at its enclosing mapping.
     let e = CampaignSpec::from_yaml(&GOOD.replace("      kind: evaluate\n", "")).unwrap_err();
     assert!(e.problems.iter().all(|p| p.location.is_some()), "{e}");
+}
+
+const SERVED: &str = include_str!("../../../examples/demo-served.yaml");
+
+#[test]
+fn consumers_of_an_endpoint_depend_on_its_serve_stage() {
+    let spec = CampaignSpec::from_yaml(SERVED).expect("valid");
+    let generate = spec.stage("generate").unwrap();
+    assert_eq!(generate.needs, vec!["prompts".to_string(), "generator".to_string()]);
+    let evaluate = spec.stage("evaluate").unwrap();
+    assert_eq!(
+        evaluate.needs,
+        vec!["heldout".to_string(), "candidate".to_string(), "generator".to_string()]
+    );
+}
+
+#[test]
+fn endpoint_references_are_checked_at_submission() {
+    // A consumer naming a stage that is not a serve stage, or one that does not exist.
+    let got = problems(&SERVED.replace("endpoint: generator, k: 8", "endpoint: prompts, k: 8"));
+    assert!(
+        got.iter().any(|p| p.starts_with(
+            "recipe.stages[3].params.endpoint: \"prompts\" is not a serve stage defined earlier"
+        )),
+        "{got:?}"
+    );
+    let got = problems(&SERVED.replace("candidate_endpoint: candidate", "candidate_endpoint: nope"));
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("recipe.stages[9].params.candidate_endpoint: \"nope\"")),
+        "{got:?}"
+    );
+    // The old meaning of `endpoint` gets a pointer to `api`.
+    let got = problems(&SERVED.replace("endpoint: generator, k: 8", "endpoint: chat, k: 8"));
+    assert!(
+        got.iter().any(|p| p.contains("is now set with `api`")),
+        "{got:?}"
+    );
+    // A serve stage nobody uses; a candidate served without the stage that trains it.
+    let got = problems(&SERVED.replace(
+        "params: { candidate_endpoint: candidate, generator_endpoint: generator, max_tokens: 24 }",
+        "params: { candidate_endpoint: generator, max_tokens: 24 }",
+    ));
+    assert!(
+        got.iter()
+            .any(|p| p.starts_with("recipe.stages[8]: no stage names the endpoint \"candidate\"")),
+        "{got:?}"
+    );
+    let got = problems(&SERVED.replace("needs: [rpo]", "needs: [heldout]"));
+    assert!(
+        got.iter().any(|p| p
+            == "recipe.stages[8].needs: serving the candidate needs the sft or preference stage that trains it"),
+        "{got:?}"
+    );
+    // Launch or attach, not both; a swap needs a long-lived server.
+    let got = problems(&SERVED.replace(
+        "params: { template: flywheel, model: generator, startup_timeout_s: 120 }",
+        "params: { template: flywheel, url: \"http://x:1/v1\", swap: sglang }",
+    ));
+    assert!(
+        got.iter().any(|p| p.starts_with("recipe.stages[2].params.url: give one of")),
+        "{got:?}"
+    );
+    let got = problems(&SERVED.replace(
+        "params: { template: flywheel, model: generator, startup_timeout_s: 120 }",
+        "params: { template: flywheel, swap: sglang }",
+    ));
+    assert!(
+        got.iter().any(|p| p.starts_with("recipe.stages[2].params.swap: applies to a long-lived")),
+        "{got:?}"
+    );
+    // Serve runs on external only.
+    let got = problems(&SERVED.replace(
+        "kind: serve\n      backend: external\n      pool: gpu\n      needs: []",
+        "kind: serve\n      backend: openai\n      pool: gpu\n      needs: []",
+    ));
+    assert!(got.iter().any(|p| p.starts_with("recipe.stages[2]")), "{got:?}");
 }

@@ -271,6 +271,7 @@ impl Validator {
             }
         }
         if ok {
+            self.endpoints(&mut stages);
             self.recipe_shape(&stages);
         }
         ok.then_some(stages)
@@ -448,6 +449,68 @@ impl Validator {
                 self.problem(
                     p,
                     "condition must look like \">= 0.5\" (one of >=, >, <=, <, then a number)",
+                );
+            }
+        }
+    }
+
+    /// Params that name an endpoint must name a serve stage defined earlier; the consumer then
+    /// depends on it (released when the endpoint is ready). A serve stage needs a consumer, and
+    /// one serving the candidate needs the training stage that makes it.
+    fn endpoints(&mut self, stages: &mut [StageSpec]) {
+        let serves: HashSet<String> = stages
+            .iter()
+            .filter(|s| s.kind == StageKind::Serve)
+            .map(|s| s.name.clone())
+            .collect();
+        let mut consumed = HashSet::new();
+        for i in 0..stages.len() {
+            let mut named = Vec::new();
+            for param in flywheel_proto::stage::ENDPOINT_PARAMS {
+                let Some(v) = stages[i].params.get(*param).and_then(Value::as_str) else {
+                    continue;
+                };
+                let at = format!("recipe.stages[{i}].params.{param}");
+                let earlier = stages[..i].iter().any(|s| s.name == v);
+                if !serves.contains(v) || !earlier {
+                    let all: Vec<&str> = serves.iter().map(String::as_str).collect();
+                    self.problem(
+                        at,
+                        format!(
+                            "{v:?} is not a serve stage defined earlier in the recipe (serve stages: {})",
+                            if all.is_empty() { "none".to_string() } else { all.join(", ") }
+                        ),
+                    );
+                    continue;
+                }
+                named.push(v.to_string());
+            }
+            for n in named {
+                consumed.insert(n.clone());
+                if !stages[i].needs.contains(&n) {
+                    stages[i].needs.push(n);
+                }
+            }
+        }
+        for (i, s) in stages.iter().enumerate() {
+            if s.kind != StageKind::Serve {
+                continue;
+            }
+            if !consumed.contains(&s.name) {
+                self.problem(
+                    format!("recipe.stages[{i}]"),
+                    format!("no stage names the endpoint {:?} (endpoint, candidate_endpoint, generator_endpoint or judge_endpoint)", s.name),
+                );
+            }
+            let candidate = s.params.get("model").and_then(Value::as_str) == Some("candidate");
+            let trained = s
+                .needs
+                .iter()
+                .any(|n| stages.iter().any(|t| &t.name == n && t.kind.trains()));
+            if candidate && !trained {
+                self.problem(
+                    format!("recipe.stages[{i}].needs"),
+                    "serving the candidate needs the sft or preference stage that trains it",
                 );
             }
         }

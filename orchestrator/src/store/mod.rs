@@ -7,6 +7,7 @@ pub mod api_tokens;
 pub mod artifacts;
 pub mod attempts;
 pub mod campaigns;
+pub mod endpoints;
 pub mod events;
 pub mod pools;
 pub mod rounds;

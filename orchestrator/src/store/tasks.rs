@@ -216,16 +216,19 @@ pub struct Beat {
     pub progress: f64,
     pub message: String,
     pub metrics: Value,
+    /// A serve task's endpoint, once its server answers.
+    pub endpoint: Option<super::endpoints::NewEndpoint>,
 }
 
 /// Extends the leases of current attempts running on the reporting worker and records
-/// progress. Returns the `(id, attempt, cancel_requested)` of the attempts that are current;
-/// any other beat was stale (or not the reporter's).
+/// progress. Returns the `(id, attempt, cancel_requested, stop)` of the attempts that are
+/// current, `stop` meaning a serve task whose consumers have all succeeded; any other beat was
+/// stale (or not the reporter's).
 pub async fn heartbeat(
     conn: &mut PgConnection,
     beats: &[&Beat],
     lease_ttl_ms: i64,
-) -> Result<Vec<(Uuid, i32, bool)>, sqlx::Error> {
+) -> Result<Vec<(Uuid, i32, bool, bool)>, sqlx::Error> {
     if beats.is_empty() {
         return Ok(Vec::new());
     }
@@ -241,7 +244,9 @@ pub async fn heartbeat(
          FROM unnest($1::uuid[], $2::int[], $3::float8[], $4::text[], $5::jsonb[], $7::uuid[])
               AS u(id, a, p, m, x, w)
          WHERE t.id = u.id AND t.attempt = u.a AND t.state = 'running' AND t.worker_id = u.w
-         RETURNING t.id, t.attempt, t.cancel_requested",
+         RETURNING t.id, t.attempt, t.cancel_requested,
+                   t.kind = 'serve' AND NOT EXISTS (SELECT 1 FROM task_edges e JOIN tasks d ON d.id = e.task_id
+                                                    WHERE e.depends_on = t.id AND d.state <> 'succeeded') AS stop",
     )
     .bind(id)
     .bind(attempt)
@@ -290,7 +295,12 @@ pub async fn complete(
 const SETTLE_FAILED: &str = "
     UPDATE tasks t SET
         state = CASE WHEN t.cancel_requested THEN 'cancelled'
-                     WHEN f.retryable AND t.attempt - t.attempt_base < t.max_attempts THEN 'queued'
+                     WHEN f.retryable AND t.attempt - t.attempt_base < t.max_attempts THEN
+                         CASE WHEN EXISTS (SELECT 1 FROM task_edges e JOIN tasks d ON d.id = e.depends_on
+                                           WHERE e.task_id = t.id AND d.kind = 'serve' AND d.state <> 'succeeded'
+                                             AND NOT EXISTS (SELECT 1 FROM endpoints p WHERE p.task_id = d.id
+                                                             AND p.attempt = d.attempt AND p.state = 'ready'))
+                              THEN 'blocked' ELSE 'queued' END
                      ELSE 'failed' END,
         next_run_at = now() + make_interval(secs => least(t.backoff_max_ms::float8,
             t.backoff_initial_ms * power(2, greatest(t.attempt - t.attempt_base - 1, 0))) / 1000),
@@ -355,7 +365,8 @@ pub async fn extend_all_leases(conn: &mut PgConnection, ttl_ms: i64) -> Result<u
     Ok(r.rows_affected())
 }
 
-/// Queues blocked dependents of `completed` whose dependencies have all succeeded.
+/// Queues blocked dependents of `completed` whose dependencies have all succeeded (a serve
+/// dependency counts once its current attempt's endpoint is ready).
 pub async fn unblock_dependents(
     conn: &mut PgConnection,
     completed: &[Uuid],
@@ -368,7 +379,10 @@ pub async fn unblock_dependents(
          WHERE t.state = 'blocked'
            AND t.id IN (SELECT task_id FROM task_edges WHERE depends_on = ANY($1))
            AND NOT EXISTS (SELECT 1 FROM task_edges e JOIN tasks d ON d.id = e.depends_on
-                           WHERE e.task_id = t.id AND d.state <> 'succeeded')
+                           WHERE e.task_id = t.id AND d.state <> 'succeeded'
+                             AND NOT (d.kind = 'serve' AND EXISTS (
+                                 SELECT 1 FROM endpoints p WHERE p.task_id = d.id
+                                 AND p.attempt = d.attempt AND p.state = 'ready')))
          RETURNING t.id",
     )
     .bind(completed)
@@ -480,6 +494,27 @@ pub async fn last_training_task(
 
 /// Cancels a campaign's waiting tasks and flags its running ones, whose workers learn of it at
 /// their next heartbeat. Returns the ids of the running tasks flagged.
+/// Takes the running serve tasks of a campaign (of one round, if given) off their workers and
+/// queues them with a fresh retry budget: their servers stop (the workers' next heartbeats are
+/// told to abandon) and start again when the campaign runs. Returns `(id, attempt)` of each.
+pub async fn requeue_serving(
+    conn: &mut PgConnection,
+    campaign_id: Uuid,
+    round_id: Option<Uuid>,
+) -> Result<Vec<(Uuid, i32)>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE tasks SET state = 'queued', worker_id = NULL, lease_expires_at = NULL,
+             attempt_base = attempt, queued_at = now(), next_run_at = now()
+         WHERE campaign_id = $1 AND ($2::uuid IS NULL OR round_id = $2)
+           AND kind = 'serve' AND state = 'running'
+         RETURNING id, attempt",
+    )
+    .bind(campaign_id)
+    .bind(round_id)
+    .fetch_all(conn)
+    .await
+}
+
 pub async fn cancel_campaign(
     conn: &mut PgConnection,
     campaign_id: Uuid,
@@ -517,13 +552,17 @@ pub async fn reset(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Uuid>, s
     .await
 }
 
-/// Queues those of `ids` that are blocked with every dependency succeeded.
+/// Queues those of `ids` that are blocked with every dependency succeeded (or, for a serve
+/// dependency, ready).
 pub async fn queue_ready(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
     sqlx::query_scalar(
         "UPDATE tasks t SET state = 'queued', queued_at = now(), next_run_at = now()
          WHERE t.id = ANY($1) AND t.state = 'blocked'
            AND NOT EXISTS (SELECT 1 FROM task_edges e JOIN tasks d ON d.id = e.depends_on
-                           WHERE e.task_id = t.id AND d.state <> 'succeeded')
+                           WHERE e.task_id = t.id AND d.state <> 'succeeded'
+                             AND NOT (d.kind = 'serve' AND EXISTS (
+                                 SELECT 1 FROM endpoints p WHERE p.task_id = d.id
+                                 AND p.attempt = d.attempt AND p.state = 'ready')))
          RETURNING t.id",
     )
     .bind(ids)

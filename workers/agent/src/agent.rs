@@ -56,6 +56,7 @@ pub async fn run(
     }
     let worker_id = Uuid::new_v4().to_string();
     let running: RunningMap = Arc::default();
+    let beat_now = Arc::new(tokio::sync::Notify::new());
     // The current client, replaced at every reconnect; reporters wait on it.
     let (client_tx, client_rx) = watch::channel::<Option<WorkerClient>>(None);
     let backends: Arc<HashMap<String, Arc<dyn Backend>>> = Arc::new(
@@ -68,7 +69,7 @@ pub async fn run(
     let mut backoff = Duration::from_millis(100);
     loop {
         let session = session(
-            &config, &worker_id, &running, &client_tx, &client_rx, &backends,
+            &config, &worker_id, &running, &client_tx, &client_rx, &backends, &beat_now,
         );
         tokio::select! {
             r = session => {
@@ -111,6 +112,7 @@ async fn session(
     client_tx: &watch::Sender<Option<WorkerClient>>,
     client_rx: &watch::Receiver<Option<WorkerClient>>,
     backends: &Arc<HashMap<String, Arc<dyn Backend>>>,
+    beat_now: &Arc<tokio::sync::Notify>,
 ) -> Result<(), SessionError> {
     let channel = connect_channel(&config.controller)
         .await
@@ -148,10 +150,13 @@ async fn session(
         worker_id.to_string(),
         running.clone(),
         Duration::from_millis(reg.heartbeat_interval_ms.max(50) as u64),
+        beat_now.clone(),
     ));
     let result = loop {
         match stream.message().await {
-            Ok(Some(assignment)) => start_task(assignment, worker_id, running, client_rx, backends),
+            Ok(Some(assignment)) => start_task(
+                assignment, worker_id, running, client_rx, backends, beat_now,
+            ),
             Ok(None) => break Ok(()),
             Err(status) => break Err(SessionError::Transient(status.to_string())),
         }
@@ -166,9 +171,13 @@ async fn heartbeat_loop(
     worker_id: String,
     running: RunningMap,
     every: Duration,
+    beat_now: Arc<tokio::sync::Notify>,
 ) {
     loop {
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = beat_now.notified() => {}
+        }
         let tasks: Vec<TaskProgress> = running
             .lock()
             .expect("running")
@@ -182,6 +191,7 @@ async fn heartbeat_loop(
                     progress: p.fraction,
                     message: p.message,
                     metrics: p.metrics,
+                    endpoint: r.ctx.endpoint.lock().expect("endpoint").clone(),
                 }
             })
             .collect();
@@ -208,6 +218,9 @@ async fn heartbeat_loop(
                     tracing::info!(task_id = %d.task_id, "cancelled by the controller");
                     r.ctx.stop.store(true, Ordering::Relaxed);
                 }
+                Ok(Directive::Stop) if !r.ctx.finish.swap(true, Ordering::Relaxed) => {
+                    tracing::info!(task_id = %d.task_id, "consumers finished; stopping");
+                }
                 Ok(Directive::Abandon) => {
                     tracing::warn!(task_id = %d.task_id, attempt = d.attempt, "attempt is stale; abandoning it");
                     r.abandoned.store(true, Ordering::Relaxed);
@@ -225,8 +238,12 @@ fn start_task(
     running: &RunningMap,
     client_rx: &watch::Receiver<Option<WorkerClient>>,
     backends: &Arc<HashMap<String, Arc<dyn Backend>>>,
+    beat_now: &Arc<tokio::sync::Notify>,
 ) {
-    let ctx = TaskContext::default();
+    let ctx = TaskContext {
+        beat_now: beat_now.clone(),
+        ..TaskContext::default()
+    };
     let abandoned = Arc::new(AtomicBool::new(false));
     let task_id = assignment.task_id.clone();
     let attempt = assignment.attempt;

@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use flywheel_proto::stage::{Role, StageKind};
-use flywheel_proto::v1::{ArtifactRef, Assignment};
+use flywheel_proto::v1::{ArtifactRef, Assignment, Endpoint};
 use serde_json::Value;
 
 /// An assignment as a backend sees it: its stage kind and parameters parsed.
@@ -62,6 +62,22 @@ impl Task {
                 self.assignment.stage
             ))
         })
+    }
+
+    /// The ready endpoint of the serve stage `name` (a param such as `endpoint: generator`), as
+    /// the controller filled it into the assignment. Missing means it went away between
+    /// release and claim: retryable, and the task waits for the next one.
+    pub fn endpoint(&self, name: &str) -> Result<&Endpoint, TaskError> {
+        self.assignment
+            .endpoints
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| {
+                TaskError::retryable(format!(
+                    "stage {}: endpoint {name:?} is not ready (its server stopped or moved); retrying",
+                    self.assignment.stage
+                ))
+            })
     }
 
     /// The stage's params as the contract declares them for this kind and backend.
@@ -136,12 +152,17 @@ pub(crate) struct Progress {
     pub(crate) metrics: HashMap<String, f64>,
 }
 
-/// What a running task shares with the agent: progress for heartbeats, and the stop flag that
-/// heartbeat replies set.
+/// What a running task shares with the agent: progress and a serve task's endpoint for
+/// heartbeats, and the flags that heartbeat replies set.
 #[derive(Clone, Default)]
 pub struct TaskContext {
     pub(crate) progress: Arc<Mutex<Progress>>,
     pub(crate) stop: Arc<AtomicBool>,
+    /// Set by `DIRECTIVE_STOP`: a serve task's consumers are done.
+    pub(crate) finish: Arc<AtomicBool>,
+    pub(crate) endpoint: Arc<Mutex<Option<Endpoint>>>,
+    /// Wakes the heartbeat loop for an immediate beat.
+    pub(crate) beat_now: Arc<tokio::sync::Notify>,
 }
 
 impl TaskContext {
@@ -158,6 +179,19 @@ impl TaskContext {
                 p.metrics.insert(fit_text(k, MAX_NAME_BYTES), *v);
             }
         }
+    }
+
+    /// A serve task's server answers: the endpoint goes to the controller at once (and with
+    /// every heartbeat after), which then releases the stages that use it.
+    pub fn ready(&self, endpoint: Endpoint) {
+        *self.endpoint.lock().expect("endpoint") = Some(endpoint);
+        self.beat_now.notify_one();
+    }
+
+    /// True once the controller says the work is done (a serve task's consumers finished):
+    /// finish and report success.
+    pub fn finish_requested(&self) -> bool {
+        self.finish.load(Ordering::Relaxed)
     }
 
     /// True once the controller has cancelled or abandoned this attempt: stop soon.

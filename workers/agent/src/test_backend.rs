@@ -66,6 +66,10 @@ impl Backend for TestBackend {
             StageKind::Promote => Err(TaskError::permanent(
                 "promote stages run in the controller, not on a backend",
             )),
+            // The contract gives the test backend no serve kind; the controller never sends one.
+            StageKind::Serve => Err(TaskError::permanent(
+                "the test backend runs no servers; serve stages run on the external backend",
+            )),
         }?;
         ctx.report(1.0, "done", &[]);
         Ok(r)

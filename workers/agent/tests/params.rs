@@ -12,8 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flywheel_proto::stage::{OpenaiGenerate, OpenaiJudge, Params, RewardEndpointScore};
-use flywheel_proto::v1::{ArtifactRef, Assignment};
+use flywheel_proto::stage::{
+    OpenaiEvaluate, OpenaiGenerate, OpenaiJudge, Params, RewardEndpointScore,
+};
+use flywheel_proto::v1::{ArtifactRef, Assignment, Endpoint};
 use flywheel_worker::openai::OpenAiBackend;
 use flywheel_worker::reward_endpoint::RewardEndpointBackend;
 use flywheel_worker::{Backend, Task, TaskContext, artifacts};
@@ -126,13 +128,17 @@ impl Drop for Server {
     }
 }
 
-/// An OpenAI-compatible answer with `n` choices, and a judge that always prefers A.
+/// An OpenAI-compatible answer with `n` choices (the text says which path answered), and a
+/// judge whose verdict depends on the request (always A for a prompt asking "Which response").
 fn openai_reply(req: &Request) -> (u16, Value, u64) {
     let n = req.body["n"].as_u64().unwrap_or(1);
-    let text = if req.body.to_string().contains("Which response") {
+    let body = req.body.to_string();
+    let text = if body.contains("Which response") {
         "A".to_string()
+    } else if body.contains("Better answer") {
+        if body.len() % 2 == 0 { "A" } else { "B" }.to_string()
     } else {
-        format!("answer {}", req.body["seed"])
+        format!("answer {} {}", req.body["seed"], req.path)
     };
     let choices: Vec<Value> = (0..n)
         .map(|i| json!({ "index": i, "message": { "content": format!("{text} #{i}") }, "text": format!("{text} #{i}") }))
@@ -157,6 +163,8 @@ fn reward_reply(req: &Request) -> (u16, Value, u64) {
 struct Run {
     dir: std::path::PathBuf,
     n: usize,
+    /// Ready endpoints every assignment carries (the controller fills those a stage names).
+    endpoints: Vec<Endpoint>,
 }
 
 impl Run {
@@ -182,6 +190,7 @@ impl Run {
             inputs: inputs.to_vec(),
             output_prefix: format!("file://{}/run-{}", self.dir.display(), self.n),
             backend: backend.name().into(),
+            endpoints: self.endpoints.clone(),
         })
         .unwrap()
     }
@@ -312,6 +321,7 @@ fn every_openai_and_reward_endpoint_param_changes_what_the_stage_does() {
     let mut run = Run {
         dir: dir.clone(),
         n: 0,
+        endpoints: Vec::new(),
     };
     let prompts = run.dataset(
         "prompts",
@@ -332,6 +342,16 @@ fn every_openai_and_reward_endpoint_param_changes_what_the_stage_does() {
 
     let llm = Server::start(openai_reply);
     let v1 = format!("{}/v1", llm.base);
+    run.endpoints = ["served", "other", "judge"]
+        .iter()
+        .map(|name| Endpoint {
+            name: name.to_string(),
+            url: format!("{}/{name}/v1", llm.base),
+            served_name: format!("{name}-model"),
+            model_id: format!("{name}-id"),
+            content_hash: String::new(),
+        })
+        .collect();
     check::<OpenaiGenerate>(
         &mut run,
         &llm,
@@ -340,8 +360,9 @@ fn every_openai_and_reward_endpoint_param_changes_what_the_stage_does() {
         json!({ "base_url": v1 }),
         &[prompts.clone(), generator()],
         &[
+            ("endpoint", json!("served")),
             ("base_url", json!(format!("{}/other/v1", llm.base))),
-            ("endpoint", json!("completions")),
+            ("api", json!("completions")),
             ("model", json!("another-model")),
             ("k", json!(2)),
             ("use_n", json!(false)),
@@ -361,8 +382,9 @@ fn every_openai_and_reward_endpoint_param_changes_what_the_stage_does() {
         json!({ "method": "llm_judge", "base_url": v1 }),
         &[responses.clone(), generator()],
         &[
+            ("endpoint", json!("judge")),
             ("base_url", json!(format!("{}/other/v1", llm.base))),
-            ("endpoint", json!("completions")),
+            ("api", json!("completions")),
             ("model", json!("judge-model")),
             (
                 "judge_prompt",
@@ -374,6 +396,40 @@ fn every_openai_and_reward_endpoint_param_changes_what_the_stage_does() {
             ("api_key_env", json!("PATH")),
         ],
         &["method"],
+    );
+
+    let held_out = run.dataset(
+        "prompts",
+        &[
+            json!({ "id": "e0", "prompt": "add 2 3", "reference_answer": "5" }),
+            json!({ "id": "e1", "prompt": "upper ab", "reference_answer": "AB" }),
+            json!({ "id": "e2", "prompt": "reverse abc", "reference_answer": "cba" }),
+        ],
+    );
+    check::<OpenaiEvaluate>(
+        &mut run,
+        &llm,
+        &OpenAiBackend,
+        "evaluate",
+        json!({ "candidate_endpoint": "served", "generator_endpoint": "other",
+                "judge_endpoint": "judge", "bootstrap": 5 }),
+        std::slice::from_ref(&held_out),
+        &[
+            ("candidate_endpoint", json!("judge")),
+            ("generator_endpoint", json!("judge")),
+            ("judge_endpoint", json!("other")),
+            (
+                "judge_prompt",
+                json!("Which response is better, A or B? {prompt} A: {a} B: {b}"),
+            ),
+            ("prompts", json!(1)),
+            ("api", json!("completions")),
+            ("max_tokens", json!(7)),
+            ("bootstrap", json!(1)),
+            ("seed", json!(99)),
+            ("api_key_env", json!("PATH")),
+        ],
+        &[],
     );
 
     let rm = Server::start(reward_reply);
@@ -464,6 +520,7 @@ fn every_external_param_reaches_the_trainer() {
     let mut run = Run {
         dir: dir.clone(),
         n: 0,
+        endpoints: Vec::new(),
     };
     let model = |name: &str| {
         let path = dir.join("models").join(name);
@@ -608,6 +665,7 @@ fn the_test_backend_records_every_builtin_param_it_takes() {
     let mut run = Run {
         dir: dir.clone(),
         n: 0,
+        endpoints: Vec::new(),
     };
     let model = |role: &str| ArtifactRef {
         id: role.into(),

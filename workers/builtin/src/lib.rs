@@ -191,16 +191,27 @@ impl BuiltinBackend {
         let seed = p
             .seed
             .unwrap_or_else(|| seed_of(&[&a.campaign_id, "prompts", &a.round_index.to_string()]));
+        let (split, id_prefix) = if p.split == "held_out" {
+            (Split::HeldOut, "eval-".to_string())
+        } else {
+            (Split::Train, format!("r{}-", a.round_index))
+        };
         let prompts = world::generate(
             seed,
             p.count as usize,
-            &mix(&p.subtopics, p.max_difficulty, p.brackets, Split::Train),
-            &format!("r{}-", a.round_index),
+            &mix(&p.subtopics, p.max_difficulty, p.brackets, split),
+            &id_prefix,
             &HashSet::new(),
         );
+        // Each prompt carries the answer its verifier accepts, so that a backend without the
+        // task world (evaluation through an API) can check answers.
         let rows: Vec<Value> = prompts
             .iter()
-            .map(|p| serde_json::to_value(p).expect("prompt serializes"))
+            .map(|p| {
+                let mut row = serde_json::to_value(p).expect("prompt serializes");
+                row["reference_answer"] = json!(world::answer(&p.prompt));
+                row
+            })
             .collect();
         let out = write_jsonl(prefix, Role::Prompts, "flywheel.prompts", &rows)?;
         Ok(TaskResult {

@@ -100,6 +100,7 @@ impl World {
             inputs: inputs.to_vec(),
             output_prefix: prefix,
             backend: "builtin".into(),
+            endpoints: Vec::new(),
         };
         let task = Task::new(assignment).unwrap();
         let r = BuiltinBackend::new()
@@ -202,6 +203,7 @@ fn every_builtin_param_changes_what_its_stage_does() {
             ("subtopics", json!(["add"])),
             ("max_difficulty", json!(1)),
             ("brackets", json!(0.9)),
+            ("split", json!("held_out")),
         ],
     );
     let prompts = by_role(&prompts, "prompts");

@@ -101,61 +101,91 @@ pub fn sample_ids(
         .flat_map(|i| (0..k).map(move |j| (i, j)))
         .collect();
     let mut out = vec![vec![Vec::new(); k]; prompts.len()];
-    let dev = model.device().clone();
     for (chunk_no, chunk) in requests.chunks(cfg.batch_size.max(1)).enumerate() {
-        let encoded: Vec<Vec<u32>> = chunk
+        let mut rows: Vec<Row> = chunk
             .iter()
-            .map(|(i, _)| encode_prompt(&prompts[*i]))
+            .map(|(i, j)| Row {
+                prompt: &prompts[*i],
+                cfg,
+                rng: Rng::derive(cfg.seed, &[*i as u64, *j as u64]),
+            })
             .collect();
-        let width = encoded.iter().map(Vec::len).max().unwrap_or(1);
-        let budget = cfg
-            .max_tokens
-            .min(model.config.max_seq.saturating_sub(width));
-        let pads: Vec<usize> = encoded.iter().map(|e| width - e.len()).collect();
-        let mut ids = Vec::with_capacity(chunk.len() * width);
-        for (e, p) in encoded.iter().zip(&pads) {
-            ids.extend(std::iter::repeat_n(PAD, *p));
-            ids.extend(e);
-        }
-        let mut rngs: Vec<Rng> = chunk
-            .iter()
-            .map(|(i, j)| Rng::derive(cfg.seed, &[*i as u64, *j as u64]))
-            .collect();
-        let mut cache = model.new_cache(&pads)?;
-        let tokens = Tensor::from_vec(ids, (chunk.len(), width), &dev)?;
-        let mut hidden = model.hidden(&tokens, Some(&mut cache))?;
-        let mut generated: Vec<Vec<u32>> = vec![Vec::new(); chunk.len()];
-        let mut done = vec![false; chunk.len()];
-        for _ in 0..budget {
-            let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
-            let logits: Vec<Vec<f32>> = model.logits_of_hidden(&last)?.squeeze(1)?.to_vec2()?;
-            let mut next = Vec::with_capacity(chunk.len());
-            for (r, row) in logits.iter().enumerate() {
-                let t = if done[r] {
-                    PAD
-                } else {
-                    pick_token(row, cfg, &mut rngs[r])
-                };
-                if !done[r] {
-                    generated[r].push(t);
-                    done[r] = t == END;
-                }
-                next.push(t);
-            }
-            if done.iter().all(|d| *d) {
-                break;
-            }
-            hidden = model.hidden(
-                &Tensor::from_vec(next, (chunk.len(), 1), &dev)?,
-                Some(&mut cache),
-            )?;
-        }
-        for ((i, j), g) in chunk.iter().zip(&generated) {
-            out[*i][*j] = g.clone();
+        let generated = sample_rows(model, &mut rows)?;
+        for ((i, j), g) in chunk.iter().zip(generated) {
+            out[*i][*j] = g;
         }
         if !progress((chunk_no + 1) * cfg.batch_size.max(1), requests.len()) {
             return Err(EngineError::Cancelled);
         }
     }
     Ok(out)
+}
+
+/// One sequence of a batch: its prompt, its own sampling settings (`batch_size` and `seed`
+/// are not read) and its own generator.
+pub struct Row<'a> {
+    pub prompt: &'a str,
+    pub cfg: &'a SampleConfig,
+    pub rng: Rng,
+}
+
+impl Row<'_> {
+    /// The generator of sample `j` of prompt `i` of a request seeded `seed`, as [`sample_ids`]
+    /// draws it.
+    pub fn rng_of(seed: u64, i: usize, j: usize) -> Rng {
+        Rng::derive(seed, &[i as u64, j as u64])
+    }
+}
+
+/// Samples every row in one batch (left-padded, one KV cache), each with its own settings:
+/// requests with different temperatures or lengths share the model's passes.
+pub fn sample_rows(model: &Transformer, rows: &mut [Row]) -> Result<Vec<Vec<u32>>, EngineError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let dev = model.device().clone();
+    let encoded: Vec<Vec<u32>> = rows.iter().map(|r| encode_prompt(r.prompt)).collect();
+    let width = encoded.iter().map(Vec::len).max().unwrap_or(1);
+    let room = model.config.max_seq.saturating_sub(width);
+    let budgets: Vec<usize> = rows.iter().map(|r| r.cfg.max_tokens.min(room)).collect();
+    let budget = budgets.iter().copied().max().unwrap_or(0);
+    let pads: Vec<usize> = encoded.iter().map(|e| width - e.len()).collect();
+    let mut ids = Vec::with_capacity(rows.len() * width);
+    for (e, p) in encoded.iter().zip(&pads) {
+        ids.extend(std::iter::repeat_n(PAD, *p));
+        ids.extend(e);
+    }
+    let mut cache = model.new_cache(&pads)?;
+    let tokens = Tensor::from_vec(ids, (rows.len(), width), &dev)?;
+    let mut hidden = model.hidden(&tokens, Some(&mut cache))?;
+    let mut generated: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
+    let mut done: Vec<bool> = budgets.iter().map(|b| *b == 0).collect();
+    for _ in 0..budget {
+        if done.iter().all(|d| *d) {
+            break;
+        }
+        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
+        let logits: Vec<Vec<f32>> = model.logits_of_hidden(&last)?.squeeze(1)?.to_vec2()?;
+        let mut next = Vec::with_capacity(rows.len());
+        for (r, row) in logits.iter().enumerate() {
+            let t = if done[r] {
+                PAD
+            } else {
+                pick_token(row, rows[r].cfg, &mut rows[r].rng)
+            };
+            if !done[r] {
+                generated[r].push(t);
+                done[r] = t == END || generated[r].len() >= budgets[r];
+            }
+            next.push(t);
+        }
+        if done.iter().all(|d| *d) {
+            break;
+        }
+        hidden = model.hidden(
+            &Tensor::from_vec(next, (rows.len(), 1), &dev)?,
+            Some(&mut cache),
+        )?;
+    }
+    Ok(generated)
 }

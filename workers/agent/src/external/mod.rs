@@ -1,5 +1,7 @@
 //! The `external` backend: `sft` and `preference` stages run by an external trainer process —
-//! TRL, NeMo-Aligner, OpenRLHF, or `flywheel train` — from a command template.
+//! TRL, NeMo-Aligner, OpenRLHF, or `flywheel train` — from a command template; and `serve`
+//! stages, an inference server process (vLLM, SGLang, TRT-LLM, `flywheel serve-model`) or a
+//! weight swap on a long-lived one ([`serve`]).
 //!
 //! For each task it exports the stage's datasets in the trainer's format ([`export`]), renders
 //! the command ([`templates`]: placeholders like `{base_model}`, `{pairs_data}`, `{output_dir}`,
@@ -13,6 +15,7 @@
 pub mod export;
 pub mod logs;
 mod process;
+pub mod serve;
 pub mod templates;
 
 use std::collections::BTreeMap;
@@ -59,9 +62,12 @@ impl Backend for ExternalTrainerBackend {
 
     fn run(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
         let kind = task.kind;
+        if kind == StageKind::Serve {
+            return serve::serve(task, ctx);
+        }
         if !kind.trains() {
             return Err(TaskError::permanent(format!(
-                "the external backend runs sft and preference stages, not {kind}"
+                "the external backend runs sft, preference and serve stages, not {kind}"
             )));
         }
         let work = std::env::temp_dir().join(format!("flywheel-train-{}", uuid::Uuid::new_v4()));

@@ -115,7 +115,7 @@ pub(super) fn run_trainer(
 }
 
 /// SIGTERM to the trainer's process group, then SIGKILL once `grace` has passed.
-fn stop(child: &mut Child, grace: Duration) {
+pub(super) fn stop(child: &mut Child, grace: Duration) {
     use nix::sys::signal::{Signal, killpg};
     use nix::unistd::Pid;
     let group = Pid::from_raw(child.id() as i32);

@@ -1,0 +1,520 @@
+//! `serve` stages: an OpenAI-compatible inference server for a model of the round.
+//!
+//! Launched (`template` or `command`): the server runs in its own process group on a free port
+//! (another one if the port was taken meanwhile), dies with the worker (`setpriv --pdeathsig`),
+//! and is ready once `GET /v1/models` lists its served name; the endpoint (URL, served name,
+//! the model and the content hash the server reports, else the hash of the directory it was
+//! started on) then goes to the controller, which releases the consumers. It is stopped
+//! (SIGTERM to the group, SIGKILL after `grace_period_s`) when the controller says the
+//! consumers are done, or on cancellation; a server that exits on its own fails the task
+//! (retryable: it is started again, elsewhere if need be) with the end of its log.
+//!
+//! Attached (`url` + `swap`): a long-lived server is given the round's weights
+//! (`sglang`: `POST /update_weights_from_disk`; `vllm_lora`: `POST /v1/load_lora_adapter`),
+//! and must then report them; a refusal fails the task with the server's message, so the old
+//! weights are never used silently.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use flywheel_proto::stage::{ExternalServe, Role};
+use flywheel_proto::v1::Endpoint;
+
+use super::templates::render;
+use crate::artifacts;
+use crate::backend::{Task, TaskContext, TaskError, TaskResult};
+use crate::http_client::{HttpCaller, HttpSettings};
+
+/// The servers' command templates.
+pub const SERVE_TEMPLATES: [(&str, &[&str]); 4] = [
+    (
+        "vllm",
+        &[
+            "vllm",
+            "serve",
+            "{model_path}",
+            "--host",
+            "{host}",
+            "--port",
+            "{port}",
+            "--served-model-name",
+            "{served_name}",
+            "--tensor-parallel-size",
+            "{tensor_parallel}",
+        ],
+    ),
+    (
+        "sglang",
+        &[
+            "python",
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            "{model_path}",
+            "--host",
+            "{host}",
+            "--port",
+            "{port}",
+            "--served-model-name",
+            "{served_name}",
+            "--tp",
+            "{tensor_parallel}",
+        ],
+    ),
+    (
+        "trtllm",
+        &[
+            "trtllm-serve",
+            "{model_path}",
+            "--host",
+            "{host}",
+            "--port",
+            "{port}",
+            "--tp_size",
+            "{tensor_parallel}",
+        ],
+    ),
+    (
+        "flywheel",
+        &[
+            "{flywheel}",
+            "serve-model",
+            "--model",
+            "{model_path}",
+            "--name",
+            "{served_name}",
+            "--addr",
+            "{host}:{port}",
+        ],
+    ),
+];
+
+/// Log lines kept for error messages.
+const TAIL_LINES: usize = 40;
+/// Ports tried when the chosen one turns out to be taken.
+const PORT_TRIES: usize = 5;
+
+pub(super) fn serve(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
+    let stage = task.assignment.stage.clone();
+    let p: ExternalServe = task.typed()?;
+    let role = match p.model.as_str() {
+        "candidate" => Role::Model,
+        other => task.role_param("model", other)?,
+    };
+    let model = task.input(role)?.clone();
+    let dir = artifacts::verified_dir(&model.uri, &model.content_hash)?;
+    // A model registered without a hash (a spec's starting model) is hashed here: the hash of
+    // the directory this server is given is what it must report.
+    let expected = if model.content_hash.is_empty() {
+        artifacts::hash_dir(&dir)?
+    } else {
+        model.content_hash.clone()
+    };
+    let served_name = p
+        .served_name
+        .clone()
+        .unwrap_or_else(|| format!("flywheel-{}", model.id));
+    let began = Instant::now();
+    let (mut server, url, reported) = match &p.url {
+        Some(url) => {
+            let reported = swap(task, &p, url, &dir, &served_name)?;
+            (None, url.trim_end_matches('/').to_string(), reported)
+        }
+        None => {
+            let (server, url, reported) = launch(task, &p, &dir, &served_name, ctx)?;
+            (Some(server), url, reported)
+        }
+    };
+    // The weights the server says it answers with must be the ones asked for.
+    if let Some(h) = &reported
+        && *h != expected
+    {
+        if let Some(s) = server.as_mut() {
+            s.stop(grace(&p));
+        }
+        return Err(TaskError::permanent(format!(
+            "stage {stage}: the server at {url} reports weights {h}, not {expected} ({}): refusing to serve them as this round's {}",
+            model.id, p.model
+        )));
+    }
+    let ready_s = began.elapsed().as_secs_f64();
+    ctx.ready(Endpoint {
+        name: stage.clone(),
+        url: url.clone(),
+        served_name: served_name.clone(),
+        model_id: model.id.clone(),
+        content_hash: reported.clone().unwrap_or(expected),
+    });
+    let verified = if reported.is_some() { 1.0 } else { 0.0 };
+    tracing::info!(stage, url, served_name, ready_s, "endpoint ready");
+    loop {
+        ctx.report(
+            0.5,
+            format!("serving {served_name} at {url}"),
+            &[("ready_s", ready_s), ("weights_reported", verified)],
+        );
+        if ctx.finish_requested() || ctx.should_stop() {
+            if let Some(s) = server.as_mut() {
+                s.stop(grace(&p));
+            }
+            if ctx.should_stop() {
+                return Err(TaskError::cancelled());
+            }
+            break;
+        }
+        if let Some(s) = server.as_mut()
+            && let Some(status) = s.exited()
+        {
+            return Err(TaskError::retryable(format!(
+                "stage {stage}: server exited with {status} while serving; last lines of its log:\n{}",
+                s.tail()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut metrics = std::collections::HashMap::new();
+    metrics.insert("ready_s".into(), ready_s);
+    metrics.insert("served_s".into(), began.elapsed().as_secs_f64() - ready_s);
+    metrics.insert("weights_reported".into(), verified);
+    Ok(TaskResult {
+        outputs: Vec::new(),
+        metrics,
+    })
+}
+
+fn grace(p: &ExternalServe) -> Duration {
+    Duration::from_secs(p.grace_period_s.max(0) as u64)
+}
+
+/// Starts the server and waits until it is ready; returns it, its API root and the content
+/// hash it reports (if it reports one).
+fn launch(
+    task: &Task,
+    p: &ExternalServe,
+    dir: &Path,
+    served_name: &str,
+    ctx: &TaskContext,
+) -> Result<(Server, String, Option<String>), TaskError> {
+    let stage = &task.assignment.stage;
+    let command: Vec<String> = match (&p.command, &p.template) {
+        (Some(args), _) => args.iter().map(|a| a.0.clone()).collect(),
+        (None, Some(name)) => {
+            let (_, args) = SERVE_TEMPLATES
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| {
+                    TaskError::permanent(format!(
+                        "stage {stage}: params.template {name:?} is not one of vllm, sglang, trtllm, flywheel"
+                    ))
+                })?;
+            let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            args.extend(p.extra_args.iter().flatten().map(|a| a.0.clone()));
+            args
+        }
+        (None, None) => {
+            return Err(TaskError::permanent(format!(
+                "stage {stage}: params.template or params.command is required to start a server"
+            )));
+        }
+    };
+    let advertised = match (&p.advertise_host, p.host.as_str()) {
+        (Some(h), _) => h.clone(),
+        (None, "0.0.0.0" | "::") => nix_hostname(),
+        (None, h) => h.to_string(),
+    };
+    let env: Vec<(String, String)> = p
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect();
+    let timeout = Duration::from_secs(p.startup_timeout_s.max(1) as u64);
+    let mut last_taken = String::new();
+    for _ in 0..PORT_TRIES {
+        let port = free_port(&p.host)?;
+        let mut values = BTreeMap::new();
+        values.insert("model_path".to_string(), dir.display().to_string());
+        values.insert("host".to_string(), p.host.clone());
+        values.insert("port".to_string(), port.to_string());
+        values.insert("served_name".to_string(), served_name.to_string());
+        values.insert("tensor_parallel".to_string(), p.tensor_parallel.to_string());
+        values.insert("flywheel".to_string(), flywheel_exe());
+        let argv = render(&command, &values)
+            .map_err(|e| TaskError::permanent(format!("stage {stage}: command: {e}")))?;
+        let mut server = Server::spawn(&argv, &env)?;
+        let url = format!("http://{advertised}:{port}/v1");
+        match wait_ready(&mut server, &url, served_name, timeout, ctx) {
+            Ok(reported) => return Ok((server, url, reported)),
+            Err(Startup::PortTaken) => {
+                last_taken = server.tail();
+                tracing::warn!(stage, port, "port was taken; trying another");
+            }
+            Err(Startup::Failed(e)) => {
+                server.stop(grace(p));
+                return Err(e);
+            }
+        }
+    }
+    Err(TaskError::retryable(format!(
+        "stage {stage}: every port tried was taken; last log:\n{last_taken}"
+    )))
+}
+
+enum Startup {
+    PortTaken,
+    Failed(TaskError),
+}
+
+/// Polls `GET {url}/models` until it lists `served_name`, the server exits, the startup timeout
+/// passes, or the task is stopped.
+fn wait_ready(
+    server: &mut Server,
+    url: &str,
+    served_name: &str,
+    timeout: Duration,
+    ctx: &TaskContext,
+) -> Result<Option<String>, Startup> {
+    let deadline = Instant::now() + timeout;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| Startup::Failed(TaskError::permanent(format!("http client: {e}"))))?;
+    loop {
+        if ctx.should_stop() {
+            return Err(Startup::Failed(TaskError::cancelled()));
+        }
+        if let Some(status) = server.exited() {
+            let tail = server.tail();
+            let lower = tail.to_lowercase();
+            if lower.contains("address already in use") || lower.contains("eaddrinuse") {
+                return Err(Startup::PortTaken);
+            }
+            return Err(Startup::Failed(TaskError::retryable(format!(
+                "server {:?} exited with {status} before it was ready; last lines of its log:\n{tail}",
+                server.program
+            ))));
+        }
+        if let Ok(models) = get_json(&client, &format!("{url}/models"))
+            && let Some(m) = listed(&models, served_name)
+        {
+            return Ok(m["content_hash"].as_str().map(String::from));
+        }
+        if Instant::now() > deadline {
+            return Err(Startup::Failed(TaskError::retryable(format!(
+                "server {:?} was not ready (GET {url}/models listing {served_name:?}) within {}s; last lines of its log:\n{}",
+                server.program,
+                timeout.as_secs(),
+                server.tail()
+            ))));
+        }
+        ctx.report(0.0, format!("waiting for {url} to list {served_name}"), &[]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The entry of `/v1/models` for `name`.
+fn listed<'a>(models: &'a Value, name: &str) -> Option<&'a Value> {
+    models["data"]
+        .as_array()?
+        .iter()
+        .find(|m| m["id"].as_str() == Some(name))
+}
+
+fn get_json(client: &reqwest::Client, url: &str) -> Result<Value, String> {
+    let client = client.clone();
+    let url = url.to_string();
+    crate::io::block_on(async move {
+        let resp = client.get(&url).send().await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("HTTP {}", resp.status()));
+        }
+        resp.json::<Value>().await.map_err(|e| e.to_string())
+    })
+}
+
+/// Gives a long-lived server the round's weights; returns the content hash it then reports.
+fn swap(
+    task: &Task,
+    p: &ExternalServe,
+    url: &str,
+    dir: &Path,
+    served_name: &str,
+) -> Result<Option<String>, TaskError> {
+    let stage = &task.assignment.stage;
+    let api = url.trim_end_matches('/');
+    let root = api.trim_end_matches("/v1");
+    let caller = HttpCaller::new(
+        task,
+        HttpSettings {
+            api_key_env: &p.api_key_env,
+            timeout_s: p.startup_timeout_s,
+            max_retries: 2,
+            retry_backoff_ms: 500,
+            concurrency: 1,
+        },
+    )?;
+    let path = dir.display().to_string();
+    let (endpoint, body) = match p.swap.as_deref() {
+        Some("sglang") => (
+            format!("{root}/update_weights_from_disk"),
+            json!({ "model_path": path }),
+        ),
+        Some("vllm_lora") => (
+            format!("{api}/load_lora_adapter"),
+            json!({ "lora_name": served_name, "lora_path": path }),
+        ),
+        other => {
+            return Err(TaskError::permanent(format!(
+                "stage {stage}: params.swap {other:?} is not sglang or vllm_lora"
+            )));
+        }
+    };
+    let answer = crate::io::block_on({
+        let caller = caller.clone();
+        let endpoint = endpoint.clone();
+        async move { caller.post_json(&endpoint, &body).await }
+    })
+    .map_err(|e| {
+        TaskError::permanent(format!(
+            "stage {stage}: the server refused the new weights ({endpoint}): {}; the old weights are not used",
+            e.message
+        ))
+    })?;
+    if answer.get("success") == Some(&Value::Bool(false)) {
+        return Err(TaskError::permanent(format!(
+            "stage {stage}: the server refused the new weights ({endpoint}): {}; the old weights are not used",
+            answer["message"].as_str().unwrap_or("no message")
+        )));
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| TaskError::permanent(format!("http client: {e}")))?;
+    let models = get_json(&client, &format!("{api}/models"))
+        .map_err(|e| TaskError::retryable(format!("stage {stage}: GET {api}/models: {e}")))?;
+    let entry = listed(&models, served_name).ok_or_else(|| {
+        TaskError::permanent(format!(
+            "stage {stage}: after the swap, {api}/models does not list {served_name:?}: {models}"
+        ))
+    })?;
+    Ok(entry["content_hash"].as_str().map(String::from))
+}
+
+fn flywheel_exe() -> String {
+    std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "flywheel".into())
+}
+
+fn nix_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// A free TCP port on `host` (the server binds it a moment later; a race is retried).
+fn free_port(host: &str) -> Result<u16, TaskError> {
+    let l = std::net::TcpListener::bind((host, 0))
+        .map_err(|e| TaskError::permanent(format!("cannot bind {host}: {e}")))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| TaskError::retryable(e.to_string()))
+}
+
+/// A server process: its own process group, its log kept in a ring buffer.
+struct Server {
+    program: String,
+    child: Child,
+    log: Arc<Mutex<VecDeque<String>>>,
+    status: Option<ExitStatus>,
+}
+
+impl Server {
+    fn spawn(argv: &[String], env: &[(String, String)]) -> Result<Self, TaskError> {
+        use std::os::unix::process::CommandExt;
+        // Dies with this worker, even on SIGKILL (the kernel sends it the signal).
+        let mut cmd = if Path::new("/usr/bin/setpriv").exists() {
+            let mut c = Command::new("/usr/bin/setpriv");
+            c.args(["--pdeathsig", "KILL", "--"]).args(argv);
+            c
+        } else {
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]);
+            c
+        };
+        let mut child = cmd
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .map_err(|e| TaskError::permanent(format!("cannot start server {:?}: {e}", argv[0])))?;
+        let log: Arc<Mutex<VecDeque<String>>> = Arc::default();
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut l = log.lock().expect("log");
+                    if l.len() == TAIL_LINES {
+                        l.pop_front();
+                    }
+                    l.push_back(line);
+                }
+            });
+        }
+        Ok(Self {
+            program: argv[0].clone(),
+            child,
+            log,
+            status: None,
+        })
+    }
+
+    fn exited(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    fn tail(&self) -> String {
+        // Let the log readers catch up with a process that just exited.
+        std::thread::sleep(Duration::from_millis(50));
+        let l = self.log.lock().expect("log");
+        l.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+
+    fn stop(&mut self, grace: Duration) {
+        if self.status.is_none() {
+            super::process::stop(&mut self.child, grace);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Never leave a server behind, whatever path returned.
+        if self.exited().is_none() {
+            super::process::stop(&mut self.child, Duration::from_secs(2));
+        }
+    }
+}
