@@ -11,84 +11,18 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{
-    BIN, Cluster, Proc, example_spec, free_port, http, http_full, python, until, wait_for_file,
+    Cluster, Proc, artifacts_of, example_spec, free_port, http, http_full, init_model,
+    init_model_with, processes_mentioning, python, read_rows, serve_model, until, wait_for_file,
 };
-use flywheel_proto::v1::{Artifact, CampaignAction, ListArtifactsRequest, Round};
+use flywheel_proto::v1::{Artifact, CampaignAction, Round};
 use flywheel_worker::artifacts;
 use serde_json::Value;
-
-/// A fresh tiny builtin checkpoint.
-fn init_model(dir: &Path, name: &str, reward_head: bool) -> PathBuf {
-    init_model_with(dir, name, reward_head, &[])
-}
-
-fn init_model_with(dir: &Path, name: &str, reward_head: bool, extra: &[&str]) -> PathBuf {
-    let out = dir.join(name);
-    let mut cmd = Command::new(BIN);
-    cmd.args(["init-model", "--size", "tiny", "--output"])
-        .arg(&out)
-        .args(extra);
-    if reward_head {
-        cmd.arg("--reward-head");
-    }
-    let status = cmd.status().expect("run flywheel init-model");
-    assert!(status.success());
-    out
-}
-
-/// `flywheel serve-model` on a free port; returns the process and its base URL (`.../v1`).
-async fn serve_model(dir: &Path, model: &Path, name: &str) -> (Proc, String) {
-    let addr_file = dir.join(format!("{name}.serve-addr"));
-    let log = std::fs::File::create(dir.join(format!("{name}.serve.log"))).unwrap();
-    let child = Command::new(BIN)
-        .args([
-            "serve-model",
-            "--name",
-            name,
-            "--addr",
-            "127.0.0.1:0",
-            "--model",
-        ])
-        .arg(model)
-        .arg("--addr-file")
-        .arg(&addr_file)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn serve-model");
-    let proc = Proc {
-        child,
-        name: "serve-model".into(),
-    };
-    let addr = wait_for_file(&addr_file, "serve-model to listen").await;
-    (proc, format!("http://{addr}/v1"))
-}
 
 fn rounds_metric(rounds: &[Round], key: &str) -> f64 {
     *rounds[0]
         .metrics
         .get(key)
         .unwrap_or_else(|| panic!("no metric {key} in {:?}", rounds[0].metrics))
-}
-
-async fn artifacts_of(c: &Cluster, campaign: &str) -> Vec<Artifact> {
-    c.admin_client()
-        .await
-        .list_artifacts(ListArtifactsRequest {
-            campaign_id: campaign.to_string(),
-            kind: String::new(),
-        })
-        .await
-        .unwrap()
-}
-
-fn read_rows(a: &Artifact) -> Vec<Value> {
-    let bytes = artifacts::read(&a.uri, &a.content_hash).unwrap();
-    String::from_utf8(bytes)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn spec(name: &str, model: &Path, reward: &Path, stages: &str) -> String {
@@ -352,20 +286,6 @@ async fn sft_task(c: &Cluster, campaign: &str) -> Option<flywheel_proto::v1::Tas
     let rounds = c.rounds(campaign).await;
     let stage = rounds.first()?.stages.iter().find(|s| s.name == "sft")?;
     stage.tasks.first().cloned()
-}
-
-/// Live processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(needle))
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 #[tokio::test]

@@ -139,7 +139,7 @@ impl BackendKind {
             ],
             BackendKind::Openai => &[Generate, Filter, Evaluate],
             BackendKind::RewardEndpoint => &[Score],
-            BackendKind::External => &[Sft, Preference, Serve],
+            BackendKind::External => &[Sft, Preference, Serve, Evaluate],
             BackendKind::Test => &[
                 SynthesizePrompts,
                 Generate,
@@ -705,6 +705,10 @@ params! {
         generator_endpoint: Option<String> = None, "", Rule::None;
         /// The serve stage of the judge (for win_rate; needs generator_endpoint).
         judge_endpoint: Option<String> = None, "", Rule::None;
+        /// A long-lived judge's API root (instead of judge_endpoint), e.g. a NIM.
+        judge_base_url: Option<String> = None, "", Rule::None;
+        /// The judge model's name at judge_base_url (default: the endpoint's served name).
+        judge_model: Option<String> = None, "", Rule::None;
         /// The judge prompt, with {prompt}, {a} and {b} (default: a short A/B question).
         judge_prompt: Option<String> = None, "", Rule::None;
         /// Held-out prompts used, at most (0: all the input has).
@@ -732,10 +736,23 @@ params! {
 impl CrossChecks for OpenaiEvaluate {
     fn cross_checks(&self) -> Vec<(&'static str, String)> {
         let mut out = required("candidate_endpoint", &self.candidate_endpoint);
-        if self.judge_endpoint.is_some() && self.generator_endpoint.is_none() {
+        let judged = self.judge_endpoint.is_some() || self.judge_base_url.is_some();
+        if judged && self.generator_endpoint.is_none() {
             out.push((
                 "judge_endpoint",
                 "judges the candidate against the generator: give generator_endpoint too".into(),
+            ));
+        }
+        if self.judge_endpoint.is_some() && self.judge_base_url.is_some() {
+            out.push((
+                "judge_base_url",
+                "give judge_endpoint or judge_base_url, not both".into(),
+            ));
+        }
+        if self.judge_model.is_some() && self.judge_base_url.is_none() {
+            out.push((
+                "judge_model",
+                "applies to judge_base_url (an endpoint names its model)".into(),
             ));
         }
         out
@@ -895,7 +912,7 @@ params! {
         /// Environment of the server process.
         env: Vars = Vars::new(), "", Rule::None;
         /// The name clients ask for (default: flywheel-<artifact id>, so that the name says
-        /// which weights answer).
+        /// which weights answer; trtllm, which has no such flag, answers as the model path).
         served_name: Option<String> = None, "", Rule::None;
         /// GPUs the model is split over.
         tensor_parallel: i64 = 1, "1", Rule::IntAtLeast(1);
@@ -951,6 +968,60 @@ impl CrossChecks for ExternalServe {
 }
 
 params! {
+    /// `evaluate` on `external`: an evaluation harness run against a serve stage's endpoint —
+    /// `lm_eval` (lm-evaluation-harness, `local-chat-completions`) or a command — whose results
+    /// JSON becomes the stage's metrics (`<task>.<metric>`, e.g. `ifeval.prompt_level_strict_acc`).
+    ExternalEvaluate for [Evaluate] on External {
+        /// lm_eval (or give command).
+        template: Option<String> = None, "", Rule::OneOf(&["lm_eval"]);
+        /// The harness's argument list with {served_name}, {base_url}, {tasks}, {output_dir},
+        /// {concurrency} (instead of template); it must write lm_eval's results JSON under
+        /// {output_dir}.
+        command: Option<Vec<Arg>> = None, "", Rule::None;
+        /// The serve stage whose model is evaluated (required).
+        endpoint: Option<String> = None, "", Rule::None;
+        /// Tasks or task groups, e.g. [ifeval] (required).
+        tasks: Vec<String> = Vec::new(), "", Rule::None;
+        /// Examples per task, at most (default: all).
+        limit: Option<i64> = None, "", Rule::IntAtLeast(1);
+        /// Few-shot examples in each prompt (default: the task's).
+        num_fewshot: Option<i64> = None, "", Rule::IntAtLeast(0);
+        /// A directory of task definitions of your own (lm_eval --include_path).
+        include_path: Option<String> = None, "", Rule::None;
+        /// Requests in flight.
+        concurrency: i64 = 8, "8", Rule::IntAtLeast(1);
+        /// Arguments appended to the template's command.
+        extra_args: Option<Vec<Arg>> = None, "", Rule::None;
+        /// Environment of the harness process.
+        env: Vars = Vars::new(), "", Rule::None;
+        /// Seconds between SIGTERM and SIGKILL when the task is stopped.
+        grace_period_s: i64 = 10, "10", Rule::IntAtLeast(0);
+    }
+}
+impl CrossChecks for ExternalEvaluate {
+    fn cross_checks(&self) -> Vec<(&'static str, String)> {
+        let mut out = required("endpoint", &self.endpoint);
+        if self.tasks.is_empty() {
+            out.push((
+                "tasks",
+                "is required: the tasks to run, e.g. [ifeval]".into(),
+            ));
+        }
+        match (&self.template, &self.command) {
+            (None, None) => out.push(("template", "is required (lm_eval), or give command".into())),
+            (Some(_), Some(_)) => {
+                out.push(("command", "give template or command, not both".into()))
+            }
+            _ => {}
+        }
+        if self.command.is_some() && self.extra_args.is_some() {
+            out.push(("extra_args", "applies to templates".into()));
+        }
+        out
+    }
+}
+
+params! {
     /// The test backend's own knobs, on every kind it runs.
     TestKnobs for [Custom] on Test {
         /// Work this long, honouring cancellation.
@@ -981,6 +1052,7 @@ pub const PARAMS: &[ParamsDoc] = &[
     RewardEndpointScore::DOC,
     ExternalTrain::DOC,
     ExternalServe::DOC,
+    ExternalEvaluate::DOC,
     TestKnobs::DOC,
 ];
 

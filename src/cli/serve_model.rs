@@ -102,11 +102,22 @@ fn load(path: &Path) -> Result<Weights> {
 /// The sampling thread: takes every waiting job (up to `max_batch` sequences) into one batch
 /// on the current weights, and answers each job with its share.
 fn batcher(served: Arc<Served>, jobs: mpsc::Receiver<Job>, max_batch: usize) {
+    // After a batch of several requests, their clients send the next ones within moments:
+    // wait that long for them rather than start a small batch. A lone client never waits.
+    const GATHER: std::time::Duration = std::time::Duration::from_millis(3);
+    let mut last_jobs = 0;
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         let mut rows = batch[0].prompts.len() * batch[0].n;
+        let deadline = std::time::Instant::now()
+            + if last_jobs > 1 {
+                GATHER
+            } else {
+                Default::default()
+            };
         while rows < max_batch {
-            match jobs.try_recv() {
+            let wait = deadline.saturating_duration_since(std::time::Instant::now());
+            match jobs.recv_timeout(wait) {
                 Ok(j) => {
                     rows += j.prompts.len() * j.n;
                     batch.push(j);
@@ -114,6 +125,7 @@ fn batcher(served: Arc<Served>, jobs: mpsc::Receiver<Job>, max_batch: usize) {
                 Err(_) => break,
             }
         }
+        last_jobs = batch.len();
         let weights = served.weights();
         let mut seqs = Vec::with_capacity(rows);
         for (b, job) in batch.iter().enumerate() {

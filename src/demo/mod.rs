@@ -461,6 +461,16 @@ fn round_summary(r: &Round, artifacts: &[Artifact]) -> RoundSummary {
     }
 }
 
+/// A metric with two decimals, or `-` where the recipe does not measure it (the served demo
+/// has no reward-model evaluation).
+fn shown(x: f64) -> String {
+    if x.is_nan() {
+        "-".into()
+    } else {
+        format!("{x:.2}")
+    }
+}
+
 fn print_table(s: &Summary) {
     println!(
         "\n{:<6} {:>9} {:>9} {:>8} {:>8} {:>7} {:>6} {:>6}  promoted",
@@ -468,12 +478,12 @@ fn print_table(s: &Summary) {
     );
     for r in &s.rounds {
         println!(
-            "{:<6} {:>8.1}% {:>8.1}% {:>8.2} {:>8.2} {:>7.0} {:>6.0} {:>6.0}  {}",
+            "{:<6} {:>8.1}% {:>8.1}% {:>8} {:>8} {:>7.0} {:>6.0} {:>6.0}  {}",
             r.round,
             r.generator_accuracy * 100.0,
             r.trained_accuracy * 100.0,
-            r.mean_reward,
-            r.win_rate_vs_generator,
+            shown(r.mean_reward),
+            shown(r.win_rate_vs_generator),
             r.responses,
             r.sft_records,
             r.pair_records,
@@ -537,10 +547,11 @@ fn progress_line(
     rounds_total: i32,
     elapsed: Duration,
 ) -> String {
-    let stage = round
-        .stages
-        .iter()
-        .find(|s| s.state != "succeeded")
+    // A serve stage runs for most of its round: show the work its endpoint serves instead.
+    let unfinished = || round.stages.iter().filter(|s| s.state != "succeeded");
+    let stage = unfinished()
+        .find(|s| s.kind != "serve")
+        .or_else(|| unfinished().next())
         .or(round.stages.last());
     let Some(stage) = stage else {
         return String::new();

@@ -6,8 +6,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flywheel_proto::v1::{Campaign, Round};
+use std::path::Path;
+
+use flywheel_proto::v1::{Artifact, Campaign, ListArtifactsRequest, Round};
 use flywheel_proto::{ControlClient, WorkerClient, connect_channel};
+use flywheel_worker::artifacts;
+use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_flywheel");
@@ -459,4 +463,85 @@ pub async fn wait_for_file(path: &std::path::Path, what: &str) -> String {
         async move { std::fs::read_to_string(p).ok().filter(|s| !s.is_empty()) }
     })
     .await
+}
+
+/// A fresh tiny builtin checkpoint.
+pub fn init_model(dir: &Path, name: &str, reward_head: bool) -> PathBuf {
+    init_model_with(dir, name, reward_head, &[])
+}
+
+pub fn init_model_with(dir: &Path, name: &str, reward_head: bool, extra: &[&str]) -> PathBuf {
+    let out = dir.join(name);
+    let mut cmd = Command::new(BIN);
+    cmd.args(["init-model", "--size", "tiny", "--output"])
+        .arg(&out)
+        .args(extra);
+    if reward_head {
+        cmd.arg("--reward-head");
+    }
+    let status = cmd.status().expect("run flywheel init-model");
+    assert!(status.success());
+    out
+}
+
+/// `flywheel serve-model` on a free port; returns the process and its base URL (`.../v1`).
+pub async fn serve_model(dir: &Path, model: &Path, name: &str) -> (Proc, String) {
+    let addr_file = dir.join(format!("{name}.serve-addr"));
+    let log = std::fs::File::create(dir.join(format!("{name}.serve.log"))).unwrap();
+    let child = Command::new(BIN)
+        .args([
+            "serve-model",
+            "--name",
+            name,
+            "--addr",
+            "127.0.0.1:0",
+            "--model",
+        ])
+        .arg(model)
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn serve-model");
+    let proc = Proc {
+        child,
+        name: "serve-model".into(),
+    };
+    let addr = wait_for_file(&addr_file, "serve-model to listen").await;
+    (proc, format!("http://{addr}/v1"))
+}
+
+pub async fn artifacts_of(c: &Cluster, campaign: &str) -> Vec<Artifact> {
+    c.admin_client()
+        .await
+        .list_artifacts(ListArtifactsRequest {
+            campaign_id: campaign.to_string(),
+            kind: String::new(),
+        })
+        .await
+        .unwrap()
+}
+
+pub fn read_rows(a: &Artifact) -> Vec<Value> {
+    let bytes = artifacts::read(&a.uri, &a.content_hash).unwrap();
+    String::from_utf8(bytes)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Live processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
 }

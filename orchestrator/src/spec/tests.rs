@@ -33,7 +33,10 @@ fn every_example_spec_validates() {
             include_str!("../../../examples/vllm-deployment.yaml"),
         ),
         ("mixed", include_str!("../../../examples/mixed.yaml")),
-        ("demo-served", include_str!("../../../examples/demo-served.yaml")),
+        (
+            "demo-served",
+            include_str!("../../../examples/demo-served.yaml"),
+        ),
     ] {
         if let Err(e) = CampaignSpec::from_yaml(yaml) {
             panic!("examples/{name}.yaml: {e}");
@@ -198,7 +201,10 @@ fn every_filter_in_the_examples_feeds_a_training_stage() {
             include_str!("../../../examples/vllm-deployment.yaml"),
         ),
         ("mixed", include_str!("../../../examples/mixed.yaml")),
-        ("demo-served", include_str!("../../../examples/demo-served.yaml")),
+        (
+            "demo-served",
+            include_str!("../../../examples/demo-served.yaml"),
+        ),
     ] {
         let spec = CampaignSpec::from_yaml(yaml).unwrap();
         for f in spec.stages.iter().filter(|s| s.kind == StageKind::Filter) {
@@ -377,11 +383,18 @@ const SERVED: &str = include_str!("../../../examples/demo-served.yaml");
 fn consumers_of_an_endpoint_depend_on_its_serve_stage() {
     let spec = CampaignSpec::from_yaml(SERVED).expect("valid");
     let generate = spec.stage("generate").unwrap();
-    assert_eq!(generate.needs, vec!["prompts".to_string(), "generator".to_string()]);
+    assert_eq!(
+        generate.needs,
+        vec!["prompts".to_string(), "generator".to_string()]
+    );
     let evaluate = spec.stage("evaluate").unwrap();
     assert_eq!(
         evaluate.needs,
-        vec!["heldout".to_string(), "candidate".to_string(), "generator".to_string()]
+        vec![
+            "heldout".to_string(),
+            "candidate".to_string(),
+            "generator".to_string()
+        ]
     );
 }
 
@@ -395,7 +408,8 @@ fn endpoint_references_are_checked_at_submission() {
         )),
         "{got:?}"
     );
-    let got = problems(&SERVED.replace("candidate_endpoint: candidate", "candidate_endpoint: nope"));
+    let got =
+        problems(&SERVED.replace("candidate_endpoint: candidate", "candidate_endpoint: nope"));
     assert!(
         got.iter()
             .any(|p| p.starts_with("recipe.stages[9].params.candidate_endpoint: \"nope\"")),
@@ -429,7 +443,8 @@ fn endpoint_references_are_checked_at_submission() {
         "params: { template: flywheel, url: \"http://x:1/v1\", swap: sglang }",
     ));
     assert!(
-        got.iter().any(|p| p.starts_with("recipe.stages[2].params.url: give one of")),
+        got.iter()
+            .any(|p| p.starts_with("recipe.stages[2].params.url: give one of")),
         "{got:?}"
     );
     let got = problems(&SERVED.replace(
@@ -437,7 +452,8 @@ fn endpoint_references_are_checked_at_submission() {
         "params: { template: flywheel, swap: sglang }",
     ));
     assert!(
-        got.iter().any(|p| p.starts_with("recipe.stages[2].params.swap: applies to a long-lived")),
+        got.iter()
+            .any(|p| p.starts_with("recipe.stages[2].params.swap: applies to a long-lived")),
         "{got:?}"
     );
     // Serve runs on external only.
@@ -445,5 +461,8 @@ fn endpoint_references_are_checked_at_submission() {
         "kind: serve\n      backend: external\n      pool: gpu\n      needs: []",
         "kind: serve\n      backend: openai\n      pool: gpu\n      needs: []",
     ));
-    assert!(got.iter().any(|p| p.starts_with("recipe.stages[2]")), "{got:?}");
+    assert!(
+        got.iter().any(|p| p.starts_with("recipe.stages[2]")),
+        "{got:?}"
+    );
 }

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::sync::Semaphore;
 
 use crate::backend::{Task, TaskContext, TaskError};
 
@@ -196,39 +195,27 @@ impl HttpCaller {
         let stats = self.stats.clone();
         let what = what.to_string();
         crate::io::block_on(async move {
-            let permits = Arc::new(Semaphore::new(in_flight));
             let call = Arc::new(call);
-            // Set by a request that failed (after its retries) before it frees its permit, so
-            // that nothing more is sent: the stage fails with that error, at once.
-            let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let mut set = tokio::task::JoinSet::new();
-            for i in 0..n {
-                let permit = permits
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .expect("semaphore open");
-                if ctx.should_stop() {
-                    set.abort_all();
-                    return Err(TaskError::cancelled());
-                }
-                if failed.load(Ordering::SeqCst) {
-                    break;
-                }
-                let (call, failed) = (call.clone(), failed.clone());
-                set.spawn(async move {
-                    let result = call(i).await;
-                    if result.is_err() {
-                        failed.store(true, Ordering::SeqCst);
-                    }
-                    drop(permit);
-                    (i, result)
-                });
-            }
             let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
             let mut first_error = None;
-            let mut done = 0;
-            while let Some(joined) = set.join_next().await {
+            let (mut next, mut done) = (0, 0);
+            loop {
+                // Keep `in_flight` requests going; after a failure, send nothing more: the
+                // stage fails with that error, at once.
+                while next < n && set.len() < in_flight && first_error.is_none() {
+                    if ctx.should_stop() {
+                        set.abort_all();
+                        return Err(TaskError::cancelled());
+                    }
+                    let call = call.clone();
+                    let i = next;
+                    set.spawn(async move { (i, call(i).await) });
+                    next += 1;
+                }
+                let Some(joined) = set.join_next().await else {
+                    break;
+                };
                 let (i, result) = match joined {
                     Ok(r) => r,
                     // Aborted after the first error, which is what the stage reports.

@@ -380,38 +380,12 @@ fn judge(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, Tas
             )
         })
         .collect();
-    // Two requests per candidate: (A, B) and (B, A).
-    let shared = (
-        caller.clone(),
-        sampling.clone(),
-        Arc::new(candidates.clone()),
-        Arc::new(judge_prompt),
-    );
-    let verdicts = caller.run_all(candidates.len() * 2, ctx, "judgements", move |i| {
-        let (caller, sampling, candidates, judge_prompt) = shared.clone();
-        async move {
-            let (prompt, x, y) = &candidates[i / 2];
-            let (a, b) = if i % 2 == 0 { (x, y) } else { (y, x) };
-            let text = judge_prompt
-                .replace("{prompt}", prompt)
-                .replace("{a}", a)
-                .replace("{b}", b);
-            let response = caller
-                .post_json(&sampling.url, &sampling.body(&text, 1, 0))
-                .await?;
-            caller.stats.add_usage(&response);
-            Ok(sampling
-                .texts(&response)?
-                .into_iter()
-                .next()
-                .and_then(|t| verdict(&t)))
-        }
-    })?;
+    let verdicts = judge_both_orders(&caller, ctx, &sampling, &judge_prompt, &candidates)?;
     let (mut pairs, mut sft) = (Vec::new(), Vec::new());
     let mut disagreed = 0;
-    for (c, v) in candidates.iter().zip(verdicts.chunks(2)) {
+    for (c, v) in candidates.iter().zip(&verdicts) {
         // First verdict: is x better? Second (order swapped): is y better?
-        let winner = match (v[0], v[1]) {
+        let winner = match *v {
             (Some(true), Some(false)) => Some((&c.1, &c.2)),
             (Some(false), Some(true)) => Some((&c.2, &c.1)),
             _ => None,
@@ -442,6 +416,47 @@ fn judge(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, Tas
     );
     metrics.insert("disagreed".into(), disagreed as f64);
     Ok(TaskResult { outputs, metrics })
+}
+
+/// A judge's verdicts with x shown first, then with y shown first.
+type BothOrders = (Option<bool>, Option<bool>);
+
+/// The judge's verdicts on `(prompt, x, y)` items, asked twice each: with x as answer A, then
+/// with y as answer A. Each verdict is `Some(true)` when the judge prefers answer A.
+fn judge_both_orders(
+    caller: &HttpCaller,
+    ctx: &TaskContext,
+    sampling: &Sampling,
+    template: &str,
+    items: &[(String, String, String)],
+) -> Result<Vec<BothOrders>, TaskError> {
+    let shared = (
+        caller.clone(),
+        sampling.clone(),
+        Arc::new(items.to_vec()),
+        Arc::new(template.to_string()),
+    );
+    let verdicts = caller.run_all(items.len() * 2, ctx, "judgements", move |i| {
+        let (caller, sampling, items, template) = shared.clone();
+        async move {
+            let (prompt, x, y) = &items[i / 2];
+            let (a, b) = if i % 2 == 0 { (x, y) } else { (y, x) };
+            let text = template
+                .replace("{prompt}", prompt)
+                .replace("{a}", a)
+                .replace("{b}", b);
+            let response = caller
+                .post_json(&sampling.url, &sampling.body(&text, 1, 0))
+                .await?;
+            caller.stats.add_usage(&response);
+            Ok(sampling
+                .texts(&response)?
+                .into_iter()
+                .next()
+                .and_then(|t| verdict(&t)))
+        }
+    })?;
+    Ok(verdicts.chunks(2).map(|v| (v[0], v[1])).collect())
 }
 
 /// The greedy answers of one endpoint to `prompts`, with which weights gave each.
@@ -600,52 +615,28 @@ fn evaluate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, 
         generator_answers = Some(answers);
     }
     let mut scores = Vec::new();
-    if let (Some(name), Some(gen_answers)) = (&p.judge_endpoint, &generator_answers) {
-        let judge = Server::resolve(task, "judge_endpoint", &Some(name.clone()), &None)?;
-        let sampling = Sampling::new(&judge.base, &p.api, judge.default_model(""), 0.0, 1.0, 4);
+    let judged = p.judge_endpoint.is_some() || p.judge_base_url.is_some();
+    if let (true, Some(gen_answers)) = (judged, &generator_answers) {
+        let judge = Server::resolve(task, "judge_endpoint", &p.judge_endpoint, &p.judge_base_url)?;
+        let model = p
+            .judge_model
+            .clone()
+            .unwrap_or_else(|| judge.default_model(""));
+        let sampling = Sampling::new(&judge.base, &p.api, model, 0.0, 1.0, 4);
         let template = p
             .judge_prompt
             .clone()
             .unwrap_or_else(|| JUDGE_PROMPT.to_string());
-        // Two requests per prompt whose answers differ: (candidate, generator), then swapped.
+        // Only prompts whose answers differ are judged: identical answers are a tie.
         let differing: Vec<usize> = (0..prompts.len())
             .filter(|i| cand[*i] != gen_answers[*i])
             .collect();
-        let shared = (
-            caller.clone(),
-            sampling,
-            prompts.clone(),
-            Arc::new(cand.clone()),
-            Arc::new(gen_answers.clone()),
-            Arc::new(differing.clone()),
-            Arc::new(template),
-        );
-        let verdicts = caller.run_all(differing.len() * 2, ctx, "judgements", move |i| {
-            let (caller, sampling, prompts, cand, gens, differing, template) = shared.clone();
-            async move {
-                let at = differing[i / 2];
-                let (a, b) = if i % 2 == 0 {
-                    (&cand[at], &gens[at])
-                } else {
-                    (&gens[at], &cand[at])
-                };
-                let text = template
-                    .replace("{prompt}", &prompts[at])
-                    .replace("{a}", a)
-                    .replace("{b}", b);
-                let response = caller
-                    .post_json(&sampling.url, &sampling.body(&text, 1, 0))
-                    .await?;
-                caller.stats.add_usage(&response);
-                Ok(sampling
-                    .texts(&response)?
-                    .into_iter()
-                    .next()
-                    .and_then(|t| verdict(&t)))
-            }
-        })?;
-        let first: Vec<Option<bool>> = verdicts.iter().step_by(2).copied().collect();
-        let swapped: Vec<Option<bool>> = verdicts.iter().skip(1).step_by(2).copied().collect();
+        let items: Vec<(String, String, String)> = differing
+            .iter()
+            .map(|&i| (prompts[i].clone(), cand[i].clone(), gen_answers[i].clone()))
+            .collect();
+        let verdicts = judge_both_orders(&caller, ctx, &sampling, &template, &items)?;
+        let (first, swapped): (Vec<_>, Vec<_>) = verdicts.into_iter().unzip();
         let judged = pairwise_scores(&first, &swapped);
         scores = vec![0.5; prompts.len()];
         for (at, s) in differing.iter().zip(judged) {

@@ -136,7 +136,12 @@ fn openai_reply(req: &Request) -> (u16, Value, u64) {
     let text = if body.contains("Which response") {
         "A".to_string()
     } else if body.contains("Better answer") {
-        if body.len() % 2 == 0 { "A" } else { "B" }.to_string()
+        if body.len().is_multiple_of(2) {
+            "A"
+        } else {
+            "B"
+        }
+        .to_string()
     } else {
         format!("answer {} {}", req.body["seed"], req.path)
     };
@@ -412,12 +417,14 @@ fn every_openai_and_reward_endpoint_param_changes_what_the_stage_does() {
         &OpenAiBackend,
         "evaluate",
         json!({ "candidate_endpoint": "served", "generator_endpoint": "other",
-                "judge_endpoint": "judge", "bootstrap": 5 }),
+                "judge_base_url": format!("{}/judge/v1", llm.base), "bootstrap": 5 }),
         std::slice::from_ref(&held_out),
         &[
             ("candidate_endpoint", json!("judge")),
             ("generator_endpoint", json!("judge")),
             ("judge_endpoint", json!("other")),
+            ("judge_base_url", json!(format!("{}/judge2/v1", llm.base))),
+            ("judge_model", json!("a-judge")),
             (
                 "judge_prompt",
                 json!("Which response is better, A or B? {prompt} A: {a} B: {b}"),

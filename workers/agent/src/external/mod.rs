@@ -1,7 +1,8 @@
 //! The `external` backend: `sft` and `preference` stages run by an external trainer process —
 //! TRL, NeMo-Aligner, OpenRLHF, or `flywheel train` — from a command template; and `serve`
 //! stages, an inference server process (vLLM, SGLang, TRT-LLM, `flywheel serve-model`) or a
-//! weight swap on a long-lived one ([`serve`]).
+//! weight swap on a long-lived one ([`serve`]); and `evaluate` stages, an evaluation harness
+//! (`lm_eval`) against a served model ([`evaluate`]).
 //!
 //! For each task it exports the stage's datasets in the trainer's format ([`export`]), renders
 //! the command ([`templates`]: placeholders like `{base_model}`, `{pairs_data}`, `{output_dir}`,
@@ -12,6 +13,7 @@
 //!
 //! Its params are the stage contract's `ExternalTrain` (`docs/params.md`).
 
+pub mod evaluate;
 pub mod export;
 pub mod logs;
 mod process;
@@ -65,13 +67,17 @@ impl Backend for ExternalTrainerBackend {
         if kind == StageKind::Serve {
             return serve::serve(task, ctx);
         }
-        if !kind.trains() {
+        if !kind.trains() && kind != StageKind::Evaluate {
             return Err(TaskError::permanent(format!(
-                "the external backend runs sft, preference and serve stages, not {kind}"
+                "the external backend runs sft, preference, evaluate and serve stages, not {kind}"
             )));
         }
-        let work = std::env::temp_dir().join(format!("flywheel-train-{}", uuid::Uuid::new_v4()));
-        let result = train(task, ctx, kind, &work);
+        let work = std::env::temp_dir().join(format!("flywheel-{kind}-{}", uuid::Uuid::new_v4()));
+        let result = if kind == StageKind::Evaluate {
+            evaluate::evaluate(task, ctx, &work)
+        } else {
+            train(task, ctx, kind, &work)
+        };
         let _ = std::fs::remove_dir_all(&work);
         result
     }

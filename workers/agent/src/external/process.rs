@@ -39,29 +39,7 @@ pub(super) fn run_trainer(
         .spawn()
         .map_err(|e| TaskError::permanent(format!("cannot start trainer {:?}: {e}", argv[0])))?;
     let (tx, rx) = mpsc::channel::<String>();
-    for stream in [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    drop(tx);
+    pipe_lines(&mut child, move |line| tx.send(line).is_ok());
     let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
     let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
     // The trainer's own progress bar, where it logs no step count.
@@ -112,6 +90,36 @@ pub(super) fn run_trainer(
         )));
     }
     Ok(metrics)
+}
+
+/// Reads the child's stdout and stderr line by line on threads of their own, handing each line
+/// to `sink` until it returns false or the streams close.
+pub(super) fn pipe_lines(
+    child: &mut Child,
+    sink: impl Fn(String) -> bool + Clone + Send + 'static,
+) {
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let sink = sink.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if !sink(line) {
+                    break;
+                }
+            }
+        });
+    }
 }
 
 /// SIGTERM to the trainer's process group, then SIGKILL once `grace` has passed.

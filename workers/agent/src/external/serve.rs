@@ -15,7 +15,6 @@
 //! weights are never used silently.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -116,10 +115,12 @@ pub(super) fn serve(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskEr
     } else {
         model.content_hash.clone()
     };
-    let served_name = p
-        .served_name
-        .clone()
-        .unwrap_or_else(|| format!("flywheel-{}", model.id));
+    // trtllm-serve has no served-name flag: it answers as the model path it was given.
+    let served_name = match (&p.served_name, p.template.as_deref()) {
+        (Some(name), _) => name.clone(),
+        (None, Some("trtllm")) => dir.display().to_string(),
+        (None, _) => format!("flywheel-{}", model.id),
+    };
     let began = Instant::now();
     let (mut server, url, reported) = match &p.url {
         Some(url) => {
@@ -202,27 +203,8 @@ fn launch(
     ctx: &TaskContext,
 ) -> Result<(Server, String, Option<String>), TaskError> {
     let stage = &task.assignment.stage;
-    let command: Vec<String> = match (&p.command, &p.template) {
-        (Some(args), _) => args.iter().map(|a| a.0.clone()).collect(),
-        (None, Some(name)) => {
-            let (_, args) = SERVE_TEMPLATES
-                .iter()
-                .find(|(n, _)| n == name)
-                .ok_or_else(|| {
-                    TaskError::permanent(format!(
-                        "stage {stage}: params.template {name:?} is not one of vllm, sglang, trtllm, flywheel"
-                    ))
-                })?;
-            let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-            args.extend(p.extra_args.iter().flatten().map(|a| a.0.clone()));
-            args
-        }
-        (None, None) => {
-            return Err(TaskError::permanent(format!(
-                "stage {stage}: params.template or params.command is required to start a server"
-            )));
-        }
-    };
+    let command =
+        server_command(p).map_err(|e| TaskError::permanent(format!("stage {stage}: {e}")))?;
     let advertised = match (&p.advertise_host, p.host.as_str()) {
         (Some(h), _) => h.clone(),
         (None, "0.0.0.0" | "::") => nix_hostname(),
@@ -263,6 +245,28 @@ fn launch(
     Err(TaskError::retryable(format!(
         "stage {stage}: every port tried was taken; last log:\n{last_taken}"
     )))
+}
+
+/// The server's argument list, placeholders unfilled: the template's (with `extra_args`) or the
+/// given command.
+pub fn server_command(p: &ExternalServe) -> Result<Vec<String>, String> {
+    match (&p.command, &p.template) {
+        (Some(args), _) => Ok(args.iter().map(|a| a.0.clone()).collect()),
+        (None, Some(name)) => {
+            let (_, args) = SERVE_TEMPLATES
+                .iter()
+                .find(|(n, _)| n == name)
+                .ok_or_else(|| {
+                    format!("params.template {name:?} is not one of vllm, sglang, trtllm, flywheel")
+                })?;
+            let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            args.extend(p.extra_args.iter().flatten().map(|a| a.0.clone()));
+            Ok(args)
+        }
+        (None, None) => {
+            Err("params.template or params.command is required to start a server".into())
+        }
+    }
 }
 
 enum Startup {
@@ -457,30 +461,15 @@ impl Server {
             .spawn()
             .map_err(|e| TaskError::permanent(format!("cannot start server {:?}: {e}", argv[0])))?;
         let log: Arc<Mutex<VecDeque<String>>> = Arc::default();
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    let mut l = log.lock().expect("log");
-                    if l.len() == TAIL_LINES {
-                        l.pop_front();
-                    }
-                    l.push_back(line);
-                }
-            });
-        }
+        let ring = log.clone();
+        super::process::pipe_lines(&mut child, move |line| {
+            let mut l = ring.lock().expect("log");
+            if l.len() == TAIL_LINES {
+                l.pop_front();
+            }
+            l.push_back(line);
+            true
+        });
         Ok(Self {
             program: argv[0].clone(),
             child,
@@ -516,5 +505,275 @@ impl Drop for Server {
         if self.exited().is_none() {
             super::process::stop(&mut self.child, Duration::from_secs(2));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flywheel_proto::v1::{ArtifactRef, Assignment};
+    use std::sync::atomic::Ordering;
+
+    const RECORDER: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/recording_server.py"
+    );
+
+    fn model(dir: &Path, role: &str) -> ArtifactRef {
+        let path = dir.join(role);
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(path.join("weights"), role).unwrap();
+        ArtifactRef {
+            id: format!("{role}-id"),
+            role: role.into(),
+            kind: "model".into(),
+            uri: format!("file://{}", path.display()),
+            content_hash: artifacts::hash_dir(&path).unwrap(),
+            name: role.into(),
+        }
+    }
+
+    /// What a serve stage did with `params`: the server's argv and FW_* environment, the POSTs
+    /// a long-lived server got, and the endpoint reported (port left out: it is free-picked).
+    fn served(dir: &Path, params: &Value) -> Result<Value, String> {
+        let record = dir.join(format!("record-{}", uuid::Uuid::new_v4().simple()));
+        let text = params
+            .to_string()
+            .replace("RECORD", &record.display().to_string());
+        let task = Task::new(Assignment {
+            task_id: "t".into(),
+            attempt: 1,
+            stage: "generator".into(),
+            kind: "serve".into(),
+            shard_count: 1,
+            params_json: text,
+            inputs: vec![
+                model(dir, "generator"),
+                model(dir, "base"),
+                model(dir, "model"),
+            ],
+            backend: "external".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let ctx = TaskContext::default();
+        let running = {
+            let (task, ctx) = (task.clone(), ctx.clone());
+            std::thread::spawn(move || serve(&task, &ctx))
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let endpoint = loop {
+            if let Some(e) = ctx.endpoint.lock().unwrap().clone() {
+                break e;
+            }
+            if running.is_finished() {
+                return Err(running.join().unwrap().unwrap_err().message);
+            }
+            assert!(Instant::now() < deadline, "no endpoint");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        ctx.finish.store(true, Ordering::Relaxed);
+        running.join().unwrap().map_err(|e| e.message)?;
+        let started: Value = std::fs::read_to_string(&record)
+            .map(|t| serde_json::from_str(&t).unwrap())
+            .unwrap_or(Value::Null);
+        // What a long-lived server (recording to `long`) was asked, taken for this run.
+        let long_posts = dir.join("long.posts");
+        let posts: Vec<Value> = std::fs::read_to_string(&long_posts)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let _ = std::fs::remove_file(&long_posts);
+        let port = endpoint
+            .url
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .trim_end_matches("/v1")
+            .to_string();
+        let strip = |v: String| {
+            v.replace(&record.display().to_string(), "RECORD")
+                .replace(&port, "PORT")
+        };
+        Ok(json!({
+            "argv": strip(started["argv"].to_string()), "env": started["env"],
+            "posts": strip(serde_json::to_string(&posts).unwrap()),
+            "url": strip(endpoint.url.clone()), "served_name": endpoint.served_name,
+            "model_id": endpoint.model_id, "content_hash": endpoint.content_hash,
+        }))
+    }
+
+    #[test]
+    fn every_serve_param_changes_the_server_or_its_endpoint() {
+        let dir =
+            std::env::temp_dir().join(format!("flywheel-serve-params-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let command = |extra: &[&str]| {
+            let mut c = vec![
+                "python3",
+                RECORDER,
+                "RECORD",
+                "--host",
+                "{host}",
+                "--port",
+                "{port}",
+                "--name",
+                "{served_name}",
+                "--model",
+                "{model_path}",
+                "--tp",
+                "{tensor_parallel}",
+            ];
+            c.extend_from_slice(extra);
+            json!(c)
+        };
+        let baseline = json!({ "command": command(&[]), "startup_timeout_s": 20 });
+        let base = served(&dir, &baseline).unwrap();
+        // A long-lived server for url, swap and api_key_env.
+        let mut long_lived = std::process::Command::new("python3")
+            .args([
+                RECORDER,
+                &dir.join("long").display().to_string(),
+                "--host",
+                "127.0.0.1",
+            ])
+            .args([
+                "--port",
+                &free_port("127.0.0.1").unwrap().to_string(),
+                "--name",
+                "live",
+            ])
+            .spawn()
+            .unwrap();
+        let started: Value = loop {
+            if let Ok(t) = std::fs::read_to_string(dir.join("long")) {
+                break serde_json::from_str(&t).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let args: Vec<String> = serde_json::from_value(started["argv"].clone()).unwrap();
+        let live = format!("http://127.0.0.1:{}/v1", args[3]);
+        let attach = json!({ "url": live, "swap": "sglang", "served_name": "live" });
+        let attached = served(&dir, &attach).unwrap();
+        let changes: &[(&Value, &str, Value)] = &[
+            (&baseline, "model", json!("base")),
+            (&baseline, "command", command(&["--extra"])),
+            (&baseline, "env", json!({ "FW_FLAG": "on" })),
+            (&baseline, "served_name", json!("custom-name")),
+            (&baseline, "tensor_parallel", json!(4)),
+            (&baseline, "host", json!("127.0.0.2")),
+            (&baseline, "advertise_host", json!("localhost")),
+            (
+                &attach,
+                "url",
+                json!(live.replace("127.0.0.1", "localhost")),
+            ),
+            (&attach, "swap", json!("vllm_lora")),
+            (&attach, "api_key_env", json!("PATH")),
+        ];
+        // Shown elsewhere: templates and extra_args by rendering (below), startup_timeout_s by
+        // a server that never becomes ready (below), grace_period_s by the trainers' stop.
+        let elsewhere = [
+            "template",
+            "extra_args",
+            "startup_timeout_s",
+            "grace_period_s",
+        ];
+        for p in ExternalServe::DOC.params {
+            assert!(
+                elsewhere.contains(&p.name) || changes.iter().any(|(_, c, _)| *c == p.name),
+                "serve: {} is declared but not shown to change anything",
+                p.name
+            );
+        }
+        for (from, name, value) in changes {
+            let mut params = (*from).clone();
+            params[*name] = value.clone();
+            let got = served(&dir, &params).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let before = if std::ptr::eq(*from, &baseline) {
+                &base
+            } else {
+                &attached
+            };
+            assert_ne!(&got, before, "serve: {name} = {value} changed nothing");
+        }
+        let _ = long_lived.kill();
+        let _ = long_lived.wait();
+        // A server that never answers fails after startup_timeout_s with its log.
+        let began = Instant::now();
+        let e = served(
+            &dir,
+            &json!({ "command": ["sh", "-c", "echo warming up; sleep 30"], "startup_timeout_s": 1 }),
+        )
+        .unwrap_err();
+        assert!(began.elapsed() < Duration::from_secs(10));
+        assert!(e.contains("not ready") && e.contains("warming up"), "{e}");
+        // A port taken between choosing and binding it: the server is started on another.
+        let marker = dir.join("port-taken-once");
+        let script = format!(
+            "if [ ! -e {m} ]; then touch {m}; echo 'OSError: [Errno 98] Address already in use' >&2; exit 1; fi; exec python3 {RECORDER} RECORD --host \"$1\" --port \"$2\" --name \"$3\"",
+            m = marker.display()
+        );
+        let retried = served(
+            &dir,
+            &json!({ "command": ["sh", "-c", script, "sh", "{host}", "{port}", "{served_name}"] }),
+        )
+        .unwrap();
+        assert!(marker.exists());
+        assert_eq!(retried["served_name"], "flywheel-generator-id");
+        // One that exits early fails at once with its status and log.
+        let e = served(
+            &dir,
+            &json!({ "command": ["sh", "-c", "echo broken >&2; exit 3"] }),
+        )
+        .unwrap_err();
+        assert!(e.contains("exit status: 3") && e.contains("broken"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn serve_templates_render_each_servers_documented_arguments() {
+        let values: BTreeMap<String, String> = [
+            ("model_path", "/m/policy"),
+            ("host", "0.0.0.0"),
+            ("port", "8000"),
+            ("served_name", "flywheel-abc"),
+            ("tensor_parallel", "8"),
+            ("flywheel", "/bin/flywheel"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let line = |template: &str, extra: Option<Vec<&str>>| {
+            let p = ExternalServe {
+                template: Some(template.into()),
+                extra_args: extra.map(|e| {
+                    e.into_iter()
+                        .map(|a| flywheel_proto::stage::Arg(a.into()))
+                        .collect()
+                }),
+                ..Default::default()
+            };
+            render(&server_command(&p).unwrap(), &values)
+                .unwrap()
+                .join(" ")
+        };
+        assert_eq!(
+            line("vllm", Some(vec!["--max-model-len", "8192"])),
+            "vllm serve /m/policy --host 0.0.0.0 --port 8000 --served-model-name flywheel-abc --tensor-parallel-size 8 --max-model-len 8192"
+        );
+        assert_eq!(
+            line("sglang", None),
+            "python -m sglang.launch_server --model-path /m/policy --host 0.0.0.0 --port 8000 --served-model-name flywheel-abc --tp 8"
+        );
+        assert_eq!(
+            line("trtllm", None),
+            "trtllm-serve /m/policy --host 0.0.0.0 --port 8000 --tp_size 8"
+        );
+        assert_eq!(
+            line("flywheel", None),
+            "/bin/flywheel serve-model --model /m/policy --name flywheel-abc --addr 0.0.0.0:8000"
+        );
     }
 }

@@ -1,0 +1,547 @@
+//! The production loop through real servers: serve stages start `flywheel serve-model` (or a
+//! fixture server from a custom command) for each round's generator and candidate, or swap a
+//! long-lived server's weights; generation and evaluation go through the `openai` backend and
+//! training through external `flywheel train` processes. The hashes the servers report prove
+//! which model answered each round.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{
+    Cluster, artifacts_of, http, init_model, init_model_with, processes_mentioning, read_rows,
+    serve_model, until,
+};
+use flywheel_proto::v1::{Artifact, CampaignAction};
+use flywheel_worker::artifacts;
+use serde_json::Value;
+
+/// A campaign whose generator is served by the stage `generator` (its params given) and whose
+/// candidate is served for evaluation; the gate always passes, so that round N+1's generator
+/// is round N's trained model.
+fn production_spec(
+    name: &str,
+    model: &Path,
+    reward: &Path,
+    rounds: u32,
+    generator: &str,
+    generate: &str,
+) -> String {
+    format!(
+        "apiVersion: flywheel/v1
+name: {name}
+models:
+  generator: {{ name: tiny, uri: \"file://{model}\" }}
+  base: {{ name: base, uri: \"file://{model}\" }}
+  reward: {{ name: reward, uri: \"file://{reward}\" }}
+rounds: {rounds}
+defaults: {{ pool: cpu, backend: builtin, max_attempts: 3, backoff_initial_ms: 200, backoff_max_ms: 1000 }}
+recipe:
+  stages:
+    - {{ name: prompts, kind: synthesize_prompts, params: {{ count: 8 }} }}
+    - {{ name: heldout, kind: synthesize_prompts, needs: [], params: {{ split: held_out, seed: 3, count: 6 }} }}
+    - name: generator
+      kind: serve
+      backend: external
+      pool: gpu
+      needs: []
+      params: {generator}
+    - name: generate
+      kind: generate
+      backend: openai
+      shards: 2
+      needs: [prompts]
+      params: {generate}
+    - {{ name: score, kind: score }}
+    - {{ name: filter, kind: filter }}
+    - name: sft
+      kind: sft
+      backend: external
+      pool: gpu
+      params: {{ template: flywheel, init: generator, steps: 2, batch_size: 4 }}
+    - name: candidate
+      kind: serve
+      backend: external
+      pool: gpu
+      needs: [sft]
+      params: {{ template: flywheel, model: candidate, startup_timeout_s: 60 }}
+    - name: evaluate
+      kind: evaluate
+      backend: openai
+      needs: [heldout]
+      params: {{ candidate_endpoint: candidate, generator_endpoint: generator, max_tokens: 6 }}
+    - name: promote
+      kind: promote
+      params: {{ require: {{ evaluate.prompts: \">= 1\" }} }}
+",
+        model = model.display(),
+        reward = reward.display(),
+    )
+}
+
+const LAUNCH: &str = "{ template: flywheel, model: generator, startup_timeout_s: 60 }";
+const GENERATE: &str = "{ endpoint: generator, k: 2, max_tokens: 6, seed: 1 }";
+
+/// Workers: `gpu` runs servers and trainers (a server holds its slot), `cpu` the rest.
+fn add_workers(c: &mut Cluster, gpu_workers: usize) {
+    for i in 0..gpu_workers {
+        c.add_worker(
+            &format!("gpu-{i}"),
+            "gpu",
+            &["--backend", "external", "--slots", "3"],
+        );
+    }
+    c.add_worker(
+        "cpu-0",
+        "cpu",
+        &[
+            "--backend",
+            "builtin",
+            "--backend",
+            "openai",
+            "--slots",
+            "3",
+        ],
+    );
+}
+
+/// The `served_hashes` of the generate stage's responses in round `round` (0-based).
+fn served_hashes(arts: &[Artifact], round: i32) -> Vec<String> {
+    let mut hashes: Vec<String> = arts
+        .iter()
+        .filter(|a| a.round_index == round && a.producer_stage == "generate")
+        .flat_map(|a| {
+            let m: Value = serde_json::from_str(&a.metadata_json).unwrap();
+            assert_eq!(m["weights_verified"], true, "{m}");
+            m["served_hashes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| h.as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    hashes.sort();
+    hashes.dedup();
+    hashes
+}
+
+fn hash_of(arts: &[Artifact], id: &str) -> String {
+    arts.iter()
+        .find(|a| a.id == id)
+        .unwrap()
+        .content_hash
+        .clone()
+}
+
+async fn endpoint_rows(c: &Cluster, campaign: &str) -> Vec<(String, i32, String, String, String)> {
+    let mut conn = c.db.connect().await;
+    sqlx::query_as(
+        "SELECT stage, attempt, url, content_hash, state FROM endpoints
+         WHERE campaign_id = $1::uuid ORDER BY ready_at",
+    )
+    .bind(campaign)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap()
+}
+
+/// Waits until no `flywheel serve-model` process serves a model of this test's directory (a
+/// stopped server may take a moment to exit after it closed its port).
+async fn no_server_left(c: &Cluster) {
+    let dir = c.dir.display().to_string();
+    until("the servers to exit", Duration::from_secs(15), || {
+        let dir = dir.clone();
+        async move {
+            let left: Vec<u32> = processes_mentioning("serve-model")
+                .into_iter()
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .map(|line| String::from_utf8_lossy(&line).contains(&dir))
+                        .unwrap_or(false)
+                })
+                .collect();
+            left.is_empty().then_some(())
+        }
+    })
+    .await;
+}
+
+/// `GET /v1/models` of a server.
+fn models_of(base: &str) -> Value {
+    let addr = base.trim_start_matches("http://").trim_end_matches("/v1");
+    let (status, body) = http(addr, "GET", "/v1/models", None, None);
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test]
+async fn each_round_is_answered_by_the_previous_rounds_promoted_model() {
+    let mut c = Cluster::start().await;
+    let model = init_model(&c.dir, "gen", false);
+    let reward = init_model(&c.dir, "rm", true);
+    add_workers(&mut c, 1);
+    let spec = production_spec("served", &model, &reward, 2, LAUNCH, GENERATE);
+    let campaign = c.create(&spec).await;
+    c.wait_status(&campaign.id, "succeeded", Duration::from_secs(300))
+        .await;
+    let rounds = c.rounds(&campaign.id).await;
+    let arts = artifacts_of(&c, &campaign.id).await;
+    // Round 1 is answered by the initial generator, round 2 by round 1's promoted model.
+    let initial = artifacts::hash_dir(&model).unwrap();
+    assert_eq!(served_hashes(&arts, 0), vec![initial.clone()]);
+    assert_eq!(rounds[0].decision, "promoted");
+    assert_eq!(rounds[1].generator_id, rounds[0].trained_model_id);
+    let promoted = hash_of(&arts, &rounds[0].trained_model_id);
+    assert_ne!(promoted, initial);
+    assert_eq!(served_hashes(&arts, 1), vec![promoted.clone()]);
+    // Every response says which weights answered and which model that is.
+    for a in arts.iter().filter(|a| a.producer_stage == "generate") {
+        for r in read_rows(a) {
+            let want = if a.round_index == 0 {
+                &initial
+            } else {
+                &promoted
+            };
+            assert_eq!(r["served_by"], want.as_str());
+        }
+    }
+    // Evaluation went through both servers of the round.
+    assert!(rounds[1].metrics.contains_key("evaluate.accuracy"));
+    assert!(
+        rounds[1]
+            .metrics
+            .contains_key("evaluate.generator_accuracy")
+    );
+    // Four endpoints, each stopped after its consumers finished, each with the weights it served.
+    let rows = endpoint_rows(&c, &campaign.id).await;
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(
+        rows.iter().all(|r| r.4 == "stopped" && r.1 == 1),
+        "{rows:?}"
+    );
+    let candidate_1 = rows.iter().find(|r| r.0 == "candidate").unwrap();
+    assert_eq!(candidate_1.3, promoted);
+    no_server_left(&c).await;
+}
+
+#[tokio::test]
+async fn a_long_lived_server_is_swapped_to_each_rounds_generator() {
+    let mut c = Cluster::start().await;
+    let model = init_model(&c.dir, "gen", false);
+    let reward = init_model(&c.dir, "rm", true);
+    // The server starts on other weights: only the swap makes it answer as the generator.
+    let other = init_model_with(&c.dir, "other", false, &["--seed", "5"]);
+    let (_server, base) = serve_model(&c.dir, &other, "long-lived").await;
+    add_workers(&mut c, 1);
+    let swap = format!("{{ url: \"{base}\", swap: sglang, served_name: long-lived }}");
+    let spec = production_spec("swapped", &model, &reward, 2, &swap, GENERATE);
+    let campaign = c.create(&spec).await;
+    c.wait_status(&campaign.id, "succeeded", Duration::from_secs(300))
+        .await;
+    let rounds = c.rounds(&campaign.id).await;
+    let arts = artifacts_of(&c, &campaign.id).await;
+    assert_eq!(
+        served_hashes(&arts, 0),
+        vec![artifacts::hash_dir(&model).unwrap()]
+    );
+    let promoted = hash_of(&arts, &rounds[0].trained_model_id);
+    assert_eq!(served_hashes(&arts, 1), vec![promoted.clone()]);
+    // The server is still up (Flywheel does not own it), serving round 2's generator.
+    let models = models_of(&base);
+    assert_eq!(models["data"][0]["content_hash"], promoted.as_str());
+}
+
+#[tokio::test]
+async fn a_refused_swap_fails_generation_with_the_servers_message() {
+    let mut c = Cluster::start().await;
+    let reward = init_model(&c.dir, "rm", true);
+    let good = init_model(&c.dir, "good", false);
+    let (_server, base) = serve_model(&c.dir, &good, "long-lived").await;
+    // A generator directory that is not a checkpoint: the server refuses to load it.
+    let broken = c.dir.join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("config.json"), "{}").unwrap();
+    add_workers(&mut c, 1);
+    let swap = format!("{{ url: \"{base}\", swap: sglang, served_name: long-lived }}");
+    let spec = production_spec("refused", &broken, &reward, 1, &swap, GENERATE);
+    let campaign = c.create(&spec).await;
+    c.wait_status(&campaign.id, "failed", Duration::from_secs(120))
+        .await;
+    let rounds = c.rounds(&campaign.id).await;
+    let serve = rounds[0]
+        .stages
+        .iter()
+        .find(|s| s.name == "generator")
+        .unwrap();
+    let error = &serve.tasks[0].last_error;
+    assert!(error.contains("refused the new weights"), "{error}");
+    assert!(error.contains("cannot load the checkpoint"), "{error}");
+    // Nothing was generated on the old weights.
+    let generate = rounds[0]
+        .stages
+        .iter()
+        .find(|s| s.name == "generate")
+        .unwrap();
+    assert!(
+        generate.tasks.iter().all(|t| t.state == "blocked"),
+        "{generate:?}"
+    );
+    let models = models_of(&base);
+    assert_eq!(
+        models["data"][0]["content_hash"],
+        artifacts::hash_dir(&good).unwrap().as_str()
+    );
+}
+
+#[tokio::test]
+async fn a_server_whose_worker_dies_is_started_elsewhere_and_generation_completes() {
+    let mut c = Cluster::start().await;
+    let model = init_model(&c.dir, "gen", false);
+    let reward = init_model(&c.dir, "rm", true);
+    add_workers(&mut c, 2);
+    // Enough requests, one at a time, that generation is still running when the server dies.
+    let generate =
+        "{ endpoint: generator, k: 1, use_n: false, max_tokens: 6, seed: 1, concurrency: 1 }";
+    let spec = production_spec("killed", &model, &reward, 1, LAUNCH, generate)
+        .replace("params: { count: 8 }", "params: { count: 400 }");
+    let campaign = c.create(&spec).await;
+    // Once the generate shards have answers in flight, kill the worker running the server.
+    let worker: String = until(
+        "generation to be under way",
+        Duration::from_secs(120),
+        || {
+            let db = &c.db;
+            let id = campaign.id.clone();
+            async move {
+                let mut conn = db.connect().await;
+                let busy: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM tasks WHERE campaign_id = $1::uuid AND stage = 'generate'
+                 AND state = 'running' AND (progress_metrics->>'requests')::float8 > 0",
+                )
+                .bind(&id)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+                if busy == 0 {
+                    return None;
+                }
+                sqlx::query_scalar(
+                    "SELECT w.name FROM tasks t JOIN workers w ON w.id = t.worker_id
+                 WHERE t.campaign_id = $1::uuid AND t.stage = 'generator' AND t.state = 'running'",
+                )
+                .bind(&id)
+                .fetch_optional(&mut conn)
+                .await
+                .unwrap()
+            }
+        },
+    )
+    .await;
+    let first_url = endpoint_rows(&c, &campaign.id).await[0].2.clone();
+    c.workers
+        .iter_mut()
+        .find(|w| w.name == worker)
+        .unwrap()
+        .kill9();
+    c.wait_status(&campaign.id, "succeeded", Duration::from_secs(300))
+        .await;
+    // The server was started again (a new attempt, another URL); the old one is gone.
+    let rows = endpoint_rows(&c, &campaign.id).await;
+    let generator: Vec<_> = rows.iter().filter(|r| r.0 == "generator").collect();
+    assert_eq!(generator.len(), 2, "{rows:?}");
+    assert_eq!(generator[0].4, "gone");
+    assert_eq!(generator[1].4, "stopped");
+    assert_ne!(generator[1].2, first_url);
+    // Every generate shard has exactly one accepted result, and some retried against the new URL.
+    let accepted: Vec<(i32, i64, i32)> = sqlx::query_as(
+        "SELECT t.shard_index, count(a.*) FILTER (WHERE a.state = 'succeeded'), max(t.attempt)
+         FROM tasks t JOIN attempts a ON a.task_id = t.id
+         WHERE t.campaign_id = $1::uuid AND t.stage = 'generate' GROUP BY t.shard_index",
+    )
+    .bind(&campaign.id)
+    .fetch_all(&mut c.db.connect().await)
+    .await
+    .unwrap();
+    assert_eq!(accepted.len(), 2);
+    assert!(accepted.iter().all(|a| a.1 == 1), "{accepted:?}");
+    assert!(
+        accepted.iter().any(|a| a.2 >= 2),
+        "no shard retried: {accepted:?}"
+    );
+    let arts = artifacts_of(&c, &campaign.id).await;
+    let responses: Vec<_> = arts
+        .iter()
+        .filter(|a| a.producer_stage == "generate")
+        .collect();
+    assert_eq!(responses.len(), 2);
+    assert_eq!(
+        served_hashes(&arts, 0),
+        vec![artifacts::hash_dir(&model).unwrap()]
+    );
+    // The killed worker's server died with it.
+    no_server_left(&c).await;
+}
+
+/// Whether something listens on the endpoint's port.
+fn listening(url: &str) -> bool {
+    let addr = url.trim_start_matches("http://").trim_end_matches("/v1");
+    std::net::TcpStream::connect(addr).is_ok()
+}
+
+#[tokio::test]
+async fn pause_and_cancel_stop_the_campaigns_servers() {
+    let mut c = Cluster::start().await;
+    let model = init_model(&c.dir, "gen", false);
+    let reward = init_model(&c.dir, "rm", true);
+    add_workers(&mut c, 1);
+    // The prompts never come: the server is up and its consumer waits.
+    let spec = production_spec("stopped", &model, &reward, 1, LAUNCH, GENERATE).replace(
+        "{ name: prompts, kind: synthesize_prompts, params: { count: 8 } }",
+        "{ name: prompts, kind: synthesize_prompts, backend: test, params: { sleep_ms: 600000 } }",
+    );
+    let campaign = c.create(&spec).await;
+    let ready = |n: usize| {
+        let c = &c;
+        let id = campaign.id.clone();
+        async move {
+            until("the endpoint to be ready", Duration::from_secs(60), || {
+                let id = id.clone();
+                async move {
+                    let rows = endpoint_rows(c, &id).await;
+                    (rows.len() == n && rows[n - 1].4 == "ready").then(|| rows[n - 1].2.clone())
+                }
+            })
+            .await
+        }
+    };
+    let url = ready(1).await;
+    assert!(listening(&url));
+    let mut client = c.admin_client().await;
+    let action = || CampaignAction {
+        campaign_id: campaign.id.clone(),
+        reason: String::new(),
+    };
+    client.pause_campaign(action()).await.unwrap();
+    until(
+        "the paused campaign's server to stop",
+        Duration::from_secs(30),
+        || {
+            let url = url.clone();
+            async move { (!listening(&url)).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(endpoint_rows(&c, &campaign.id).await[0].4, "gone");
+    no_server_left(&c).await;
+    // Resumed, the server starts again.
+    client.resume_campaign(action()).await.unwrap();
+    let url = ready(2).await;
+    assert!(listening(&url));
+    client.cancel_campaign(action()).await.unwrap();
+    c.wait_status(&campaign.id, "cancelled", Duration::from_secs(30))
+        .await;
+    until(
+        "the cancelled campaign's server to stop",
+        Duration::from_secs(30),
+        || {
+            let url = url.clone();
+            async move { (!listening(&url)).then_some(()) }
+        },
+    )
+    .await;
+    // The port is free again.
+    let port: u16 = url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches("/v1")
+        .parse()
+        .unwrap();
+    std::net::TcpListener::bind(("127.0.0.1", port)).expect("the server's port is free");
+    no_server_left(&c).await;
+}
+
+#[tokio::test]
+async fn evaluation_through_the_api_matches_hand_computed_numbers() {
+    let mut c = Cluster::start().await;
+    let model = init_model(&c.dir, "gen", false);
+    add_workers(&mut c, 1);
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rule_server.py");
+    let serve = |rule: &str| {
+        format!(
+            "{{ command: [python3, \"{fixture}\", --port, \"{{port}}\", --name, \"{{served_name}}\", --rule, {rule}], model: {}, startup_timeout_s: 30 }}",
+            if rule == "candidate" {
+                "candidate"
+            } else {
+                "generator"
+            }
+        )
+    };
+    let spec = format!(
+        "apiVersion: flywheel/v1
+name: eval-numbers
+models:
+  generator: {{ name: tiny, uri: \"file://{m}\" }}
+  base: {{ name: base, uri: \"file://{m}\" }}
+  reward: {{ name: reward, uri: \"file://{m}\" }}
+rounds: 1
+defaults: {{ pool: cpu, backend: builtin, max_attempts: 1 }}
+recipe:
+  stages:
+    - {{ name: heldout, kind: synthesize_prompts, params: {{ split: held_out, seed: 11, count: 40, subtopics: [add, upper, reverse] }} }}
+    - {{ name: sft, kind: sft, backend: external, pool: gpu, needs: [], params: {{ command: [sh, -c, \"echo weights > {{output_dir}}/weights\"] }} }}
+    - {{ name: candidate, kind: serve, backend: external, pool: gpu, needs: [sft], params: {cand} }}
+    - {{ name: generator, kind: serve, backend: external, pool: gpu, needs: [], params: {generator} }}
+    - {{ name: judge, kind: serve, backend: external, pool: gpu, needs: [], params: {judge} }}
+    - name: evaluate
+      kind: evaluate
+      backend: openai
+      needs: [heldout]
+      params: {{ candidate_endpoint: candidate, generator_endpoint: generator, judge_endpoint: judge, bootstrap: 500, seed: 3 }}
+    - {{ name: promote, kind: promote, params: {{ require: {{ evaluate.win_rate: \">= 0.5\" }} }} }}
+",
+        m = model.display(),
+        cand = serve("candidate"),
+        generator = serve("generator"),
+        judge = serve("judge"),
+    );
+    let campaign = c.create(&spec).await;
+    c.wait_status(&campaign.id, "succeeded", Duration::from_secs(120))
+        .await;
+    let rounds = c.rounds(&campaign.id).await;
+    let arts = artifacts_of(&c, &campaign.id).await;
+    let prompts = read_rows(arts.iter().find(|a| a.producer_stage == "heldout").unwrap());
+    // By the fixture's rules: the candidate gets add and upper right, everything else wrong
+    // ("x", like the generator); the judge prefers the answer that is not "x" in both orders,
+    // and identical answers are a tie.
+    let n = prompts.len() as f64;
+    let right = prompts
+        .iter()
+        .filter(|p| matches!(p["subtopic"].as_str(), Some("add" | "upper")))
+        .count() as f64;
+    assert!(right > 0.0 && right < n);
+    let m = &rounds[0].metrics;
+    assert_eq!(m["evaluate.prompts"], n);
+    assert_eq!(m["evaluate.accuracy"], right / n);
+    assert_eq!(m["evaluate.generator_accuracy"], 0.0);
+    assert_eq!(m["evaluate.accuracy_gain"], right / n);
+    assert_eq!(m["evaluate.wins"], right);
+    assert_eq!(m["evaluate.ties"], n - right);
+    assert_eq!(m["evaluate.losses"], 0.0);
+    let win_rate = (right + 0.5 * (n - right)) / n;
+    assert_eq!(m["evaluate.win_rate"], win_rate);
+    assert!(m["evaluate.win_rate_ci_low"] < win_rate && win_rate < m["evaluate.win_rate_ci_high"]);
+    // Two judge requests per differing answer, none for ties.
+    assert_eq!(rounds[0].decision, "promoted");
+    let eval = read_rows(
+        arts.iter()
+            .find(|a| a.producer_stage == "evaluate")
+            .unwrap(),
+    );
+    assert_eq!(
+        eval.iter().filter(|r| r["correct"] == true).count() as f64,
+        right
+    );
+}
