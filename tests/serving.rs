@@ -223,6 +223,38 @@ async fn each_round_is_answered_by_the_previous_rounds_promoted_model() {
     );
     let candidate_1 = rows.iter().find(|r| r.0 == "candidate").unwrap();
     assert_eq!(candidate_1.3, promoted);
+    // The control API and the JSON API show the same endpoints.
+    let listed = c
+        .admin_client()
+        .await
+        .list_endpoints(campaign.id.clone())
+        .await
+        .unwrap();
+    let seen: Vec<(String, i32, String, String, String)> = listed
+        .iter()
+        .map(|e| {
+            (
+                e.stage.clone(),
+                e.attempt,
+                e.url.clone(),
+                e.content_hash.clone(),
+                e.state.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(seen, rows);
+    assert_eq!(listed[2].round_index, 1);
+    assert!(listed.iter().all(|e| !e.finished_at.is_empty()));
+    let (status, body) = http(
+        &c.http_addr(),
+        "GET",
+        &format!("/api/v1/campaigns/{}/endpoints", campaign.id),
+        Some(&c.read_token),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let json: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["endpoints"].as_array().unwrap().len(), 4);
     no_server_left(&c).await;
 }
 

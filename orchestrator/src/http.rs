@@ -73,6 +73,7 @@ pub(crate) fn router(ctl: Arc<Controller>) -> Router {
         .route("/api/v1/campaigns", get(list_campaigns))
         .route("/api/v1/campaigns/{id}", get(get_campaign))
         .route("/api/v1/campaigns/{id}/artifacts", get(list_artifacts))
+        .route("/api/v1/campaigns/{id}/endpoints", get(list_endpoints))
         .route("/api/v1/campaigns/{id}/events", get(list_events))
         .route("/api/v1/campaigns/{id}/retry-stage", post(retry_stage))
         .route("/api/v1/campaigns/{id}/extend", post(extend))
@@ -259,6 +260,15 @@ async fn list_artifacts(
         },
     );
     Ok(Json(s.api.list_artifacts(req).await?.into_inner()))
+}
+
+async fn list_endpoints(
+    State(s): State<Http>,
+    Path(campaign_id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult<ListEndpointsResponse> {
+    let req = grpc(&headers, CampaignRef { campaign_id });
+    Ok(Json(s.api.list_endpoints(req).await?.into_inner()))
 }
 
 #[derive(Deserialize)]

@@ -190,6 +190,14 @@ impl ControlClient {
         Ok(self.inner.list_artifacts(req).await?.into_inner().artifacts)
     }
 
+    pub async fn list_endpoints(
+        &mut self,
+        campaign_id: String,
+    ) -> Result<Vec<ServedEndpoint>, Status> {
+        let req = CampaignRef { campaign_id };
+        Ok(self.inner.list_endpoints(req).await?.into_inner().endpoints)
+    }
+
     pub async fn stream_events(
         &mut self,
         campaign_id: String,

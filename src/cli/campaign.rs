@@ -187,11 +187,27 @@ pub(super) async fn run(command: CampaignCommand) -> Result<()> {
             }
             let artifacts = c
                 .list_artifacts(ListArtifactsRequest {
-                    campaign_id: id,
+                    campaign_id: id.clone(),
                     kind: String::new(),
                 })
                 .await
                 .map_err(status_error)?;
+            let endpoints = c.list_endpoints(id).await.map_err(status_error)?;
+            if !endpoints.is_empty() {
+                println!("\nendpoints:");
+                for e in endpoints {
+                    println!(
+                        "  r{:<3} {:<10} attempt {:<2} {:<8} {} {} ({})",
+                        e.round_index,
+                        e.stage,
+                        e.attempt,
+                        e.state,
+                        e.url,
+                        e.served_name,
+                        e.content_hash
+                    );
+                }
+            }
             println!("\nartifacts:");
             for a in artifacts {
                 println!(

@@ -213,6 +213,22 @@ impl ControlService for ControlApi {
         }))
     }
 
+    async fn list_endpoints(
+        &self,
+        req: Request<CampaignRef>,
+    ) -> Result<Response<ListEndpointsResponse>, Status> {
+        self.ctl.auth.require(&req, Scope::Read).await?;
+        let id = parse_id("campaign_id", &req.get_ref().campaign_id)?;
+        ops::get(&self.ctl, id).await?;
+        let mut conn = self.ctl.pool.acquire().await.map_err(Error::from)?;
+        let rows = store::endpoints::list(&mut conn, id)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(ListEndpointsResponse {
+            endpoints: rows.into_iter().map(convert::endpoint).collect(),
+        }))
+    }
+
     async fn stream_events(
         &self,
         req: Request<StreamEventsRequest>,

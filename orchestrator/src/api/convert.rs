@@ -11,9 +11,9 @@ use crate::error::{Error, Result};
 use crate::spec::StageKind;
 use crate::store::tasks::TaskState;
 use crate::store::{
-    artifacts::ArtifactRow, attempts::AttemptRow, campaigns::CampaignRow, events::EventRow,
-    rounds::RoundRow, schedule_runs::ScheduleRunRow, schedules::ScheduleRow, tasks::TaskRow,
-    workers::WorkerRow,
+    artifacts::ArtifactRow, attempts::AttemptRow, campaigns::CampaignRow, endpoints::EndpointRow,
+    events::EventRow, rounds::RoundRow, schedule_runs::ScheduleRunRow, schedules::ScheduleRow,
+    tasks::TaskRow, workers::WorkerRow,
 };
 
 fn ts(t: DateTime<Utc>) -> String {
@@ -190,6 +190,22 @@ pub(super) fn artifact(a: ArtifactRow) -> pb::Artifact {
         judge_id: opt_id(a.judge_id),
         metadata_json: a.metadata.to_string(),
         created_at: ts(a.created_at),
+    }
+}
+
+pub(super) fn endpoint(e: EndpointRow) -> pb::ServedEndpoint {
+    pb::ServedEndpoint {
+        task_id: e.task_id.to_string(),
+        attempt: e.attempt,
+        round_index: e.round_index,
+        stage: e.stage,
+        url: e.url,
+        served_name: e.served_name,
+        model_id: opt_id(e.model_id),
+        content_hash: e.content_hash,
+        state: e.state,
+        ready_at: ts(e.ready_at),
+        finished_at: e.finished_at.map(ts).unwrap_or_default(),
     }
 }
 
