@@ -456,7 +456,7 @@ async fn reap_once(ctl: &Controller) -> Result<()> {
         .collect();
     store::attempts::finish_many(&mut tx, &closed).await?;
     // A server whose worker went silent is gone: its consumers wait for the next one.
-    store::endpoints::retire(&mut tx, &crate::writer::serve_tasks(&expired), false).await?;
+    store::endpoints::retire(&mut tx, &store::tasks::serve_ids(&expired), false).await?;
     let events: Vec<NewEvent> = expired
         .iter()
         .map(|s| NewEvent {

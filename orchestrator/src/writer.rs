@@ -230,7 +230,7 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
     store::artifacts::insert_outputs(&mut tx, &outputs).await?;
     let completed_ids: Vec<Uuid> = completed.iter().map(|c| c.id).collect();
     unblocked.extend(store::tasks::unblock_dependents(&mut tx, &completed_ids).await?);
-    store::endpoints::retire(&mut tx, &serve_tasks(&completed), true).await?;
+    store::endpoints::retire(&mut tx, &store::tasks::serve_ids(&completed), true).await?;
     let pairs: Vec<(Uuid, String)> = completed
         .iter()
         .map(|c| (c.round_id, c.stage.clone()))
@@ -249,7 +249,7 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
     }
 
     let failed = store::tasks::fail(&mut tx, &failures).await?;
-    store::endpoints::retire(&mut tx, &serve_tasks(&failed), false).await?;
+    store::endpoints::retire(&mut tx, &store::tasks::serve_ids(&failed), false).await?;
     let errors: HashMap<(Uuid, i32), &str> = failures.iter().map(|f| ((f.0, f.1), f.3)).collect();
     let closed: Vec<_> = failed
         .iter()
@@ -397,15 +397,6 @@ fn answer(ctl: &Controller, reports: Vec<Report>, c: Committed) {
     if c.events {
         ctl.events_changed();
     }
-}
-
-/// The serve tasks among settled attempts: their endpoints close with them.
-pub(crate) fn serve_tasks(settled: &[store::tasks::SettledRow]) -> Vec<Uuid> {
-    settled
-        .iter()
-        .filter(|s| s.kind == "serve")
-        .map(|s| s.id)
-        .collect()
 }
 
 /// Sends a report and waits for the batch it lands in to commit.

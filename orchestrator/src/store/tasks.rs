@@ -289,6 +289,15 @@ pub async fn complete(
     .await
 }
 
+/// The serve tasks among settled attempts: their endpoints close with them.
+pub fn serve_ids(settled: &[SettledRow]) -> Vec<Uuid> {
+    settled
+        .iter()
+        .filter(|s| s.kind == "serve")
+        .map(|s| s.id)
+        .collect()
+}
+
 /// Settles failed attempts: back to `queued` after an exponential backoff while the error is
 /// retryable and attempts remain, `cancelled` if cancellation was requested, else `failed`.
 /// `source` yields `(id, attempt, error, retryable, worker_id_before)`.

@@ -597,8 +597,8 @@ fn evaluate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, 
         metrics.insert("accuracy".to_string(), a);
     }
     let mut generator_answers = None;
-    if let Some(name) = &p.generator_endpoint {
-        let server = Server::resolve(task, "generator_endpoint", &Some(name.clone()), &None)?;
+    if p.generator_endpoint.is_some() {
+        let server = Server::resolve(task, "generator_endpoint", &p.generator_endpoint, &None)?;
         let (answers, _) = answer_all(
             task,
             &caller,

@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde_json::Value;
 
@@ -70,13 +69,9 @@ pub(super) fn evaluate(
     };
     let argv = render(&command, &values)
         .map_err(|e| TaskError::permanent(format!("stage {stage}: command: {e}")))?;
-    let env: Vec<(String, String)> = p
-        .env
-        .iter()
-        .map(|(k, v)| (k.clone(), v.0.clone()))
-        .collect();
-    let grace = Duration::from_secs(p.grace_period_s.max(0) as u64);
-    let logged = super::process::run_trainer(&argv, &env, work, ctx, grace, None)?;
+    let env = super::process_env(&p.env);
+    let logged =
+        super::process::run_trainer(&argv, &env, work, ctx, super::grace(p.grace_period_s), None)?;
     let results = newest_results(&output_dir).ok_or_else(|| {
         TaskError::permanent(format!(
             "stage {stage}: {:?} exited 0 but wrote no results*.json under {}",

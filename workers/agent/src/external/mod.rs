@@ -55,6 +55,16 @@ pub fn extra_args(
     }
 }
 
+/// A stage's `env` param as a process environment.
+fn process_env(vars: &flywheel_proto::stage::Vars) -> Vec<(String, String)> {
+    vars.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect()
+}
+
+/// A stage's `grace_period_s`: how long a stopped process gets between SIGTERM and SIGKILL.
+fn grace(seconds: i64) -> Duration {
+    Duration::from_secs(seconds.max(0) as u64)
+}
+
 pub struct ExternalTrainerBackend;
 
 impl Backend for ExternalTrainerBackend {
@@ -222,14 +232,15 @@ fn train(
         extra_args(&p, &values).map_err(|e| TaskError::permanent(format!("stage {stage}: {e}")))?,
     );
 
-    let env: Vec<(String, String)> = p
-        .env
-        .iter()
-        .map(|(k, v)| (k.clone(), v.0.clone()))
-        .collect();
-    let grace = Duration::from_secs(p.grace_period_s.max(0) as u64);
     let total_steps = values["steps"].parse::<f64>().ok();
-    let metrics = process::run_trainer(&argv, &env, work, ctx, grace, total_steps)?;
+    let metrics = process::run_trainer(
+        &argv,
+        &process_env(&p.env),
+        work,
+        ctx,
+        grace(p.grace_period_s),
+        total_steps,
+    )?;
 
     let empty = std::fs::read_dir(&output_dir)
         .map(|mut d| d.next().is_none())

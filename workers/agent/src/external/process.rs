@@ -24,20 +24,11 @@ pub(super) fn run_trainer(
     grace: Duration,
     total_steps: Option<f64>,
 ) -> Result<BTreeMap<String, f64>, TaskError> {
-    use std::os::unix::process::CommandExt;
     std::fs::create_dir_all(cwd)
         .map_err(|e| TaskError::retryable(format!("cannot create {}: {e}", cwd.display())))?;
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir(cwd)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group, so that a stop reaches launchers' children (deepspeed, torchrun).
-        .process_group(0)
-        .spawn()
-        .map_err(|e| TaskError::permanent(format!("cannot start trainer {:?}: {e}", argv[0])))?;
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..]).current_dir(cwd);
+    let mut child = spawn_in_group(cmd, env, "trainer", &argv[0])?;
     let (tx, rx) = mpsc::channel::<String>();
     pipe_lines(&mut child, move |line| tx.send(line).is_ok());
     let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
@@ -90,6 +81,24 @@ pub(super) fn run_trainer(
         )));
     }
     Ok(metrics)
+}
+
+/// Starts `cmd` with `env`, no stdin and piped output, in its own process group, so that a stop
+/// reaches launchers' children (deepspeed, torchrun, a server's workers).
+pub(super) fn spawn_in_group(
+    mut cmd: Command,
+    env: &[(String, String)],
+    what: &str,
+    program: &str,
+) -> Result<Child, TaskError> {
+    use std::os::unix::process::CommandExt;
+    cmd.envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| TaskError::permanent(format!("cannot start {what} {program:?}: {e}")))
 }
 
 /// Reads the child's stdout and stderr line by line on threads of their own, handing each line

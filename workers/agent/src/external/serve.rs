@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -137,7 +137,7 @@ pub(super) fn serve(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskEr
         && *h != expected
     {
         if let Some(s) = server.as_mut() {
-            s.stop(grace(&p));
+            s.stop(super::grace(p.grace_period_s));
         }
         return Err(TaskError::permanent(format!(
             "stage {stage}: the server at {url} reports weights {h}, not {expected} ({}): refusing to serve them as this round's {}",
@@ -162,7 +162,7 @@ pub(super) fn serve(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskEr
         );
         if ctx.finish_requested() || ctx.should_stop() {
             if let Some(s) = server.as_mut() {
-                s.stop(grace(&p));
+                s.stop(super::grace(p.grace_period_s));
             }
             if ctx.should_stop() {
                 return Err(TaskError::cancelled());
@@ -189,10 +189,6 @@ pub(super) fn serve(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskEr
     })
 }
 
-fn grace(p: &ExternalServe) -> Duration {
-    Duration::from_secs(p.grace_period_s.max(0) as u64)
-}
-
 /// Starts the server and waits until it is ready; returns it, its API root and the content
 /// hash it reports (if it reports one).
 fn launch(
@@ -210,11 +206,7 @@ fn launch(
         (None, "0.0.0.0" | "::") => nix_hostname(),
         (None, h) => h.to_string(),
     };
-    let env: Vec<(String, String)> = p
-        .env
-        .iter()
-        .map(|(k, v)| (k.clone(), v.0.clone()))
-        .collect();
+    let env = super::process_env(&p.env);
     let timeout = Duration::from_secs(p.startup_timeout_s.max(1) as u64);
     let mut last_taken = String::new();
     for _ in 0..PORT_TRIES {
@@ -237,7 +229,7 @@ fn launch(
                 tracing::warn!(stage, port, "port was taken; trying another");
             }
             Err(Startup::Failed(e)) => {
-                server.stop(grace(p));
+                server.stop(super::grace(p.grace_period_s));
                 return Err(e);
             }
         }
@@ -441,9 +433,8 @@ struct Server {
 
 impl Server {
     fn spawn(argv: &[String], env: &[(String, String)]) -> Result<Self, TaskError> {
-        use std::os::unix::process::CommandExt;
         // Dies with this worker, even on SIGKILL (the kernel sends it the signal).
-        let mut cmd = if Path::new("/usr/bin/setpriv").exists() {
+        let cmd = if Path::new("/usr/bin/setpriv").exists() {
             let mut c = Command::new("/usr/bin/setpriv");
             c.args(["--pdeathsig", "KILL", "--"]).args(argv);
             c
@@ -452,14 +443,7 @@ impl Server {
             c.args(&argv[1..]);
             c
         };
-        let mut child = cmd
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-            .map_err(|e| TaskError::permanent(format!("cannot start server {:?}: {e}", argv[0])))?;
+        let mut child = super::process::spawn_in_group(cmd, env, "server", &argv[0])?;
         let log: Arc<Mutex<VecDeque<String>>> = Arc::default();
         let ring = log.clone();
         super::process::pipe_lines(&mut child, move |line| {
