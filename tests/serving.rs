@@ -577,3 +577,37 @@ recipe:
         right
     );
 }
+
+#[tokio::test]
+async fn a_spec_naming_an_endpoint_it_does_not_serve_is_refused_at_submission() {
+    let c = Cluster::start().await;
+    let model = init_model(&c.dir, "gen", false);
+    let spec = production_spec("refused-spec", &model, &model, 1, LAUNCH, GENERATE);
+    let mut client = c.admin_client().await;
+    for (bad, path) in [
+        (
+            spec.replace("{ endpoint: generator, k: 2", "{ endpoint: prompts, k: 2"),
+            "recipe.stages[3].params.endpoint",
+        ),
+        (
+            spec.replace(
+                "candidate_endpoint: candidate",
+                "candidate_endpoint: nowhere",
+            ),
+            "recipe.stages[8].params.candidate_endpoint",
+        ),
+        (
+            spec.replace(
+                "kind: serve\n      backend: external",
+                "kind: serve\n      backend: test",
+            ),
+            "recipe.stages[2]",
+        ),
+    ] {
+        let e = client.create_campaign(bad).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(path), "{path}: {}", e.message());
+    }
+    // Nothing was stored.
+    assert!(client.list_campaigns().await.unwrap().is_empty());
+}
