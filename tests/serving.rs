@@ -417,6 +417,20 @@ async fn a_server_whose_worker_dies_is_started_elsewhere_and_generation_complete
 }
 
 /// Whether something listens on the endpoint's port.
+/// Waits until the campaign's `n`th endpoint (1-based, in order of readiness) is the last one
+/// and ready; returns its URL.
+async fn nth_endpoint_ready(c: &Cluster, campaign: &str, n: usize) -> String {
+    until(
+        "the endpoint to be ready",
+        Duration::from_secs(60),
+        || async move {
+            let rows = endpoint_rows(c, campaign).await;
+            (rows.len() == n && rows[n - 1].4 == "ready").then(|| rows[n - 1].2.clone())
+        },
+    )
+    .await
+}
+
 fn listening(url: &str) -> bool {
     let addr = url.trim_start_matches("http://").trim_end_matches("/v1");
     std::net::TcpStream::connect(addr).is_ok()
@@ -434,21 +448,7 @@ async fn pause_and_cancel_stop_the_campaigns_servers() {
         "{ name: prompts, kind: synthesize_prompts, backend: test, params: { sleep_ms: 600000 } }",
     );
     let campaign = c.create(&spec).await;
-    let ready = |n: usize| {
-        let c = &c;
-        let id = campaign.id.clone();
-        async move {
-            until("the endpoint to be ready", Duration::from_secs(60), || {
-                let id = id.clone();
-                async move {
-                    let rows = endpoint_rows(c, &id).await;
-                    (rows.len() == n && rows[n - 1].4 == "ready").then(|| rows[n - 1].2.clone())
-                }
-            })
-            .await
-        }
-    };
-    let url = ready(1).await;
+    let url = nth_endpoint_ready(&c, &campaign.id, 1).await;
     assert!(listening(&url));
     let mut client = c.admin_client().await;
     let action = || CampaignAction {
@@ -469,7 +469,7 @@ async fn pause_and_cancel_stop_the_campaigns_servers() {
     no_server_left(&c).await;
     // Resumed, the server starts again.
     client.resume_campaign(action()).await.unwrap();
-    let url = ready(2).await;
+    let url = nth_endpoint_ready(&c, &campaign.id, 2).await;
     assert!(listening(&url));
     client.cancel_campaign(action()).await.unwrap();
     c.wait_status(&campaign.id, "cancelled", Duration::from_secs(30))
@@ -493,6 +493,58 @@ async fn pause_and_cancel_stop_the_campaigns_servers() {
         .unwrap();
     std::net::TcpListener::bind(("127.0.0.1", port)).expect("the server's port is free");
     no_server_left(&c).await;
+}
+
+/// Regression: a paused server that takes a while to exit was still winding down when the
+/// resumed task's next attempt reached the same worker; the old attempt's cleanup then dropped
+/// the new attempt from the worker's heartbeats, so the new server never heard the cancel
+/// (and, its lease unrenewed, a third server started beside it).
+#[tokio::test]
+async fn an_attempt_still_stopping_does_not_hide_the_next_one() {
+    let mut c = Cluster::start().await;
+    let model = init_model(&c.dir, "gen", false);
+    let reward = init_model(&c.dir, "rm", true);
+    add_workers(&mut c, 1);
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rule_server.py");
+    let slow_to_exit = format!(
+        "{{ command: [python3, \"{fixture}\", --port, \"{{port}}\", --name, \"{{served_name}}\", --rule, generator, --term-delay, \"3\"], model: generator, startup_timeout_s: 30 }}"
+    );
+    let spec = production_spec("overlap", &model, &reward, 1, &slow_to_exit, GENERATE).replace(
+        "{ name: prompts, kind: synthesize_prompts, params: { count: 8 } }",
+        "{ name: prompts, kind: synthesize_prompts, backend: test, params: { sleep_ms: 600000 } }",
+    );
+    let campaign = c.create(&spec).await;
+    let first = nth_endpoint_ready(&c, &campaign.id, 1).await;
+    let mut client = c.admin_client().await;
+    let action = || CampaignAction {
+        campaign_id: campaign.id.clone(),
+        reason: String::new(),
+    };
+    // Resumed at once: the first server is still draining when the second attempt starts.
+    client.pause_campaign(action()).await.unwrap();
+    client.resume_campaign(action()).await.unwrap();
+    let second = nth_endpoint_ready(&c, &campaign.id, 2).await;
+    until("the first server to exit", Duration::from_secs(30), || {
+        let first = first.clone();
+        async move { (!listening(&first)).then_some(()) }
+    })
+    .await;
+    assert!(listening(&second), "the second server is serving");
+    client.cancel_campaign(action()).await.unwrap();
+    c.wait_status(&campaign.id, "cancelled", Duration::from_secs(30))
+        .await;
+    until(
+        "the second server to hear the cancel and exit",
+        Duration::from_secs(30),
+        || {
+            let second = second.clone();
+            async move { (!listening(&second)).then_some(()) }
+        },
+    )
+    .await;
+    let rows = endpoint_rows(&c, &campaign.id).await;
+    assert_eq!(rows.len(), 2, "no third server: {rows:?}");
+    assert!(rows.iter().all(|r| r.4 == "gone"), "{rows:?}");
 }
 
 #[tokio::test]

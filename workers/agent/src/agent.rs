@@ -37,13 +37,15 @@ pub enum WorkerError {
 }
 
 struct Running {
-    attempt: i32,
     ctx: TaskContext,
     /// Set when the controller says this attempt is no longer current: report nothing.
     abandoned: Arc<AtomicBool>,
 }
 
-type RunningMap = Arc<Mutex<HashMap<String, Running>>>;
+/// Keyed by (task id, attempt): an abandoned attempt may still be winding down (stopping its
+/// server, say) when the task's next attempt arrives on this worker, and each must keep its
+/// own entry until its own thread ends.
+type RunningMap = Arc<Mutex<HashMap<(String, i32), Running>>>;
 
 /// Runs the worker until `shutdown` resolves. Reconnects whenever the stream breaks.
 pub async fn run(
@@ -123,9 +125,10 @@ async fn session(
         .lock()
         .expect("running")
         .iter()
-        .map(|(id, r)| RunningTask {
+        .filter(|(_, r)| !r.abandoned.load(Ordering::Relaxed))
+        .map(|((id, attempt), _)| RunningTask {
             task_id: id.clone(),
-            attempt: r.attempt,
+            attempt: *attempt,
         })
         .collect();
     let reg = client
@@ -183,11 +186,11 @@ async fn heartbeat_loop(
             .expect("running")
             .iter()
             .filter(|(_, r)| !r.abandoned.load(Ordering::Relaxed))
-            .map(|(id, r)| {
+            .map(|((id, attempt), r)| {
                 let p = r.ctx.progress.lock().expect("progress").clone();
                 TaskProgress {
                     task_id: id.clone(),
-                    attempt: r.attempt,
+                    attempt: *attempt,
                     progress: p.fraction,
                     message: p.message,
                     metrics: p.metrics,
@@ -210,7 +213,7 @@ async fn heartbeat_loop(
         };
         let map = running.lock().expect("running");
         for d in reply.tasks {
-            let Some(r) = map.get(&d.task_id).filter(|r| r.attempt == d.attempt) else {
+            let Some(r) = map.get(&(d.task_id.clone(), d.attempt)) else {
                 continue;
             };
             match Directive::try_from(d.directive) {
@@ -248,9 +251,8 @@ fn start_task(
     let task_id = assignment.task_id.clone();
     let attempt = assignment.attempt;
     running.lock().expect("running").insert(
-        task_id.clone(),
+        (task_id.clone(), attempt),
         Running {
-            attempt,
             ctx: ctx.clone(),
             abandoned: abandoned.clone(),
         },
@@ -279,7 +281,7 @@ fn start_task(
         if !abandoned.load(Ordering::Relaxed) {
             report(client_rx, &worker_id, &task_id, attempt, result).await;
         }
-        running.lock().expect("running").remove(&task_id);
+        running.lock().expect("running").remove(&(task_id, attempt));
     });
 }
 
