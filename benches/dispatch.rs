@@ -9,6 +9,9 @@
 //! `cargo bench --bench dispatch -- [--workers N] [--slots S] [--tasks M]`; needs DATABASE_URL
 //! (an admin connection) or a server on 127.0.0.1:5432.
 
+mod common;
+
+use common::arg;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,15 +22,6 @@ use flywheel_proto::v1::{
 use flywheel_proto::{ControlClient, WorkerClient, connect_channel};
 use sqlx::{Connection, PgConnection};
 use tokio::sync::mpsc;
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn spec(tasks: usize) -> String {
     format!(

@@ -6,6 +6,9 @@
 //! tokens/s per setting, then P interleaved pairs (in-process, 64 clients) and the median of
 //! their ratios, so that the machine's drift hits both sides alike.
 
+mod common;
+
+use common::arg;
 use std::io::{Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -14,15 +17,6 @@ use std::time::{Duration, Instant};
 use flywheel_engine::sample::{SampleConfig, sample_ids};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flywheel");
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn prompts(n: usize) -> Vec<String> {
     (0..n)

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Cluster, Proc, example_spec, free_port, http, until};
+use common::{Cluster, Proc, example_spec, free_port, http, init_model, scripted_server, until};
 use fantoccini::{ClientBuilder, Locator};
 use serde_json::Value;
 
@@ -473,5 +473,56 @@ async fn the_dashboard_shows_a_running_campaign_live_in_chromium() {
         .unwrap();
     let attempts = css(&client, "#attempts table").await.text().await.unwrap();
     assert!(attempts.contains("succeeded"), "{attempts}");
+
+    // A synthetic-data campaign: per-pipeline counts and removal counts are charted per round
+    // (round 1 removes everything round 0 wrote).
+    c.add_worker("sdg-1", "sdg", &["--backend", "openai"]);
+    let (_writer, base) = scripted_server(&c.dir).await;
+    let model = init_model(&c.dir, "gen", false);
+    let sdg = c
+        .create(&format!(
+            "apiVersion: flywheel/v1
+name: sdg-charts
+models:
+  generator: {{ name: tiny, uri: \"file://{m}\" }}
+  base: {{ name: base, uri: \"file://{m}\" }}
+  reward: {{ name: reward, uri: \"file://{m}\" }}
+rounds: 2
+defaults: {{ pool: sdg, backend: openai, max_attempts: 1 }}
+recipe:
+  stages:
+    - {{ name: open_qa, kind: synthesize_prompts, params: {{ base_url: \"{base}\", topics: [Tea], n_revisions: 1 }} }}
+    - {{ name: math, kind: synthesize_prompts, needs: [], params: {{ base_url: \"{base}\", pipeline: math, topics: [Sets] }} }}
+",
+            m = model.display()
+        ))
+        .await;
+    c.wait_status(&sdg.id, "succeeded", Duration::from_secs(60))
+        .await;
+    client
+        .goto(&format!("http://{addr}/#/campaign/{}", sdg.id))
+        .await
+        .unwrap();
+    for title in ["Synthetic prompts by pipeline", "Prompts removed"] {
+        let chart = css(
+            &client,
+            &format!("#charts .chart[data-title=\"{title}\"] .uplot"),
+        )
+        .await;
+        let legend = chart.text().await.unwrap();
+        assert!(
+            legend.contains("open_qa.") && legend.contains("math."),
+            "{title}: {legend}"
+        );
+    }
+    let removed = css(&client, "#charts .chart[data-title=\"Prompts removed\"]")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        removed.contains("open_qa.removed_earlier_round"),
+        "{removed}"
+    );
     client.close().await.unwrap();
 }

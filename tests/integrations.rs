@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{
     Cluster, Proc, artifacts_of, example_spec, free_port, http, http_full, init_model,
-    init_model_with, processes_mentioning, python, read_rows, serve_model, until, wait_for_file,
+    init_model_with, processes_mentioning, python, read_rows, reward_service, serve_model, until,
 };
 use flywheel_proto::v1::{Artifact, CampaignAction, Round};
 use flywheel_worker::artifacts;
@@ -210,19 +210,7 @@ fn expected_attributes(response: &str) -> [f64; 5] {
 async fn reward_endpoint_backend_scores_through_a_local_reward_service() {
     let mut c = Cluster::start().await;
     let model = init_model(&c.dir, "tiny", false);
-    let port_file = c.dir.join("reward.port");
-    let _service = Proc {
-        child: Command::new(python())
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/fixtures/reward_service.py"
-            ))
-            .arg(&port_file)
-            .spawn()
-            .expect("start the reward service"),
-        name: "reward-service".into(),
-    };
-    let port = wait_for_file(&port_file, "the reward service to listen").await;
+    let (_service, port) = reward_service(&c.dir).await;
     c.add_worker(
         "cpu-1",
         "cpu",

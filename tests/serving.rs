@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{
     Cluster, artifacts_of, http, init_model, init_model_with, processes_mentioning, read_rows,
-    serve_model, until,
+    serve_model, stage_error, until,
 };
 use flywheel_proto::v1::{Artifact, CampaignAction};
 use flywheel_worker::artifacts;
@@ -301,13 +301,8 @@ async fn a_refused_swap_fails_generation_with_the_servers_message() {
     let campaign = c.create(&spec).await;
     c.wait_status(&campaign.id, "failed", Duration::from_secs(120))
         .await;
+    let error = stage_error(&c, &campaign.id, "generator").await;
     let rounds = c.rounds(&campaign.id).await;
-    let serve = rounds[0]
-        .stages
-        .iter()
-        .find(|s| s.name == "generator")
-        .unwrap();
-    let error = &serve.tasks[0].last_error;
     assert!(error.contains("refused the new weights"), "{error}");
     assert!(error.contains("cannot load the checkpoint"), "{error}");
     // Nothing was generated on the old weights.

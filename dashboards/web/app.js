@@ -236,6 +236,9 @@ function renderCharts(rounds) {
     { title: "Accuracy and win rate", keys: pick(/\.(accuracy|win_rate)$/) },
     { title: "Mean reward", keys: pick(/\.mean_reward$/) },
     { title: "Dataset sizes", keys: sizes },
+    // synthesize_prompts on openai: prompts kept per pipeline, and what each step removed.
+    { title: "Synthetic prompts by pipeline", keys: pick(/\.prompts_[a-z_]+$/) },
+    { title: "Prompts removed", keys: pick(/\.(removed_exact|removed_near|removed_earlier_round|removed_contaminated|conversion_failures)$/) },
   ];
   const signature = JSON.stringify([settled.map((r) => [r.index, r.metrics]), rounds.map((r) => r.stages.map(stageSeconds))]);
   if (state.chartKey === signature) return;
@@ -260,6 +263,7 @@ function renderCharts(rounds) {
 function plot(parent, title, xs, series) {
   const card = document.createElement("div");
   card.className = "card chart";
+  card.dataset.title = title;
   card.innerHTML = `<h3>${esc(title)}</h3>`;
   parent.appendChild(card);
   const width = Math.max(360, card.clientWidth - 20);

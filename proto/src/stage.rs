@@ -137,7 +137,7 @@ impl BackendKind {
                 Preference,
                 Evaluate,
             ],
-            BackendKind::Openai => &[Generate, Filter, Evaluate],
+            BackendKind::Openai => &[SynthesizePrompts, Generate, Filter, Evaluate],
             BackendKind::RewardEndpoint => &[Score],
             BackendKind::External => &[Sft, Preference, Serve, Evaluate],
             BackendKind::Test => &[
@@ -186,10 +186,12 @@ pub enum Role {
     Base,
     /// The reward model.
     Reward,
+    /// Prompts that earlier rounds' `synthesize_prompts` stages wrote (for dedup across rounds).
+    EarlierPrompts,
 }
 
 impl Role {
-    pub const ALL: [Role; 9] = [
+    pub const ALL: [Role; 10] = [
         Role::Prompts,
         Role::Responses,
         Role::Scores,
@@ -199,6 +201,7 @@ impl Role {
         Role::Generator,
         Role::Base,
         Role::Reward,
+        Role::EarlierPrompts,
     ];
 
     /// The name on the wire and in the artifact store (an output's `name`, an input's `role`).
@@ -213,6 +216,7 @@ impl Role {
             Role::Generator => "generator",
             Role::Base => "base",
             Role::Reward => "reward",
+            Role::EarlierPrompts => "earlier_prompts",
         }
     }
 
@@ -234,6 +238,7 @@ pub const ENDPOINT_PARAMS: &[&str] = &[
     "candidate_endpoint",
     "generator_endpoint",
     "judge_endpoint",
+    "reply_endpoint",
 ];
 
 /// The HelpSteer2 attributes a reward model scores, in the order of every 5-number list.
@@ -577,6 +582,348 @@ params! {
     }
 }
 impl CrossChecks for BuiltinEvaluate {}
+
+/// A template of `synthesize_prompts` on `openai`: its step name and the placeholders it may use.
+pub type PromptTemplate = (&'static str, &'static [&'static str]);
+
+/// The pipelines of `synthesize_prompts` on `openai`, and the templates each one uses (the
+/// keys of its `templates` param) with the placeholders each template may use.
+pub const PROMPT_PIPELINES: &[(&str, &[PromptTemplate])] = &[
+    (
+        "open_qa",
+        &[
+            ("macro_topics", &["n_macro_topics"]),
+            ("subtopics", &["n_subtopics", "macro_topic"]),
+            ("questions", &["n_openlines", "topic"]),
+            ("revise", &["n_revisions", "openline"]),
+        ],
+    ),
+    (
+        "writing",
+        &[
+            ("macro_topics", &["n_macro_topics"]),
+            (
+                "writing_tasks",
+                &["n_openlines", "topic", "text_material_type"],
+            ),
+            ("revise_writing", &["n_revisions", "openline"]),
+        ],
+    ),
+    (
+        "closed_qa",
+        &[
+            ("closed_qa", &["n_openlines", "document"]),
+            ("closed_qa_join", &["document", "openline"]),
+        ],
+    ),
+    (
+        "math",
+        &[
+            ("math_macro_topics", &["n_macro_topics", "school_level"]),
+            ("math_subtopics", &["n_subtopics", "macro_topic"]),
+            ("math_problems", &["n_openlines", "topic"]),
+            ("math_problems_beginner", &["n_openlines", "topic"]),
+        ],
+    ),
+    (
+        "coding",
+        &[
+            ("coding_macro_topics", &["n_macro_topics", "language"]),
+            (
+                "coding_subtopics",
+                &["n_subtopics", "macro_topic", "language"],
+            ),
+            ("coding_problems", &["n_openlines", "topic", "language"]),
+            (
+                "coding_problems_intermediate",
+                &["n_openlines", "topic", "language"],
+            ),
+            (
+                "coding_problems_advanced",
+                &["n_openlines", "topic", "language"],
+            ),
+        ],
+    ),
+    ("none", &[]),
+];
+
+/// Templates every pipeline uses for two-turn prompts: the follow-up an LLM playing the user
+/// writes, and the second turn asking to revise an answer to follow an instruction.
+pub const PROMPT_TURN_TEMPLATES: &[PromptTemplate] = &[
+    ("follow_up", &["conversation"]),
+    ("revise_turn", &["instruction"]),
+];
+
+params! {
+    /// `synthesize_prompts` on `openai`: the recipe's LLM-written prompts. A pipeline
+    /// (open_qa, writing, closed_qa, math, coding; none: seed prompts only) asks the endpoint
+    /// for lists (topics, then subtopics, then prompts, then revisions), mixes in seed prompts,
+    /// appends verifiable instructions, makes some prompts two-turn, removes duplicates (also
+    /// of earlier rounds) and evaluation prompts, and splits the rest into SFT and preference
+    /// pools. Every prompt records its provenance.
+    OpenaiPrompts for [SynthesizePrompts] on Openai {
+        /// open_qa, writing, closed_qa, math, coding, or none (seed prompts only).
+        pipeline: String = "open_qa".into(), "open_qa", Rule::OneOf(&["open_qa", "writing", "closed_qa", "math", "coding", "none"]);
+        /// The serve stage whose endpoint writes the prompts; or give base_url.
+        endpoint: Option<String> = None, "", Rule::None;
+        /// A server's API root (instead of endpoint).
+        base_url: Option<String> = None, "", Rule::None;
+        /// Model name sent (default: the endpoint's served name, else the generator's name).
+        model: Option<String> = None, "", Rule::None;
+        /// Topics to start from (skips the macro-topic step; for math and coding: the keywords).
+        topics: Option<Vec<String>> = None, "", Rule::None;
+        /// Macro topics asked for.
+        n_macro_topics: i64 = 3, "3", Rule::IntAtLeast(1);
+        /// Subtopics asked for per macro topic (0: use the macro topics themselves).
+        n_subtopics: i64 = 2, "2", Rule::IntAtLeast(0);
+        /// Prompts (questions, tasks, problems) asked for per topic or document.
+        n_openlines: i64 = 2, "2", Rule::IntAtLeast(1);
+        /// Revisions asked for per prompt (open_qa, writing; 0: keep the originals).
+        n_revisions: i64 = 1, "1", Rule::IntAtLeast(0);
+        /// writing: the document types (default: essay, email, poem, blog post, story).
+        document_types: Option<Vec<String>> = None, "", Rule::None;
+        /// closed_qa: JSONL of documents (a text or document field per line), any artifact URI.
+        documents: Option<String> = None, "", Rule::None;
+        /// math: the school level in the macro-topic template.
+        school_level: String = "university".into(), "university", Rule::None;
+        /// math: general or beginner; coding: beginner, intermediate or advanced.
+        level: Option<String> = None, "general / beginner", Rule::None;
+        /// coding: the programming language.
+        language: String = "Python".into(), "Python", Rule::None;
+        /// Templates replacing the defaults, by step name (see docs/prompts.md).
+        templates: Option<std::collections::BTreeMap<String, String>> = None, "", Rule::None;
+        /// Prompts kept at most (0: all the pipeline wrote).
+        max_prompts: i64 = 0, "0", Rule::IntAtLeast(0);
+        /// Highest share of answers that may fail to parse as a list before the stage fails.
+        max_conversion_failure_rate: f64 = 0.2, "0.2", Rule::AtLeast(0.0);
+        /// Seed prompts: JSONL with prompt or messages per line, any artifact URI.
+        seeds: Option<String> = None, "", Rule::None;
+        /// Share of the output taken from the seed prompts (with seeds; pipeline none: all).
+        seed_share: f64 = 0.5, "0.5", Rule::AtLeast(0.0);
+        /// Share of prompts given verifiable instructions.
+        instruction_share: f64 = 0.0, "0.0", Rule::AtLeast(0.0);
+        /// Instructions per augmented prompt, at most.
+        max_instructions: i64 = 1, "1", Rule::IntAtLeast(1);
+        /// Instruction ids drawn from (default: the whole catalog).
+        instruction_types: Option<Vec<String>> = None, "all", Rule::None;
+        /// Share of prompts made two-turn: the generator answers, an LLM playing the user asks a follow-up.
+        two_turn_share: f64 = 0.0, "0.0", Rule::AtLeast(0.0);
+        /// The serve stage whose model answers two-turn prompts' first turns (default: the writer's endpoint).
+        reply_endpoint: Option<String> = None, "", Rule::None;
+        /// Share of the two-turn prompts whose second turn asks to revise the answer to follow an instruction.
+        revise_share: f64 = 0.0, "0.0", Rule::AtLeast(0.0);
+        /// Remove exact and near duplicates, within the stage and of earlier rounds.
+        dedup: bool = true, "true", Rule::None;
+        /// Least estimated Jaccard similarity (character 5-grams) of a near duplicate.
+        near_duplicate_threshold: f64 = 0.8, "0.8", Rule::Fraction;
+        /// Remove prompts sharing a word n-gram with an evaluation prompt (prompt inputs with split held_out, and eval_prompts).
+        decontaminate: bool = true, "true", Rule::None;
+        /// Evaluation prompt files (JSONL with prompt per line, any artifact URI), e.g. IFEval's.
+        eval_prompts: Option<Vec<String>> = None, "", Rule::None;
+        /// Words per decontamination n-gram.
+        decontamination_ngram: i64 = 8, "8", Rule::IntAtLeast(1);
+        /// Share of prompts in the preference pool (the rest: SFT), split by a hash of the prompt.
+        preference_share: f64 = 0.5, "0.5", Rule::AtLeast(0.0);
+        /// train, or held_out: evaluation prompts (no pools; other stages decontaminate against them).
+        split: String = "train".into(), "train", Rule::OneOf(&["train", "held_out"]);
+        /// Sampling temperature.
+        temperature: f64 = 0.7, "0.7", Rule::AtLeast(0.0);
+        /// Nucleus sampling mass.
+        top_p: f64 = 0.95, "0.95", Rule::Fraction;
+        /// Most tokens per answer.
+        max_tokens: i64 = 512, "512", Rule::IntAtLeast(1);
+        /// Seed of the requests and of every random choice.
+        seed: u64 = 0, "0", Rule::None;
+        /// Environment variable holding the API key.
+        api_key_env: Option<String> = None, "", Rule::None;
+        /// Seconds before a request times out.
+        timeout_s: i64 = 120, "120", Rule::IntAtLeast(1);
+        /// Retries of 429, 5xx, timeouts and connection errors.
+        max_retries: i64 = 5, "5", Rule::IntAtLeast(0);
+        /// First delay before an HTTP retry, doubled each time (not the task-retry `backoff_initial_ms`).
+        retry_backoff_ms: i64 = 500, "500", Rule::IntAtLeast(0);
+        /// Requests in flight.
+        concurrency: i64 = 16, "16", Rule::IntAtLeast(1);
+    }
+}
+impl CrossChecks for OpenaiPrompts {
+    fn cross_checks(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let needs_llm = self.pipeline != "none" || self.two_turn_share > 0.0;
+        match (&self.endpoint, &self.base_url) {
+            (Some(_), Some(_)) => out.push(("base_url", "give endpoint or base_url, not both".into())),
+            (None, None) if needs_llm => out.push((
+                "endpoint",
+                format!("is required: the serve stage that writes the prompts (or give base_url) for pipeline {}", self.pipeline),
+            )),
+            _ => {}
+        }
+        for (name, v) in [
+            ("seed_share", self.seed_share),
+            ("instruction_share", self.instruction_share),
+            ("two_turn_share", self.two_turn_share),
+            ("revise_share", self.revise_share),
+            ("preference_share", self.preference_share),
+            (
+                "max_conversion_failure_rate",
+                self.max_conversion_failure_rate,
+            ),
+        ] {
+            if v > 1.0 {
+                out.push((name, "must be in [0, 1]".into()));
+            }
+        }
+        if self.seed_share >= 1.0 && self.pipeline != "none" {
+            out.push((
+                "seed_share",
+                "must be below 1 with a pipeline (use pipeline: none for seed prompts only)".into(),
+            ));
+        }
+        if self.seeds.is_none() && self.pipeline == "none" {
+            out.push(("seeds", "is required with pipeline none".into()));
+        }
+        if self.pipeline == "closed_qa" && self.documents.is_none() {
+            out.push(("documents", "is required with pipeline closed_qa".into()));
+        }
+        if self.documents.is_some() && self.pipeline != "closed_qa" {
+            out.push((
+                "documents",
+                format!("applies to pipeline closed_qa, not {}", self.pipeline),
+            ));
+        }
+        let levels: &[&str] = match self.pipeline.as_str() {
+            "math" => &["general", "beginner"],
+            "coding" => &["beginner", "intermediate", "advanced"],
+            _ => &[],
+        };
+        if let Some(l) = &self.level {
+            if levels.is_empty() {
+                out.push((
+                    "level",
+                    format!(
+                        "applies to pipelines math and coding, not {}",
+                        self.pipeline
+                    ),
+                ));
+            } else if !levels.contains(&l.as_str()) {
+                out.push((
+                    "level",
+                    format!(
+                        "unknown level {l:?} for {} (expected {})",
+                        self.pipeline,
+                        levels.join(" or ")
+                    ),
+                ));
+            }
+        }
+        if self.document_types.is_some() && self.pipeline != "writing" {
+            out.push((
+                "document_types",
+                format!("applies to pipeline writing, not {}", self.pipeline),
+            ));
+        }
+        if let Some(types) = &self.instruction_types {
+            for t in types {
+                if !INSTRUCTION_IDS.contains(&t.as_str()) {
+                    out.push(("instruction_types", format!("unknown instruction id {t:?}")));
+                }
+            }
+            if types.is_empty() {
+                out.push(("instruction_types", "is empty".into()));
+            }
+        }
+        if self.reply_endpoint.is_some() && self.two_turn_share == 0.0 {
+            out.push((
+                "reply_endpoint",
+                "answers two-turn prompts: set two_turn_share too".into(),
+            ));
+        }
+        if self.revise_share > 0.0 && self.two_turn_share == 0.0 {
+            out.push((
+                "revise_share",
+                "applies to two-turn prompts: set two_turn_share too".into(),
+            ));
+        }
+        let steps: Vec<(&str, &[&str])> = PROMPT_PIPELINES
+            .iter()
+            .find(|(p, _)| *p == self.pipeline)
+            .map_or(&[][..], |(_, s)| *s)
+            .iter()
+            .chain(PROMPT_TURN_TEMPLATES)
+            .copied()
+            .collect();
+        for (key, template) in self.templates.iter().flatten() {
+            match steps.iter().find(|(k, _)| *k == key.as_str()) {
+                None => out.push((
+                    "templates",
+                    format!(
+                        "pipeline {} has no template {key:?} (it has {})",
+                        self.pipeline,
+                        steps.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+                    ),
+                )),
+                Some((_, allowed)) => {
+                    for name in placeholders(template) {
+                        if !allowed.contains(&name.as_str()) {
+                            out.push((
+                                "templates",
+                                format!("template {key} uses {{{name}}}, which it cannot fill (it has {})", allowed.join(", ")),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The `{name}` placeholders of a template (`{{` and `}}` are literal braces).
+pub fn placeholders(template: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        if rest[i..].starts_with("{{") {
+            rest = &rest[i + 2..];
+            continue;
+        }
+        let Some(j) = rest[i..].find('}') else { break };
+        let name = &rest[i + 1..i + j];
+        if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            out.push(name.to_string());
+        }
+        rest = &rest[i + j + 1..];
+    }
+    out
+}
+
+/// IFEval's instruction ids that Flywheel can check (all but `language:response_language`).
+pub const INSTRUCTION_IDS: [&str; 24] = [
+    "keywords:existence",
+    "keywords:frequency",
+    "keywords:forbidden_words",
+    "keywords:letter_frequency",
+    "length_constraints:number_sentences",
+    "length_constraints:number_paragraphs",
+    "length_constraints:number_words",
+    "length_constraints:nth_paragraph_first_word",
+    "detectable_content:number_placeholders",
+    "detectable_content:postscript",
+    "detectable_format:number_bullet_lists",
+    "detectable_format:constrained_response",
+    "detectable_format:number_highlighted_sections",
+    "detectable_format:multiple_sections",
+    "detectable_format:json_format",
+    "detectable_format:title",
+    "combination:two_responses",
+    "combination:repeat_prompt",
+    "startend:end_checker",
+    "startend:quotation",
+    "change_case:capital_word_frequency",
+    "change_case:english_capital",
+    "change_case:english_lowercase",
+    "punctuation:no_comma",
+];
 
 params! {
     /// `generate` on `openai`: K samples per prompt from an OpenAI-compatible server.
@@ -1046,6 +1393,7 @@ pub const PARAMS: &[ParamsDoc] = &[
     BuiltinSft::DOC,
     BuiltinPreference::DOC,
     BuiltinEvaluate::DOC,
+    OpenaiPrompts::DOC,
     OpenaiGenerate::DOC,
     OpenaiJudge::DOC,
     OpenaiEvaluate::DOC,

@@ -545,3 +545,65 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
         })
         .collect()
 }
+
+/// Starts the scripted fixture server; returns it and its API root.
+pub async fn scripted_server(dir: &Path) -> (Proc, String) {
+    let port = free_port();
+    let child = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/sdg_scripted_server.py"
+        ))
+        .args(["--port", &port.to_string(), "--log"])
+        .arg(dir.join("scripted-requests.jsonl"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start the scripted server");
+    let base = format!("http://127.0.0.1:{port}/v1");
+    until(
+        "the scripted server to listen",
+        Duration::from_secs(20),
+        || async {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_ok()
+                .then_some(())
+        },
+    )
+    .await;
+    (
+        Proc {
+            child,
+            name: "scripted-server".into(),
+        },
+        base,
+    )
+}
+
+/// The last error of the first task of `stage` in round 0 of a campaign.
+pub async fn stage_error(c: &Cluster, campaign: &str, stage: &str) -> String {
+    let rounds = c.rounds(campaign).await;
+    let s = rounds[0]
+        .stages
+        .iter()
+        .find(|s| s.name == stage)
+        .unwrap_or_else(|| panic!("no stage {stage} in round 0"));
+    s.tasks[0].last_error.clone()
+}
+
+/// The Python reward service of `tests/fixtures/reward_service.py`; returns it and its port.
+pub async fn reward_service(dir: &Path) -> (Proc, String) {
+    let port_file = dir.join("reward.port");
+    let service = Proc {
+        child: Command::new(python())
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/reward_service.py"
+            ))
+            .arg(&port_file)
+            .spawn()
+            .expect("start the reward service"),
+        name: "reward-service".into(),
+    };
+    let port = wait_for_file(&port_file, "the reward service to listen").await;
+    (service, port)
+}

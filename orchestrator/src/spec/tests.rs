@@ -37,6 +37,10 @@ fn every_example_spec_validates() {
             "demo-served",
             include_str!("../../../examples/demo-served.yaml"),
         ),
+        (
+            "sdg-round",
+            include_str!("../../../examples/sdg-round.yaml"),
+        ),
     ] {
         if let Err(e) = CampaignSpec::from_yaml(yaml) {
             panic!("examples/{name}.yaml: {e}");
@@ -204,6 +208,10 @@ fn every_filter_in_the_examples_feeds_a_training_stage() {
         (
             "demo-served",
             include_str!("../../../examples/demo-served.yaml"),
+        ),
+        (
+            "sdg-round",
+            include_str!("../../../examples/sdg-round.yaml"),
         ),
     ] {
         let spec = CampaignSpec::from_yaml(yaml).unwrap();

@@ -131,7 +131,9 @@ pub async fn insert_outputs(
 }
 
 /// Inputs of each task: the current outputs of the tasks it depends on (role = output name),
-/// and the round's generator, the campaign's base model and its reward model.
+/// the round's generator, the campaign's base model and its reward model; and, for a
+/// `synthesize_prompts` task, the prompts every earlier round's `synthesize_prompts` tasks
+/// wrote (role `earlier_prompts`, for dedup across rounds).
 pub async fn inputs_for(
     conn: &mut PgConnection,
     task_ids: &[Uuid],
@@ -150,7 +152,17 @@ pub async fn inputs_for(
          CROSS JOIN LATERAL (VALUES ('generator', r.generator_id), ('base', c.base_model_id),
                                     ('reward', c.reward_model_id)) AS m(role, artifact_id)
          JOIN artifacts a ON a.id = m.artifact_id
-         WHERE t.id = ANY($1)",
+         WHERE t.id = ANY($1)
+         UNION ALL
+         SELECT t.id, a.id, 'earlier_prompts', a.kind, a.uri, a.content_hash, a.name
+         FROM tasks t
+         JOIN rounds r ON r.id = t.round_id
+         JOIN rounds er ON er.campaign_id = r.campaign_id AND er.round_index < r.round_index
+         JOIN tasks et ON et.round_id = er.id AND et.kind = 'synthesize_prompts'
+                      AND et.state = 'succeeded'
+         JOIN artifacts a ON a.producer_task_id = et.id AND a.producer_attempt = et.attempt
+                         AND a.name = 'prompts'
+         WHERE t.id = ANY($1) AND t.kind = 'synthesize_prompts'",
     )
     .bind(task_ids)
     .fetch_all(conn)

@@ -67,6 +67,12 @@ pub fn write_jsonl(
 /// least `min_reward`; best and worst become a pair when their rewards differ by at least
 /// `margin`. With `require_verified`, a sample a verifier rejected (`"verified": false`) is never
 /// an SFT record or a chosen response.
+///
+/// Where a prompt carries verifiable instructions, their checkers judge first: a response that
+/// follows them ranks above every one that does not, whatever the rewards, and such a pair needs
+/// no reward margin. A prompt of the `sft` pool yields no pair, one of the `preference` pool no
+/// SFT record. A two-turn prompt (`messages`) yields a conversation: the SFT record has every
+/// turn, the pair keeps the turns before the answer in `messages`.
 pub fn filter(
     rows: &[Value],
     margin: f64,
@@ -81,32 +87,47 @@ pub fn filter(
             .push(r);
     }
     let reward = |r: &Value| r["reward"].as_f64().unwrap_or(f64::NEG_INFINITY);
+    // Instruction checkers rank before the reward.
+    let checked = |r: &Value| r.get("instructions_followed").is_some();
+    let follows = |r: &Value| !checked(r) || r["verified"].as_bool() != Some(false);
+    let rank = |a: &&&Value, b: &&&Value| {
+        follows(a)
+            .cmp(&follows(b))
+            .then(reward(a).total_cmp(&reward(b)))
+    };
     let (mut sft, mut pairs) = (Vec::new(), Vec::new());
     for samples in by_prompt.values() {
-        let best = samples
-            .iter()
-            .max_by(|a, b| reward(a).total_cmp(&reward(b)))
-            .expect("non-empty");
-        let worst = samples
-            .iter()
-            .min_by(|a, b| reward(a).total_cmp(&reward(b)))
-            .expect("non-empty");
+        let best = samples.iter().max_by(rank).expect("non-empty");
+        let worst = samples.iter().min_by(rank).expect("non-empty");
+        let pool = best["pool"].as_str();
         let usable = !require_verified || best["verified"].as_bool() != Some(false);
-        if usable && reward(best) >= min_reward {
-            sft.push(json!({ "messages": [
-                { "role": "user", "content": best["prompt"] },
-                { "role": "assistant", "content": best["response"] },
-            ], "reward": reward(best) }));
+        let turns: Vec<Value> = match best["messages"].as_array() {
+            Some(m) => m.clone(),
+            None => vec![json!({ "role": "user", "content": best["prompt"] })],
+        };
+        if usable && reward(best) >= min_reward && pool != Some("preference") && follows(best) {
+            let mut messages = turns.clone();
+            messages.push(json!({ "role": "assistant", "content": best["response"] }));
+            sft.push(json!({ "messages": messages, "reward": reward(best) }));
         }
+        let decided_by_checker = follows(best) && !follows(worst);
         if usable
+            && pool != Some("sft")
             && samples.len() > 1
-            && reward(best) - reward(worst) >= margin
+            && (decided_by_checker || reward(best) - reward(worst) >= margin)
             && best["response"] != worst["response"]
         {
-            pairs.push(json!({
+            let mut pair = json!({
                 "prompt": best["prompt"], "chosen": best["response"], "rejected": worst["response"],
                 "chosen_reward": reward(best), "rejected_reward": reward(worst),
-            }));
+            });
+            if best["messages"].is_array() {
+                pair["messages"] = json!(turns);
+            }
+            if decided_by_checker {
+                pair["judge"] = json!("instructions");
+            }
+            pairs.push(pair);
         }
     }
     (sft, pairs)
@@ -140,12 +161,58 @@ pub fn filter_stage(task: &Task) -> Result<TaskResult, TaskError> {
     Ok(TaskResult { outputs, metrics })
 }
 
-/// `(prompt, response)` of an SFT record in TRL's `messages` format.
+/// Fields of a prompt row that travel with its responses through score and filter: the
+/// conversation (`messages`), the verifiable `instructions`, and the `pool` (sft or preference).
+pub const PROMPT_FIELDS: [&str; 3] = ["messages", "instructions", "pool"];
+
+/// Copies a prompt row's [`PROMPT_FIELDS`] onto a row made from it.
+pub fn carry_prompt_fields(prompt: &Value, row: &mut Value) {
+    for f in PROMPT_FIELDS {
+        if let Some(v) = prompt.get(f).filter(|v| !v.is_null()) {
+            row[f] = v.clone();
+        }
+    }
+}
+
+/// The turns of a conversation as one text. A lone user turn is its content; otherwise each
+/// turn is labelled (`User:`, `Assistant:`), and with `open_reply` an `Assistant:` label ends
+/// the text for the reply.
+pub fn conversation_text(messages: &Value, open_reply: bool) -> String {
+    let turns = messages.as_array().map(Vec::as_slice).unwrap_or_default();
+    if let [only] = turns
+        && only["role"] == "user"
+        && !open_reply
+    {
+        return only["content"].as_str().unwrap_or_default().to_string();
+    }
+    let mut text: Vec<String> = turns
+        .iter()
+        .map(|t| {
+            let who = match t["role"].as_str() {
+                Some("assistant") => "Assistant",
+                Some("system") => "System",
+                _ => "User",
+            };
+            format!("{who}: {}", t["content"].as_str().unwrap_or_default())
+        })
+        .collect();
+    if open_reply {
+        text.push("Assistant:".into());
+    }
+    text.join("\n\n")
+}
+
+/// `(prompt, response)` of an SFT record in TRL's `messages` format: the last assistant turn,
+/// and the turns before it as the prompt.
 pub fn sft_example(row: &Value) -> Option<(String, String)> {
     let m = row["messages"].as_array()?;
+    let (last, before) = m.split_last()?;
+    if last["role"] != "assistant" || before.is_empty() {
+        return None;
+    }
     Some((
-        m.first()?["content"].as_str()?.to_string(),
-        m.get(1)?["content"].as_str()?.to_string(),
+        conversation_text(&Value::Array(before.to_vec()), false),
+        last["content"].as_str()?.to_string(),
     ))
 }
 
@@ -176,5 +243,50 @@ mod tests {
         let (sft, pairs) = filter(&rows, 0.5, 0.0, true);
         assert_eq!(sft.len(), 1, "prompt 1's best was rejected by the verifier");
         assert_eq!(pairs.len(), 0);
+    }
+
+    #[test]
+    fn instruction_checkers_judge_first_and_pools_stay_apart() {
+        let followed = |ok: bool| json!({ "strict": [ok], "loose": [ok] });
+        let row = |p: &str, r: &str, w: f64, ok: bool, pool: &str| {
+            json!({ "prompt_id": p, "prompt": "q", "response": r, "reward": w, "pool": pool,
+                    "instructions_followed": followed(ok), "verified": ok })
+        };
+        // The reward model prefers "b", which breaks the instruction: "a" is chosen anyway,
+        // with no reward margin needed.
+        let rows = vec![
+            row("1", "a", 1.0, true, "preference"),
+            row("1", "b", 3.0, false, "preference"),
+        ];
+        let (sft, pairs) = filter(&rows, 10.0, 0.0, false);
+        assert!(
+            sft.is_empty(),
+            "a preference-pool prompt yields no SFT record"
+        );
+        assert_eq!(pairs[0]["chosen"], "a");
+        assert_eq!(pairs[0]["judge"], "instructions");
+        let rows = vec![
+            row("1", "a", 1.0, true, "sft"),
+            row("1", "b", 3.0, false, "sft"),
+        ];
+        let (sft, pairs) = filter(&rows, 0.0, 0.0, false);
+        assert!(pairs.is_empty(), "an SFT-pool prompt yields no pair");
+        assert_eq!(sft[0]["messages"][1]["content"], "a");
+        // Nothing followed the instructions: no SFT record at all.
+        let rows = vec![row("1", "a", 1.0, false, "sft")];
+        assert!(filter(&rows, 0.0, 0.0, false).0.is_empty());
+        // A conversation stays one.
+        let turns = json!([{ "role": "user", "content": "Hi" }, { "role": "assistant", "content": "Hello" }, { "role": "user", "content": "q" }]);
+        let mut a = json!({ "prompt_id": "2", "prompt": "q", "response": "x", "reward": 2.0, "messages": turns });
+        let mut b = a.clone();
+        b["response"] = json!("y");
+        b["reward"] = json!(1.0);
+        a["pool"] = json!("preference");
+        b["pool"] = json!("preference");
+        let (_, pairs) = filter(&[a.clone(), b], 0.0, 0.0, false);
+        assert_eq!(pairs[0]["messages"], turns);
+        a["pool"] = json!("sft");
+        let (sft, _) = filter(&[a], 0.0, 0.0, false);
+        assert_eq!(sft[0]["messages"].as_array().unwrap().len(), 4);
     }
 }

@@ -15,6 +15,7 @@ mod http_client;
 mod io;
 pub mod openai;
 pub mod reward_endpoint;
+pub mod sdg;
 pub mod test_backend;
 
 pub use agent::{WorkerConfig, WorkerError, run};

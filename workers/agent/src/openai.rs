@@ -42,12 +42,13 @@ impl Backend for OpenAiBackend {
     fn run(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
         let prefix = task.assignment.output_prefix.as_str();
         match task.kind {
+            StageKind::SynthesizePrompts => crate::sdg::pipelines::synthesize(task, ctx, prefix),
             StageKind::Generate => generate(task, ctx, prefix),
             // The contract admits only `method: llm_judge` on this backend.
             StageKind::Filter => judge(task, ctx, prefix),
             StageKind::Evaluate => evaluate(task, ctx, prefix),
             other => Err(TaskError::permanent(format!(
-                "the openai backend runs generate, evaluate and filter (method: llm_judge) stages, not {other}"
+                "the openai backend runs synthesize_prompts, generate, evaluate and filter (method: llm_judge) stages, not {other}"
             ))),
         }
     }
@@ -55,10 +56,10 @@ impl Backend for OpenAiBackend {
 
 /// Sampling settings of one request.
 #[derive(Clone)]
-struct Sampling {
-    url: String,
+pub(crate) struct Sampling {
+    pub(crate) url: String,
     chat: bool,
-    model: String,
+    pub(crate) model: String,
     temperature: f64,
     top_p: f64,
     max_tokens: u64,
@@ -85,13 +86,13 @@ macro_rules! sampling {
 }
 
 /// Where requests go: a serve stage's endpoint (filled in by the controller) or a literal URL.
-struct Server {
-    base: String,
-    endpoint: Option<Endpoint>,
+pub(crate) struct Server {
+    pub(crate) base: String,
+    pub(crate) endpoint: Option<Endpoint>,
 }
 
 impl Server {
-    fn resolve(
+    pub(crate) fn resolve(
         task: &Task,
         param: &str,
         endpoint: &Option<String>,
@@ -117,7 +118,7 @@ impl Server {
     }
 
     /// The name requests send: the endpoint's served name, else `fallback`.
-    fn default_model(&self, fallback: &str) -> String {
+    pub(crate) fn default_model(&self, fallback: &str) -> String {
         self.endpoint
             .as_ref()
             .map_or_else(|| fallback.to_string(), |e| e.served_name.clone())
@@ -125,7 +126,7 @@ impl Server {
 }
 
 impl Sampling {
-    fn new(
+    pub(crate) fn new(
         base_url: &str,
         api: &str,
         model: String,
@@ -152,21 +153,27 @@ impl Sampling {
         }
     }
 
-    fn body(&self, prompt: &str, n: u64, seed: u64) -> Value {
+    pub(crate) fn body(&self, prompt: &str, n: u64, seed: u64) -> Value {
+        self.body_messages(&json!([{ "role": "user", "content": prompt }]), n, seed)
+    }
+
+    /// A request continuing a conversation (TRL's `messages`); on `/completions`, the turns
+    /// as one text.
+    pub(crate) fn body_messages(&self, messages: &Value, n: u64, seed: u64) -> Value {
         let mut body = json!({
             "model": self.model, "n": n, "temperature": self.temperature, "top_p": self.top_p,
             "max_tokens": self.max_tokens, "seed": seed,
         });
         if self.chat {
-            body["messages"] = json!([{ "role": "user", "content": prompt }]);
+            body["messages"] = messages.clone();
         } else {
-            body["prompt"] = json!(prompt);
+            body["prompt"] = json!(crate::datasets::conversation_text(messages, false));
         }
         body
     }
 
     /// The generated texts of a response, in choice order.
-    fn texts(&self, response: &Value) -> Result<Vec<String>, TaskError> {
+    pub(crate) fn texts(&self, response: &Value) -> Result<Vec<String>, TaskError> {
         let choices = response["choices"].as_array().ok_or_else(|| {
             TaskError::retryable(format!("{}: response has no choices", self.url))
         })?;
@@ -210,9 +217,13 @@ fn generate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, 
             }
         })
         .collect();
-    let prompts: Arc<Vec<String>> = Arc::new(
+    // A conversation (`messages`) is sent as it is; a plain prompt as one user turn.
+    let prompts: Arc<Vec<Value>> = Arc::new(
         mine.iter()
-            .map(|r| r["prompt"].as_str().unwrap_or_default().to_string())
+            .map(|r| match r.get("messages").filter(|m| m.is_array()) {
+                Some(m) => m.clone(),
+                None => json!([{ "role": "user", "content": r["prompt"] }]),
+            })
             .collect(),
     );
     let shared = (caller.clone(), sampling.clone(), Arc::new(requests.clone()));
@@ -222,7 +233,8 @@ fn generate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, 
         async move {
             let (p, j) = requests[i];
             let n = if use_n { k } else { 1 };
-            let body = sampling.body(&prompts[p], n, seed.wrapping_add(p as u64 * 1000 + j));
+            let body =
+                sampling.body_messages(&prompts[p], n, seed.wrapping_add(p as u64 * 1000 + j));
             let response = caller.post_json(&sampling.url, &body).await?;
             caller.stats.add_usage(&response);
             Ok((sampling.texts(&response)?, served_by(&response)))
@@ -239,11 +251,13 @@ fn generate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, 
     for ((p, _), (texts, by)) in requests.iter().zip(answers) {
         for text in texts {
             let sample = per_prompt.entry(*p).or_insert(0);
-            out.push(json!({
+            let mut row = json!({
                 "prompt_id": mine[*p]["id"], "prompt": mine[*p]["prompt"], "sample": *sample,
                 "response": text, "generator": answered_by, "model": sampling.model,
                 "served_by": by,
-            }));
+            });
+            crate::datasets::carry_prompt_fields(&mine[*p], &mut row);
+            out.push(row);
             *sample += 1;
         }
     }
@@ -261,9 +275,25 @@ fn generate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, 
     })
 }
 
+/// Sends one request; returns its first choice's text and the weights that answered it.
+pub(crate) async fn ask(
+    caller: &HttpCaller,
+    sampling: &Sampling,
+    body: &Value,
+) -> Result<(String, String), TaskError> {
+    let response = caller.post_json(&sampling.url, body).await?;
+    caller.stats.add_usage(&response);
+    let text = sampling
+        .texts(&response)?
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    Ok((text, served_by(&response)))
+}
+
 /// Which weights answered a response: the server's `system_fingerprint` (a content hash, from
 /// `flywheel serve-model`), else the model name it answered as.
-fn served_by(response: &Value) -> String {
+pub(crate) fn served_by(response: &Value) -> String {
     response["system_fingerprint"]
         .as_str()
         .filter(|f| !f.is_empty())
@@ -273,18 +303,18 @@ fn served_by(response: &Value) -> String {
 }
 
 /// What the servers said about the weights that answered a task's requests.
-struct Weights {
+pub(crate) struct Weights {
     endpoint: Option<Endpoint>,
-    hashes: Vec<String>,
+    pub(crate) hashes: Vec<String>,
     models: Vec<String>,
     /// Every answer came with a content hash, and all were the endpoint's.
-    verified: bool,
+    pub(crate) verified: bool,
 }
 
 impl Weights {
     /// Refuses answers from weights other than the endpoint's (a swap that did not happen, a
     /// server restarted on another checkpoint): recording them as the endpoint's would lie.
-    fn check<'a>(
+    pub(crate) fn check<'a>(
         task: &Task,
         server: &Server,
         served: impl Iterator<Item = &'a String>,
@@ -319,7 +349,7 @@ impl Weights {
         })
     }
 
-    fn annotate(&self, metadata: &mut Value) {
+    pub(crate) fn annotate(&self, metadata: &mut Value) {
         metadata["served_hashes"] = json!(self.hashes);
         metadata["served_models"] = json!(self.models);
         metadata["weights_verified"] = json!(self.verified);
@@ -472,18 +502,7 @@ fn answer_all(
     let shared = (caller.clone(), sampling.clone(), prompts.clone());
     let answers = caller.run_all(prompts.len(), ctx, "answers", move |i| {
         let (caller, sampling, prompts) = shared.clone();
-        async move {
-            let response = caller
-                .post_json(&sampling.url, &sampling.body(&prompts[i], 1, seed))
-                .await?;
-            caller.stats.add_usage(&response);
-            let text = sampling
-                .texts(&response)?
-                .into_iter()
-                .next()
-                .unwrap_or_default();
-            Ok((text, served_by(&response)))
-        }
+        async move { ask(&caller, &sampling, &sampling.body(&prompts[i], 1, seed)).await }
     })?;
     let weights = Weights::check(task, server, answers.iter().map(|(_, w)| w))?;
     Ok((answers.into_iter().map(|(t, _)| t).collect(), weights))
@@ -596,6 +615,23 @@ fn evaluate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, 
     if let Some(a) = accuracy {
         metrics.insert("accuracy".to_string(), a);
     }
+    // IFEval's accuracies where the prompts carry verifiable instructions.
+    let instructions: Vec<Vec<crate::sdg::instructions::Instruction>> = rows
+        .iter()
+        .map(crate::sdg::instructions::of_row)
+        .collect::<Result<_, _>>()
+        .map_err(|e| TaskError::permanent(format!("stage {stage}: held-out prompts: {e}")))?;
+    let ifeval = |answers: &[String], prefix: &str| {
+        crate::sdg::instructions::Accuracy::of(
+            instructions
+                .iter()
+                .zip(answers)
+                .map(|(i, a)| (i.as_slice(), a.as_str())),
+        )
+        .map(|a| a.metrics(prefix))
+        .unwrap_or_default()
+    };
+    metrics.extend(ifeval(&cand, ""));
     let mut generator_answers = None;
     if p.generator_endpoint.is_some() {
         let server = Server::resolve(task, "generator_endpoint", &p.generator_endpoint, &None)?;
@@ -608,6 +644,7 @@ fn evaluate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, 
             &prompts,
             p.seed,
         )?;
+        metrics.extend(ifeval(&answers, "generator_"));
         if let (Some(a), Some(g)) = (accuracy, reference_accuracy(&references, &answers)) {
             metrics.insert("generator_accuracy".to_string(), g);
             metrics.insert("accuracy_gain".to_string(), a - g);
@@ -660,6 +697,8 @@ fn evaluate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, 
                 "correct": references[i].as_ref().map(|r| r == cand[i].trim()),
                 "generator_response": generator_answers.as_ref().map(|g| &g[i]),
                 "score": scores.get(i),
+                "instructions_followed": (!instructions[i].is_empty())
+                    .then(|| crate::sdg::instructions::Verdict::of(&instructions[i], &cand[i])),
             })
         })
         .collect();

@@ -103,13 +103,17 @@ fn score(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
     let bodies: Arc<Vec<Value>> = Arc::new(
         rows.iter()
             .map(|r| {
+                // A two-turn prompt is judged with its whole conversation.
+                let mut turns = match r.get("messages").and_then(Value::as_array) {
+                    Some(m) => m.clone(),
+                    None => vec![json!({ "role": "user", "content": r["prompt"] })],
+                };
                 if pair_request {
-                    json!({ "prompt": r["prompt"], "response": r["response"] })
+                    let prompt = crate::datasets::conversation_text(&Value::Array(turns), false);
+                    json!({ "prompt": prompt, "response": r["response"] })
                 } else {
-                    json!({ "model": model, "messages": [
-                        { "role": "user", "content": r["prompt"] },
-                        { "role": "assistant", "content": r["response"] },
-                    ] })
+                    turns.push(json!({ "role": "assistant", "content": r["response"] }));
+                    json!({ "model": model, "messages": turns })
                 }
             })
             .collect(),
@@ -124,7 +128,15 @@ fn score(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
         }
     })?;
     let mut total = 0.0;
+    let (mut checked, mut followed) = (0usize, 0usize);
     for (row, j) in rows.iter_mut().zip(judgements) {
+        // Verifiable instructions are judged by their checkers first.
+        if let Some(ok) = crate::sdg::instructions::check_row(row)
+            .map_err(|e| TaskError::permanent(format!("stage {}: {e}", task.assignment.stage)))?
+        {
+            checked += 1;
+            followed += usize::from(ok);
+        }
         let reward = match j {
             Judgement::Attributes(a) => {
                 row["attributes"] = attributes_json(a);
@@ -144,6 +156,13 @@ fn score(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {
     let mut metrics = caller.stats.metric_map();
     metrics.insert("records".into(), rows.len() as f64);
     metrics.insert("mean_reward".into(), total / rows.len().max(1) as f64);
+    if checked > 0 {
+        metrics.insert("instruction_checked".into(), checked as f64);
+        metrics.insert(
+            "instruction_followed_fraction".into(),
+            followed as f64 / checked as f64,
+        );
+    }
     Ok(TaskResult {
         outputs: vec![out],
         metrics,

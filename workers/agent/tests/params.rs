@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flywheel_proto::stage::{
-    OpenaiEvaluate, OpenaiGenerate, OpenaiJudge, Params, RewardEndpointScore,
+    OpenaiEvaluate, OpenaiGenerate, OpenaiJudge, OpenaiPrompts, Params, RewardEndpointScore,
 };
 use flywheel_proto::v1::{ArtifactRef, Assignment, Endpoint};
 use flywheel_worker::openai::OpenAiBackend;
@@ -510,6 +510,219 @@ fn every_openai_and_reward_endpoint_param_changes_what_the_stage_does() {
     )
     .unwrap();
     assert!(slow.max_in_flight.load(Ordering::SeqCst) > 1);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A prompt writer for `synthesize_prompts`: list requests get a numbered list of three items
+/// named after the request (a revision request gets its question back twice more, once as an
+/// exact and once as a near duplicate); a follow-up request gets a question; anything else a
+/// reply. Every fifth seed gets prose, a conversion failure.
+fn writer_reply(req: &Request) -> (u16, Value, u64) {
+    let content = req.body["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(|m| m["content"].as_str())
+        .unwrap_or_default()
+        .to_string();
+    let seed = req.body["seed"].as_u64().unwrap_or(0);
+    let tag = content.len() % 997;
+    let text = if content.contains("followup request") {
+        format!("And what about case {tag}?")
+    } else if seed % 5 == 4 && !content.contains("Please revise") {
+        "I would rather not.".to_string()
+    } else if let Some(q) = content
+        .strip_prefix("Question: ")
+        .and_then(|r| r.split("\n\n").next())
+    {
+        format!(
+            "1. {q} Please answer in detail.\n2. {q} Please answer in detail!\n3. {q} Please answer in much detail."
+        )
+    } else if content.contains("list") || content.contains("List") {
+        format!(
+            "1. Item {tag} alpha of {seed}\n2. Item {tag} beta of {seed}\n3. Item {tag} gamma of {seed}"
+        )
+    } else {
+        format!("Reply {tag}")
+    };
+    (
+        200,
+        json!({ "choices": [{ "index": 0, "message": { "content": text } }], "usage": { "prompt_tokens": 3, "completion_tokens": 2 } }),
+        0,
+    )
+}
+
+/// `synthesize_prompts` on `openai`: every param changes the requests or the prompts. Params of
+/// one pipeline only are shown on that pipeline.
+#[test]
+fn every_prompt_synthesis_param_changes_the_prompts() {
+    let dir = std::env::temp_dir().join(format!("flywheel-sdg-params-{}", std::process::id()));
+    let mut run = Run {
+        dir: dir.clone(),
+        n: 0,
+        endpoints: Vec::new(),
+    };
+    let llm = Server::start(writer_reply);
+    let v1 = format!("{}/v1", llm.base);
+    run.endpoints = vec![Endpoint {
+        name: "writer".into(),
+        url: format!("{}/writer/v1", llm.base),
+        served_name: "writer-model".into(),
+        model_id: "writer-id".into(),
+        content_hash: String::new(),
+    }];
+    let file = |run: &mut Run, name: &str, rows: &[Value]| run.dataset(name, rows).uri;
+    let seeds = file(
+        &mut run,
+        "seeds",
+        &[
+            json!({ "prompt": "What is the capital of France and why did it become the capital?" }),
+            json!({ "prompt": "Tell me what is the capital of Spain." }),
+            json!({ "prompt": "Write a limerick about a cat who learns to cook pasta at night." }),
+            json!({ "messages": [{ "role": "user", "content": "Hi" }, { "role": "assistant", "content": "Hello" }, { "role": "user", "content": "Plan a picnic for six people." }] }),
+        ],
+    );
+    let other_seeds = file(
+        &mut run,
+        "seeds2",
+        &[json!({ "prompt": "Name three rivers." })],
+    );
+    let eval_file = file(
+        &mut run,
+        "eval",
+        &[json!({ "prompt": "Write a limerick about a cat who learns to cook pasta at night" })],
+    );
+    let empty_eval = file(
+        &mut run,
+        "eval2",
+        &[json!({ "prompt": "unrelated words entirely" })],
+    );
+    let documents = file(
+        &mut run,
+        "docs",
+        &[
+            json!({ "text": "The Nile is a river." }),
+            json!({ "document": "Rust is a language." }),
+        ],
+    );
+    let mut held_out = run.dataset(
+        "held",
+        &[json!({ "id": "e0", "prompt": "What is the capital of France and why did it become the capital?", "split": "held_out" })],
+    );
+    held_out.role = "prompts".into();
+    let inputs = [held_out, generator()];
+    let baseline = json!({
+        "base_url": v1, "n_macro_topics": 2, "n_subtopics": 1, "n_openlines": 2, "n_revisions": 3,
+        "seeds": seeds, "seed_share": 0.5, "instruction_share": 0.5, "two_turn_share": 0.5,
+        "revise_share": 0.5, "eval_prompts": [eval_file], "max_conversion_failure_rate": 1.0,
+    });
+    let only_for_pipelines = [
+        "document_types",
+        "documents",
+        "school_level",
+        "level",
+        "language",
+    ];
+    check::<OpenaiPrompts>(
+        &mut run,
+        &llm,
+        &OpenAiBackend,
+        "synthesize_prompts",
+        baseline.clone(),
+        &inputs,
+        &[
+            ("pipeline", json!("math")),
+            ("endpoint", json!("writer")),
+            ("base_url", json!(format!("{}/other/v1", llm.base))),
+            ("model", json!("another-model")),
+            ("topics", json!(["volcanoes"])),
+            ("n_macro_topics", json!(3)),
+            ("n_subtopics", json!(0)),
+            ("n_openlines", json!(1)),
+            ("n_revisions", json!(0)),
+            (
+                "templates",
+                json!({ "questions": "Give {n_openlines} questions (a list) on {topic}." }),
+            ),
+            ("max_prompts", json!(2)),
+            ("max_conversion_failure_rate", json!(0.0)),
+            ("seeds", json!(other_seeds)),
+            ("seed_share", json!(0.2)),
+            ("instruction_share", json!(1.0)),
+            ("max_instructions", json!(3)),
+            ("instruction_types", json!(["punctuation:no_comma"])),
+            ("two_turn_share", json!(0.0)),
+            ("reply_endpoint", json!("writer")),
+            ("revise_share", json!(0.0)),
+            ("dedup", json!(false)),
+            ("near_duplicate_threshold", json!(1.0)),
+            ("decontaminate", json!(false)),
+            ("eval_prompts", json!([empty_eval])),
+            ("decontamination_ngram", json!(4)),
+            ("preference_share", json!(0.0)),
+            ("split", json!("held_out")),
+            ("temperature", json!(0.1)),
+            ("top_p", json!(0.5)),
+            ("max_tokens", json!(9)),
+            ("seed", json!(42)),
+            ("api_key_env", json!("PATH")),
+        ],
+        &only_for_pipelines,
+    );
+    // The params of one pipeline, on it.
+    let on = |pipeline: &str, extra: Value| {
+        let mut b = json!({ "pipeline": pipeline, "base_url": v1, "n_macro_topics": 2, "n_subtopics": 1,
+                            "max_conversion_failure_rate": 1.0 });
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    for (baseline, changes) in [
+        (
+            on("writing", json!({})),
+            vec![("document_types", json!(["Haiku"]))],
+        ),
+        (
+            on("closed_qa", json!({ "documents": documents })),
+            vec![(
+                "documents",
+                json!(file(
+                    &mut run,
+                    "docs2",
+                    &[json!({ "text": "Bees make honey." })]
+                )),
+            )],
+        ),
+        (
+            on("math", json!({})),
+            vec![
+                ("school_level", json!("high school")),
+                ("level", json!("beginner")),
+            ],
+        ),
+        (
+            on("coding", json!({})),
+            vec![("language", json!("Rust")), ("level", json!("advanced"))],
+        ),
+    ] {
+        let names: Vec<&str> = changes.iter().map(|(n, _)| *n).collect();
+        let others: Vec<&str> = OpenaiPrompts::DOC
+            .params
+            .iter()
+            .map(|p| p.name)
+            .filter(|n| !names.contains(n))
+            .collect();
+        check::<OpenaiPrompts>(
+            &mut run,
+            &llm,
+            &OpenAiBackend,
+            "synthesize_prompts",
+            baseline,
+            &inputs,
+            &changes,
+            &others,
+        );
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -167,6 +167,10 @@ impl Backend for BuiltinBackend {
     }
 }
 
+fn instructions_check(row: &mut Value) -> Result<Option<bool>, TaskError> {
+    flywheel_worker::sdg::instructions::check_row(row).map_err(TaskError::permanent)
+}
+
 fn progress_reporter<'a>(
     ctx: &'a TaskContext,
     total: usize,
@@ -205,11 +209,13 @@ impl BuiltinBackend {
         );
         // Each prompt carries the answer its verifier accepts, so that a backend without the
         // task world (evaluation through an API) can check answers.
+        let split_name = p.split.clone();
         let rows: Vec<Value> = prompts
             .iter()
             .map(|p| {
                 let mut row = serde_json::to_value(p).expect("prompt serializes");
                 row["reference_answer"] = json!(world::answer(&p.prompt));
+                row["split"] = json!(split_name);
                 row
             })
             .collect();
@@ -271,7 +277,9 @@ impl BuiltinBackend {
         for (row, responses) in mine.iter().zip(samples) {
             for (s, response) in responses.into_iter().enumerate() {
                 tokens += response.len() + 1;
-                out.push(json!({ "prompt_id": row["id"], "prompt": row["prompt"], "sample": s, "response": response, "generator": generator.id }));
+                let mut sample = json!({ "prompt_id": row["id"], "prompt": row["prompt"], "sample": s, "response": response, "generator": generator.id });
+                datasets::carry_prompt_fields(row, &mut sample);
+                out.push(sample);
             }
         }
         let n = out.len() as f64;
@@ -316,6 +324,10 @@ impl BuiltinBackend {
                 attrs[1] = if ok { 4.0 } else { 0.0 };
                 verified += ok as usize;
                 row["verified"] = json!(ok);
+            }
+            // Verifiable instructions are judged by their checkers, like the verifier.
+            if instructions_check(row)? == Some(false) {
+                attrs[1] = 0.0;
             }
             let scalar = reward::scalar(&attrs, &weights);
             total += scalar;
