@@ -307,6 +307,7 @@ async fn two_turn_prompts_round_trip_through_score_filter_and_the_trainer_export
     - {{ name: score, kind: score, backend: reward_endpoint, params: {{ url: \"http://127.0.0.1:{rm_port}/v1/chat/completions\", model: test-reward }} }}
     - {{ name: filter, kind: filter, backend: builtin }}
     - {{ name: sft, kind: sft, backend: external, params: {{ command: [sh, -c, \"cp {{sft_dir}}/train.jsonl {{output_dir}}/train.jsonl\"] }} }}
+    - {{ name: dialogues, kind: synthesize_prompts, needs: [], params: {{ pipeline: none, seeds: \"file://{seeds}\", base_url: \"{base}\", two_turn_share: 1.0, dialogue_turns: 3 }} }}
 ",
         seeds = seeds.display()
     );
@@ -351,6 +352,16 @@ async fn two_turn_prompts_round_trip_through_score_filter_and_the_trainer_export
             .iter()
             .any(|r| r["messages"][0]["content"] == "Hi there.")
     );
+
+    // Dialogues: user, reply, follow-up, reply, follow-up (the seed conversation, and the seed
+    // carrying its own instructions, stay as they are).
+    let dialogues = prompts_of(&arts, "dialogues", 0);
+    let five = dialogues
+        .iter()
+        .filter(|r| r["messages"].as_array().is_some_and(|m| m.len() == 5))
+        .count();
+    assert_eq!(five, dialogues.len() - 2, "{dialogues:?}");
+    assert_eq!(rounds[0].metrics["dialogues.requests"], 4.0 * five as f64);
 
     // Every conversation reached the scorer whole, and the trainer's SFT file has each turn.
     let scores = read_rows(arts.iter().find(|a| a.producer_stage == "score").unwrap());

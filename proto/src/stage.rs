@@ -710,6 +710,8 @@ params! {
         two_turn_share: f64 = 0.0, "0.0", Rule::AtLeast(0.0);
         /// The serve stage whose model answers two-turn prompts' first turns (default: the writer's endpoint).
         reply_endpoint: Option<String> = None, "", Rule::None;
+        /// User turns of each multi-turn prompt: 2 (two-turn) or more (a dialogue: reply, follow-up, reply, ...).
+        dialogue_turns: i64 = 2, "2", Rule::IntAtLeast(2);
         /// Share of the two-turn prompts whose second turn asks to revise the answer to follow an instruction.
         revise_share: f64 = 0.0, "0.0", Rule::AtLeast(0.0);
         /// Remove exact and near duplicates, within the stage and of earlier rounds.
@@ -831,6 +833,12 @@ impl CrossChecks for OpenaiPrompts {
             if types.is_empty() {
                 out.push(("instruction_types", "is empty".into()));
             }
+        }
+        if self.dialogue_turns > 2 && self.two_turn_share == 0.0 {
+            out.push((
+                "dialogue_turns",
+                "applies to multi-turn prompts: set two_turn_share too".into(),
+            ));
         }
         if self.reply_endpoint.is_some() && self.two_turn_share == 0.0 {
             out.push((

@@ -652,6 +652,7 @@ fn every_prompt_synthesis_param_changes_the_prompts() {
             ("instruction_types", json!(["punctuation:no_comma"])),
             ("two_turn_share", json!(0.0)),
             ("reply_endpoint", json!("writer")),
+            ("dialogue_turns", json!(3)),
             ("revise_share", json!(0.0)),
             ("dedup", json!(false)),
             ("near_duplicate_threshold", json!(1.0)),

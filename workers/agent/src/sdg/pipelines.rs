@@ -498,6 +498,97 @@ fn push_template(provenance: &mut Value, step: &str) {
     }
 }
 
+/// Makes the `chosen` rows (index, revise) conversations of `dialogue_turns` user turns: each
+/// turn after the first follows a reply to the conversation so far (by `reply`, the generator's
+/// endpoint, else the writer), and is written by the writer playing the user; a revise row's last
+/// turn instead asks to revise the answer to follow an instruction, which the row then carries.
+fn converse(
+    w: &mut Writer<'_>,
+    reply: &Option<(Server, Sampling)>,
+    rows: &mut [Value],
+    chosen: &[(usize, bool)],
+    types: &[String],
+    rng: &mut Rng,
+) -> Result<(), TaskError> {
+    let p = w.p;
+    let turns = p.dialogue_turns.max(2) as usize;
+    let mut convs: Vec<Vec<Value>> = chosen
+        .iter()
+        .map(|(i, _)| vec![json!({ "role": "user", "content": rows[*i]["prompt"] })])
+        .collect();
+    let mut reply_served = Vec::new();
+    let mut revised: BTreeMap<usize, Vec<Instruction>> = BTreeMap::new();
+    for turn in 2..=turns {
+        let asked: Vec<Value> = convs.iter().map(|c| json!(c)).collect();
+        let replies: Vec<String> = match reply {
+            Some((_, sampling)) => w
+                .complete_with(sampling, asked, "replies")?
+                .into_iter()
+                .map(|(text, by)| {
+                    reply_served.push(by);
+                    text
+                })
+                .collect(),
+            None => w.complete(asked, "replies")?,
+        };
+        let mut follow_ups = Vec::new();
+        let mut asking = Vec::new();
+        for (k, text) in replies.into_iter().enumerate() {
+            convs[k].push(json!({ "role": "assistant", "content": text }));
+            if turn == turns && chosen[k].1 {
+                let first = convs[k][0]["content"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let ins = draw_instructions(types, p.max_instructions as usize, rng, &first);
+                let ask = fill(
+                    w.template("revise_turn"),
+                    &[("instruction", &instruction_text(&ins))],
+                );
+                convs[k].push(json!({ "role": "user", "content": ask }));
+                revised.insert(k, ins);
+            } else {
+                let conversation = crate::datasets::conversation_text(&json!(convs[k]), false);
+                let ask = fill(w.template("follow_up"), &[("conversation", &conversation)]);
+                follow_ups.push(json!([{ "role": "user", "content": ask }]));
+                asking.push(k);
+            }
+        }
+        for (k, text) in asking
+            .into_iter()
+            .zip(w.complete(follow_ups, "follow-ups")?)
+        {
+            convs[k].push(json!({ "role": "user", "content": text.trim() }));
+        }
+    }
+    let replied_by = match reply {
+        Some((server, _)) => {
+            let weights = Weights::check(w.task, server, reply_served.iter())?;
+            Some(json!({
+                "endpoint": p.reply_endpoint, "model_id": server.endpoint.as_ref().map(|e| &e.model_id),
+                "served_hashes": weights.hashes, "weights_verified": weights.verified,
+            }))
+        }
+        None => None,
+    };
+    for (k, (i, revise)) in chosen.iter().enumerate() {
+        let row = &mut rows[*i];
+        row["prompt"] = convs[k].last().expect("a user turn")["content"].clone();
+        row["messages"] = json!(convs[k]);
+        if let Some(r) = &replied_by {
+            row["provenance"]["replied_by"] = r.clone();
+        }
+        push_template(
+            &mut row["provenance"],
+            if *revise { "revise_turn" } else { "follow_up" },
+        );
+        if let Some(ins) = revised.remove(&k) {
+            row["instructions"] = json!(ins);
+        }
+    }
+    Ok(())
+}
+
 /// The texts of instructions, as appended to a prompt.
 fn instruction_text(ins: &[Instruction]) -> String {
     ins.iter()
@@ -750,71 +841,8 @@ pub fn synthesize(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskRe
         }
         rows.push(row);
     }
-    let mut replied_by: Option<Value> = None;
     if !two_turn.is_empty() {
-        let firsts: Vec<Value> = two_turn
-            .iter()
-            .map(|(i, _)| json!([{ "role": "user", "content": rows[*i]["prompt"] }]))
-            .collect();
-        // The first turns are answered by the generator's endpoint where one is named.
-        let replies = match &reply {
-            Some((server, sampling)) => {
-                let answers = w.complete_with(sampling, firsts, "first replies")?;
-                let weights = Weights::check(task, server, answers.iter().map(|(_, by)| by))?;
-                replied_by = Some(json!({
-                    "endpoint": p.reply_endpoint, "model_id": server.endpoint.as_ref().map(|e| &e.model_id),
-                    "served_hashes": weights.hashes, "weights_verified": weights.verified,
-                }));
-                answers.into_iter().map(|(text, _)| text).collect()
-            }
-            None => w.complete(firsts, "first replies")?,
-        };
-        let mut follow_ups: Vec<Value> = Vec::new();
-        let mut revise_turns: BTreeMap<usize, (String, Vec<Instruction>)> = BTreeMap::new();
-        for ((i, revise), reply) in two_turn.iter().zip(&replies) {
-            let first = rows[*i]["prompt"].as_str().unwrap_or_default().to_string();
-            if *revise {
-                let ins = draw_instructions(&types, p.max_instructions as usize, &mut rng, &first);
-                let text = instruction_text(&ins);
-                revise_turns.insert(
-                    *i,
-                    (
-                        fill(w.template("revise_turn"), &[("instruction", &text)]),
-                        ins,
-                    ),
-                );
-            } else {
-                let conversation = format!("User: {first}\n\nAssistant: {reply}");
-                follow_ups.push(json!([{ "role": "user", "content": fill(w.template("follow_up"), &[("conversation", &conversation)]) }]));
-            }
-        }
-        let mut asked = w.complete(follow_ups, "follow-ups")?.into_iter();
-        for ((i, revise), reply) in two_turn.iter().zip(replies) {
-            let first = rows[*i]["prompt"].clone();
-            let (second, ins) = if *revise {
-                let (t, ins) = revise_turns.remove(i).expect("a revise turn");
-                (t, Some(ins))
-            } else {
-                (asked.next().unwrap_or_default().trim().to_string(), None)
-            };
-            let row = &mut rows[*i];
-            row["messages"] = json!([
-                { "role": "user", "content": first },
-                { "role": "assistant", "content": reply },
-                { "role": "user", "content": second },
-            ]);
-            row["prompt"] = json!(second);
-            if let Some(r) = &replied_by {
-                row["provenance"]["replied_by"] = r.clone();
-            }
-            push_template(
-                &mut row["provenance"],
-                if *revise { "revise_turn" } else { "follow_up" },
-            );
-            if let Some(ins) = ins {
-                row["instructions"] = json!(ins);
-            }
-        }
+        converse(&mut w, &reply, &mut rows, &two_turn, &types, &mut rng)?;
     }
 
     // 5. Pools, provenance of the weights, output.
