@@ -402,7 +402,8 @@ async fn two_turn_prompts_round_trip_through_score_filter_and_the_trainer_export
     }
 }
 
-/// Bad seed files fail the stage, naming the file and the line or column; nothing else runs.
+/// Bad seed files (JSONL and Parquet) fail the stage, naming the file and the line or column;
+/// a good Parquet file seeds it.
 #[tokio::test]
 async fn bad_seed_files_fail_the_stage_naming_file_and_line() {
     let mut c = Cluster::start().await;
@@ -421,6 +422,8 @@ async fn bad_seed_files_fail_the_stage_naming_file_and_line() {
     .unwrap();
     let empty = c.dir.join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();
+    let fixtures = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"));
+    let wrong_schema = fixtures.join("seeds-wrong-schema.parquet");
     for (name, file, expected) in [
         (
             "missing",
@@ -440,6 +443,14 @@ async fn bad_seed_files_fail_the_stage_naming_file_and_line() {
             &empty,
             format!("{}: the seed file is empty", empty.display()),
         ),
+        (
+            "wrong-schema",
+            &wrong_schema,
+            format!(
+                "{}: missing column prompt (or messages); the file has text, id",
+                wrong_schema.display()
+            ),
+        ),
     ] {
         let stages = format!(
             "    - {{ name: prompts, kind: synthesize_prompts, params: {{ pipeline: none, seeds: \"file://{}\" }} }}\n",
@@ -453,4 +464,20 @@ async fn bad_seed_files_fail_the_stage_naming_file_and_line() {
         let error = stage_error(&c, &campaign.id, "prompts").await;
         assert!(error.contains(&expected), "{name}: {error}");
     }
+    // A good Parquet file (written by pyarrow) seeds a stage.
+    let stages = format!(
+        "    - {{ name: prompts, kind: synthesize_prompts, params: {{ pipeline: none, seeds: \"file://{}\" }} }}\n",
+        fixtures.join("seeds.parquet").display()
+    );
+    let campaign = c.create(&spec("parquet-seeds", &model, 1, &stages)).await;
+    c.wait_status(&campaign.id, "succeeded", Duration::from_secs(60))
+        .await;
+    let arts = artifacts_of(&c, &campaign.id).await;
+    let prompts = prompts_of(&arts, "prompts", 0);
+    assert_eq!(prompts.len(), 2);
+    assert!(
+        prompts
+            .iter()
+            .any(|r| r["prompt"] == "Name three rivers in Europe.")
+    );
 }

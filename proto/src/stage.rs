@@ -696,7 +696,7 @@ params! {
         max_prompts: i64 = 0, "0", Rule::IntAtLeast(0);
         /// Highest share of answers that may fail to parse as a list before the stage fails.
         max_conversion_failure_rate: f64 = 0.2, "0.2", Rule::AtLeast(0.0);
-        /// Seed prompts: JSONL with prompt or messages per line, any artifact URI.
+        /// Seed prompts: JSONL or Parquet with prompt or messages per line or row, any artifact URI.
         seeds: Option<String> = None, "", Rule::None;
         /// Share of the output taken from the seed prompts (with seeds; pipeline none: all).
         seed_share: f64 = 0.5, "0.5", Rule::AtLeast(0.0);

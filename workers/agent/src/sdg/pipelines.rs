@@ -718,8 +718,10 @@ pub fn synthesize(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskRe
     let mut seeded: Vec<Candidate> = Vec::new();
     let mut seed_hash = None;
     if let Some(uri) = &p.seeds {
-        let (text, hash) = read_text(uri, "seeds", &stage)?;
-        let mut all = seeds::parse(&text, uri)
+        let bytes = artifacts::read(uri, "")
+            .map_err(|e| TaskError::permanent(format!("stage {stage}: params.seeds: {e}")))?;
+        let hash = artifacts::content_hash(&bytes);
+        let mut all = seeds::parse_file(&bytes, uri)
             .map_err(|e| TaskError::permanent(format!("stage {stage}: {e}")))?;
         shuffle(&mut all, &mut rng);
         let take = if p.pipeline == "none" {
