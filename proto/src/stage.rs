@@ -452,11 +452,17 @@ params! {
         max_difficulty: i64 = 2, "2", Rule::IntAtLeast(1);
         /// Fraction of prompts that also ask for the answer in brackets.
         brackets: f64 = 0.3, "0.3", Rule::AtLeast(0.0);
+        /// Fraction of prompts asking for the answer in quotes: IFEval's startend:quotation, recorded as the prompt's instruction.
+        quotes: f64 = 0.0, "0.0", Rule::AtLeast(0.0);
         /// train (training prompts) or held_out (evaluation prompts, disjoint from train).
         split: String = "train".into(), "train", Rule::OneOf(&["train", "held_out"]);
     }
 }
-impl CrossChecks for BuiltinPrompts {}
+impl CrossChecks for BuiltinPrompts {
+    fn cross_checks(&self) -> Vec<(&'static str, String)> {
+        format_shares(self.brackets, self.quotes)
+    }
+}
 
 params! {
     /// `generate` on `builtin`: K samples per prompt with the KV-cached sampler.
@@ -579,9 +585,30 @@ params! {
         max_difficulty: i64 = 2, "2", Rule::IntAtLeast(1);
         /// Fraction of prompts that also ask for the answer in brackets.
         brackets: f64 = 0.3, "0.3", Rule::AtLeast(0.0);
+        /// Fraction of prompts asking for the answer in quotes (scored with IFEval's checker too).
+        quotes: f64 = 0.0, "0.0", Rule::AtLeast(0.0);
     }
 }
-impl CrossChecks for BuiltinEvaluate {}
+impl CrossChecks for BuiltinEvaluate {
+    fn cross_checks(&self) -> Vec<(&'static str, String)> {
+        format_shares(self.brackets, self.quotes)
+    }
+}
+
+/// The task world's format shares: each at most 1, together at most 1.
+fn format_shares(brackets: f64, quotes: f64) -> Vec<(&'static str, String)> {
+    if brackets + quotes > 1.0 {
+        vec![(
+            "quotes",
+            format!(
+                "brackets + quotes must be at most 1 (is {})",
+                brackets + quotes
+            ),
+        )]
+    } else {
+        Vec::new()
+    }
+}
 
 /// A template of `synthesize_prompts` on `openai`: its step name and the placeholders it may use.
 pub type PromptTemplate = (&'static str, &'static [&'static str]);

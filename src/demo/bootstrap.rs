@@ -31,6 +31,7 @@ pub(crate) fn demo_mix(split: Split) -> Mix {
             .collect(),
         max_difficulty: 1,
         brackets: 0.2,
+        quotes: 0.0,
         split,
     }
 }
@@ -42,7 +43,7 @@ fn unlabelled(rng: &mut Rng, prompt: &str) -> String {
     let words: Vec<&str> = prompt
         .split(' ')
         .skip(1)
-        .filter(|w| *w != "in" && *w != "brackets")
+        .filter(|w| !["in", "brackets", "quotes"].contains(w))
         .collect();
     words
         .get(rng.below(words.len().max(1) as u64) as usize)

@@ -77,6 +77,9 @@ pub(crate) struct RoundSummary {
     mean_reward: f64,
     generator_mean_reward: f64,
     win_rate_vs_generator: f64,
+    /// IFEval's prompt-level strict accuracy on the held-out prompts with instructions.
+    instruction_following: f64,
+    generator_instruction_following: f64,
     prompts: f64,
     responses: f64,
     sft_records: f64,
@@ -450,6 +453,8 @@ fn round_summary(r: &Round, artifacts: &[Artifact]) -> RoundSummary {
         mean_reward: metric(r, "evaluate.mean_reward"),
         generator_mean_reward: metric(r, "evaluate.generator_mean_reward"),
         win_rate_vs_generator: metric(r, "evaluate.win_rate"),
+        instruction_following: metric(r, "evaluate.ifeval_prompt_strict"),
+        generator_instruction_following: metric(r, "evaluate.generator_ifeval_prompt_strict"),
         prompts: metric(r, "prompts.prompts"),
         responses: metric(r, "generate.responses_total"),
         sft_records: metric(r, "filter.sft_records"),
@@ -472,13 +477,29 @@ fn shown(x: f64) -> String {
 }
 
 fn print_table(s: &Summary) {
+    // IFEval's columns only where the evaluation measured instruction following.
+    let ifeval = s.rounds.iter().any(|r| !r.instruction_following.is_nan());
+    let ifeval_head = if ifeval {
+        format!(" {:>8} {:>8}", "gen ifev", "new ifev")
+    } else {
+        String::new()
+    };
     println!(
-        "\n{:<6} {:>9} {:>9} {:>8} {:>8} {:>7} {:>6} {:>6}  promoted",
+        "\n{:<6} {:>9} {:>9}{ifeval_head} {:>8} {:>8} {:>7} {:>6} {:>6}  promoted",
         "round", "gen acc", "new acc", "reward", "win rate", "samples", "sft", "pairs"
     );
     for r in &s.rounds {
+        let ifeval_cells = if ifeval {
+            format!(
+                " {:>8} {:>8}",
+                shown(r.generator_instruction_following),
+                shown(r.instruction_following)
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{:<6} {:>8.1}% {:>8.1}% {:>8} {:>8} {:>7.0} {:>6.0} {:>6.0}  {}",
+            "{:<6} {:>8.1}% {:>8.1}%{ifeval_cells} {:>8} {:>8} {:>7.0} {:>6.0} {:>6.0}  {}",
             r.round,
             r.generator_accuracy * 100.0,
             r.trained_accuracy * 100.0,

@@ -17,6 +17,7 @@ use flywheel_proto::v1::ArtifactRef;
 use flywheel_worker::artifacts;
 use flywheel_worker::datasets::{self, read_jsonl, write_jsonl};
 use flywheel_worker::reward_endpoint;
+use flywheel_worker::sdg::instructions::{Accuracy, Instruction};
 use flywheel_worker::{Backend, Output, Task, TaskContext, TaskError, TaskResult};
 use serde_json::{Value, json};
 
@@ -76,13 +77,27 @@ fn model_dir(m: &ArtifactRef) -> Result<std::path::PathBuf, TaskError> {
 }
 
 /// The task world's prompt mix from a stage's params.
-fn mix(subtopics: &Option<Vec<String>>, max_difficulty: i64, brackets: f64, split: Split) -> Mix {
+fn mix(
+    subtopics: &Option<Vec<String>>,
+    max_difficulty: i64,
+    (brackets, quotes): (f64, f64),
+    split: Split,
+) -> Mix {
     let d = Mix::default();
     Mix {
         subtopics: subtopics.clone().unwrap_or(d.subtopics),
         max_difficulty: max_difficulty.clamp(1, 3) as u32,
         brackets,
+        quotes,
         split,
+    }
+}
+
+/// The verifiable instructions (IFEval's catalog) a task-world prompt asks for.
+fn world_instructions(prompt: &str) -> Vec<Instruction> {
+    match world::Format::of(prompt).1 {
+        world::Format::Quotes => vec![Instruction::Quotation],
+        _ => Vec::new(),
     }
 }
 
@@ -203,7 +218,12 @@ impl BuiltinBackend {
         let prompts = world::generate(
             seed,
             p.count as usize,
-            &mix(&p.subtopics, p.max_difficulty, p.brackets, split),
+            &mix(
+                &p.subtopics,
+                p.max_difficulty,
+                (p.brackets, p.quotes),
+                split,
+            ),
             &id_prefix,
             &HashSet::new(),
         );
@@ -216,6 +236,10 @@ impl BuiltinBackend {
                 let mut row = serde_json::to_value(p).expect("prompt serializes");
                 row["reference_answer"] = json!(world::answer(&p.prompt));
                 row["split"] = json!(split_name);
+                let instructions = world_instructions(&p.prompt);
+                if !instructions.is_empty() {
+                    row["instructions"] = json!(instructions);
+                }
                 row
             })
             .collect();
@@ -427,7 +451,12 @@ impl BuiltinBackend {
         let prompts: Vec<String> = world::generate(
             p.seed,
             p.prompts as usize,
-            &mix(&p.subtopics, p.max_difficulty, p.brackets, Split::HeldOut),
+            &mix(
+                &p.subtopics,
+                p.max_difficulty,
+                (p.brackets, p.quotes),
+                Split::HeldOut,
+            ),
             "eval-",
             &HashSet::new(),
         )
@@ -459,21 +488,38 @@ impl BuiltinBackend {
         let accuracy = eval::accuracy(&prompts, &cand);
         let generator_accuracy = eval::accuracy(&prompts, &gen_answers);
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        // IFEval's accuracies over the prompts with instructions (the quoted ones).
+        let instructions: Vec<Vec<Instruction>> =
+            prompts.iter().map(|p| world_instructions(p)).collect();
+        let ifeval = |answers: &[String], prefix: &str| {
+            Accuracy::of(
+                instructions
+                    .iter()
+                    .zip(answers)
+                    .map(|(i, a)| (i.as_slice(), a.as_str())),
+            )
+            .map(|a| a.metrics(prefix))
+            .unwrap_or_default()
+        };
+        let mut metrics: std::collections::HashMap<String, f64> = ifeval(&cand, "")
+            .into_iter()
+            .chain(ifeval(&gen_answers, "generator_"))
+            .collect();
+        metrics.extend([
+            ("accuracy".to_string(), accuracy),
+            ("generator_accuracy".to_string(), generator_accuracy),
+            ("accuracy_gain".to_string(), accuracy - generator_accuracy),
+            ("mean_reward".to_string(), mean(&cand_rewards)),
+            ("generator_mean_reward".to_string(), mean(&gen_rewards)),
+            (
+                "win_rate".to_string(),
+                eval::win_rate(&cand_rewards, &gen_rewards),
+            ),
+            ("prompts".to_string(), prompts.len() as f64),
+        ]);
         Ok(TaskResult {
             outputs: Vec::new(),
-            metrics: [
-                ("accuracy".to_string(), accuracy),
-                ("generator_accuracy".to_string(), generator_accuracy),
-                ("accuracy_gain".to_string(), accuracy - generator_accuracy),
-                ("mean_reward".to_string(), mean(&cand_rewards)),
-                ("generator_mean_reward".to_string(), mean(&gen_rewards)),
-                (
-                    "win_rate".to_string(),
-                    eval::win_rate(&cand_rewards, &gen_rewards),
-                ),
-                ("prompts".to_string(), prompts.len() as f64),
-            ]
-            .into(),
+            metrics,
         })
     }
 }

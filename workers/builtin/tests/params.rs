@@ -203,6 +203,7 @@ fn every_builtin_param_changes_what_its_stage_does() {
             ("subtopics", json!(["add"])),
             ("max_difficulty", json!(1)),
             ("brackets", json!(0.9)),
+            ("quotes", json!(0.5)),
             ("split", json!("held_out")),
         ],
     );
@@ -297,6 +298,7 @@ fn every_builtin_param_changes_what_its_stage_does() {
             ("subtopics", json!(["reverse"])),
             ("max_difficulty", json!(1)),
             ("brackets", json!(0.9)),
+            ("quotes", json!(0.5)),
         ],
     );
     let _ = std::fs::remove_dir_all(&w.dir);

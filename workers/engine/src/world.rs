@@ -1,8 +1,9 @@
 //! The task world: short instructions whose answers a program can check.
 //!
 //! Topics → subtopics → prompts, with difficulty levels: arithmetic (add, sub, mul), string
-//! transforms (reverse, sort, upper, count), each optionally under a format constraint ("answer in
-//! brackets"). A prompt's text fully determines its answer, so [`verify`] needs only the text.
+//! transforms (reverse, sort, upper, count), each optionally under a format constraint ("in
+//! brackets", or "in quotes": IFEval's `startend:quotation`, phrased to fit a small context). A
+//! prompt's text fully determines its answer, so [`verify`] needs only the text.
 
 use std::collections::HashSet;
 
@@ -26,10 +27,7 @@ pub struct Prompt {
 
 /// The answer a prompt asks for, or `None` when the text is not a task of this world.
 pub fn answer(prompt: &str) -> Option<String> {
-    let (body, brackets) = match prompt.strip_suffix(" in brackets") {
-        Some(b) => (b, true),
-        None => (prompt, false),
-    };
+    let (body, format) = Format::of(prompt);
     let mut words = body.split(' ');
     let op = words.next()?;
     let args: Vec<&str> = words.collect();
@@ -47,7 +45,43 @@ pub fn answer(prompt: &str) -> Option<String> {
         ("count", [c, s]) if c.len() == 1 => s.matches(c).count().to_string(),
         _ => return None,
     };
-    Some(if brackets { format!("[{core}]") } else { core })
+    Some(match format {
+        Format::Plain => core,
+        Format::Brackets => format!("[{core}]"),
+        Format::Quotes => format!("\"{core}\""),
+    })
+}
+
+/// The format constraint a prompt ends with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Plain,
+    /// " in brackets": the answer in `[...]`.
+    Brackets,
+    /// " in quotes": the whole answer wrapped in double quotes (IFEval's `startend:quotation`).
+    Quotes,
+}
+
+impl Format {
+    const SUFFIXES: [(Format, &'static str); 2] = [
+        (Format::Brackets, " in brackets"),
+        (Format::Quotes, " in quotes"),
+    ];
+
+    /// The prompt's body and its format.
+    pub fn of(prompt: &str) -> (&str, Format) {
+        Self::SUFFIXES
+            .iter()
+            .find_map(|(f, s)| prompt.strip_suffix(s).map(|b| (b, *f)))
+            .unwrap_or((prompt, Format::Plain))
+    }
+
+    fn suffix(self) -> &'static str {
+        Self::SUFFIXES
+            .iter()
+            .find(|(f, _)| *f == self)
+            .map_or("", |(_, s)| s)
+    }
 }
 
 /// Whether `response` answers `prompt` correctly. Leading and trailing spaces are ignored.
@@ -73,7 +107,7 @@ fn word(rng: &mut Rng, len: usize) -> String {
 }
 
 /// One prompt of `subtopic` at `difficulty` (1..=3).
-pub fn make(rng: &mut Rng, subtopic: &str, difficulty: u32, brackets: bool) -> String {
+pub fn make(rng: &mut Rng, subtopic: &str, difficulty: u32, format: Format) -> String {
     let max = [10, 100, 1000][(difficulty.clamp(1, 3) - 1) as usize];
     let len = 1 + difficulty as usize + rng.below(2) as usize;
     let body = match subtopic {
@@ -92,11 +126,7 @@ pub fn make(rng: &mut Rng, subtopic: &str, difficulty: u32, brackets: bool) -> S
             format!("count {c} {w}")
         }
     };
-    if brackets {
-        format!("{body} in brackets")
-    } else {
-        body
-    }
+    format!("{body}{}", format.suffix())
 }
 
 /// Which part of the prompt space: every prompt text belongs to exactly one, by a hash of the
@@ -129,6 +159,8 @@ pub struct Mix {
     pub max_difficulty: u32,
     /// Fraction of prompts with the bracket format constraint.
     pub brackets: f64,
+    /// Fraction of prompts asking for the answer in quotes.
+    pub quotes: f64,
     pub split: Split,
 }
 
@@ -141,6 +173,7 @@ impl Default for Mix {
                 .collect(),
             max_difficulty: 2,
             brackets: 0.3,
+            quotes: 0.0,
             split: Split::Any,
         }
     }
@@ -167,8 +200,15 @@ pub fn generate(
             .find(|(_, s)| s.contains(&subtopic.as_str()))
             .map_or("other", |(t, _)| t);
         let difficulty = 1 + rng.below(mix.max_difficulty.max(1) as u64) as u32;
-        let brackets = rng.unit() < mix.brackets;
-        let text = make(&mut rng, subtopic, difficulty, brackets);
+        // Without quotes the draws are those of the bracket-only world (the same prompts).
+        let format = if rng.unit() < mix.brackets {
+            Format::Brackets
+        } else if mix.quotes > 0.0 && rng.unit() < mix.quotes / (1.0 - mix.brackets).max(1e-9) {
+            Format::Quotes
+        } else {
+            Format::Plain
+        };
+        let text = make(&mut rng, subtopic, difficulty, format);
         if !mix.split.contains(&text) || exclude.contains(&text) || !seen.insert(text.clone()) {
             continue;
         }
@@ -192,6 +232,7 @@ mod tests {
         assert_eq!(answer("add 12 30").as_deref(), Some("42"));
         assert_eq!(answer("sub 3 5").as_deref(), Some("-2"));
         assert_eq!(answer("reverse abc in brackets").as_deref(), Some("[cba]"));
+        assert_eq!(answer("add 2 3 in quotes").as_deref(), Some("\"5\""));
         assert_eq!(answer("sort cab").as_deref(), Some("abc"));
         assert_eq!(answer("upper abc").as_deref(), Some("ABC"));
         assert_eq!(answer("count a banana").as_deref(), Some("3"));
@@ -237,5 +278,18 @@ mod tests {
                 .all(|p| !eval.iter().any(|e| e.prompt == p.prompt))
         );
         assert!(eval.iter().all(|p| Split::HeldOut.contains(&p.prompt)));
+        // Quotes change nothing when off, and take their share when on.
+        let quoted = Mix {
+            quotes: 0.25,
+            ..Mix::default()
+        };
+        let q = generate(7, 400, &quoted, "q", &HashSet::new());
+        let share = q
+            .iter()
+            .filter(|p| p.prompt.ends_with(" in quotes"))
+            .count() as f64
+            / 400.0;
+        assert!((0.17..0.33).contains(&share), "{share}");
+        assert!(q.iter().all(|p| answer(&p.prompt).is_some()));
     }
 }

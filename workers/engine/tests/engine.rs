@@ -251,6 +251,7 @@ fn the_reward_head_separates_correct_from_wrong_answers() {
         subtopics: vec!["upper".into(), "reverse".into()],
         max_difficulty: 1,
         brackets: 0.0,
+        quotes: 0.0,
         split: world::Split::Any,
     };
     let train_prompts = world::generate(1, 400, &mix, "t", &HashSet::new());
@@ -314,6 +315,7 @@ fn a_small_sft_run_raises_held_out_accuracy() {
         subtopics: vec!["upper".into(), "reverse".into(), "add".into()],
         max_difficulty: 1,
         brackets: 0.2,
+        quotes: 0.0,
         split: world::Split::Any,
     };
     let train_prompts = world::generate(10, 600, &mix, "t", &HashSet::new());

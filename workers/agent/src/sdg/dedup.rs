@@ -35,6 +35,8 @@ pub enum Fate {
 
 #[derive(Debug, Clone, Copy)]
 pub struct Settings {
+    /// Remove exact and near duplicates (false: only decontaminate).
+    pub duplicates: bool,
     /// Least estimated Jaccard similarity of a near duplicate (0 < t ≤ 1).
     pub threshold: f64,
     /// Characters per shingle.
@@ -46,6 +48,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
+            duplicates: true,
             threshold: 0.8,
             shingle: 5,
             ngram: 8,
@@ -192,6 +195,10 @@ pub fn dedup(texts: &[&str], earlier: &[&str], eval: &[&str], s: Settings) -> Ve
     for (i, (n, sig)) in sigs.iter().enumerate() {
         if contamination.hits(n) {
             fates.push(Fate::Contaminated);
+            continue;
+        }
+        if !s.duplicates {
+            fates.push(Fate::Kept);
             continue;
         }
         if let Some(first) = exact.get(n.as_str()) {

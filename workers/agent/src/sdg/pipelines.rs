@@ -777,28 +777,12 @@ pub fn synthesize(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskRe
     let earlier_refs: Vec<&str> = earlier.iter().map(String::as_str).collect();
     let eval_refs: Vec<&str> = eval.iter().map(String::as_str).collect();
     let settings = dedup::Settings {
-        threshold: if p.dedup {
-            p.near_duplicate_threshold
-        } else {
-            2.0
-        },
+        duplicates: p.dedup,
+        threshold: p.near_duplicate_threshold,
         ngram: p.decontamination_ngram as usize,
         ..dedup::Settings::default()
     };
-    let fates = if p.dedup || !eval.is_empty() {
-        dedup::dedup(&texts, &earlier_refs, &eval_refs, settings)
-    } else {
-        vec![Fate::Kept; texts.len()]
-    };
-    // Without dedup, only contamination removes.
-    let fates: Vec<Fate> = fates
-        .into_iter()
-        .map(|f| match f {
-            Fate::Contaminated => f,
-            _ if !p.dedup => Fate::Kept,
-            f => f,
-        })
-        .collect();
+    let fates = dedup::dedup(&texts, &earlier_refs, &eval_refs, settings);
     let (_, exact, near, earlier_round, contaminated) = dedup::tally(&fates);
     let mut kept: Vec<Candidate> = cands
         .into_iter()
