@@ -622,14 +622,7 @@ fn evaluate(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskResult, 
         .collect::<Result<_, _>>()
         .map_err(|e| TaskError::permanent(format!("stage {stage}: held-out prompts: {e}")))?;
     let ifeval = |answers: &[String], prefix: &str| {
-        crate::sdg::instructions::Accuracy::of(
-            instructions
-                .iter()
-                .zip(answers)
-                .map(|(i, a)| (i.as_slice(), a.as_str())),
-        )
-        .map(|a| a.metrics(prefix))
-        .unwrap_or_default()
+        crate::sdg::instructions::Accuracy::metrics_of(&instructions, answers, prefix)
     };
     metrics.extend(ifeval(&cand, ""));
     let mut generator_answers = None;

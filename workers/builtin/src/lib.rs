@@ -491,20 +491,15 @@ impl BuiltinBackend {
         // IFEval's accuracies over the prompts with instructions (the quoted ones).
         let instructions: Vec<Vec<Instruction>> =
             prompts.iter().map(|p| world_instructions(p)).collect();
-        let ifeval = |answers: &[String], prefix: &str| {
-            Accuracy::of(
-                instructions
-                    .iter()
-                    .zip(answers)
-                    .map(|(i, a)| (i.as_slice(), a.as_str())),
-            )
-            .map(|a| a.metrics(prefix))
-            .unwrap_or_default()
-        };
-        let mut metrics: std::collections::HashMap<String, f64> = ifeval(&cand, "")
-            .into_iter()
-            .chain(ifeval(&gen_answers, "generator_"))
-            .collect();
+        let mut metrics: std::collections::HashMap<String, f64> =
+            Accuracy::metrics_of(&instructions, &cand, "")
+                .into_iter()
+                .chain(Accuracy::metrics_of(
+                    &instructions,
+                    &gen_answers,
+                    "generator_",
+                ))
+                .collect();
         metrics.extend([
             ("accuracy".to_string(), accuracy),
             ("generator_accuracy".to_string(), generator_accuracy),

@@ -720,6 +720,22 @@ impl Accuracy {
         })
     }
 
+    /// The metrics of `answers` to prompts with `instructions` (none if no prompt has any).
+    pub fn metrics_of(
+        instructions: &[Vec<Instruction>],
+        answers: &[String],
+        prefix: &str,
+    ) -> Vec<(String, f64)> {
+        Self::of(
+            instructions
+                .iter()
+                .zip(answers)
+                .map(|(i, a)| (i.as_slice(), a.as_str())),
+        )
+        .map(|a| a.metrics(prefix))
+        .unwrap_or_default()
+    }
+
     /// Metrics named `<prefix>ifeval_prompt_strict` and so on.
     pub fn metrics(&self, prefix: &str) -> Vec<(String, f64)> {
         vec![
