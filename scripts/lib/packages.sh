@@ -21,10 +21,10 @@ ensure_test_packages() {
 # (against `flywheel serve-model`), moto's S3 server (the artifact store on S3), and grpcio with
 # grpcio-reflection (a generic gRPC client: reflection v1alpha, raw request bytes), and
 # lm-eval's IFEval checkers (installed without lm-eval's dependencies: torch is not needed for
-# them) to cross-check Flywheel's.
+# them) to cross-check Flywheel's, and kubernetes-validate for the manifests in deploy/.
 ensure_test_python() {
     local venv=target/pyenv
-    if [ -x "$venv/bin/moto_server" ] && "$venv/bin/python" -c "import openai, moto, grpc, grpc_reflection, langdetect, immutabledict, nltk, packaging, importlib.util as u; assert u.find_spec('lm_eval')" 2>/dev/null; then
+    if [ -x "$venv/bin/moto_server" ] && [ -x "$venv/bin/kubernetes-validate" ] && "$venv/bin/python" -c "import openai, moto, grpc, grpc_reflection, langdetect, immutabledict, nltk, packaging, importlib.util as u; assert u.find_spec('lm_eval')" 2>/dev/null; then
         return 0
     fi
     command -v python3 >/dev/null || { echo "error: python3 is missing (the openai-client and S3 tests need it)" >&2; exit 1; }
@@ -36,4 +36,6 @@ ensure_test_python() {
     "$venv/bin/pip" install -q --no-deps 'lm-eval>=0.4.8,<0.5' &&
         "$venv/bin/pip" install -q langdetect immutabledict 'nltk>=3.9.1' packaging six ||
         { echo "error: pip could not install lm-eval (IFEval checkers), langdetect, immutabledict and nltk from PyPI" >&2; exit 1; }
+    "$venv/bin/pip" install -q 'kubernetes-validate>=1.30' ||
+        { echo "error: pip could not install kubernetes-validate from PyPI (the deploy/ manifests' test)" >&2; exit 1; }
 }
