@@ -1656,6 +1656,70 @@ mod tests {
             .collect()
     }
 
+    /// A prompt-synthesis spec that could not do what it says is refused, naming the param.
+    #[test]
+    fn prompt_synthesis_params_that_cannot_work_are_refused() {
+        use BackendKind::Openai;
+        use StageKind::SynthesizePrompts;
+        let p = |v: Value| problems(SynthesizePrompts, Openai, v);
+        assert_eq!(
+            p(json!({})),
+            [
+                "endpoint: is required: the serve stage that writes the prompts (or give base_url) for pipeline open_qa"
+            ]
+        );
+        assert!(p(json!({ "pipeline": "none", "seeds": "file:///s.jsonl" })).is_empty());
+        assert_eq!(
+            p(json!({ "base_url": "http://x/v1", "pipeline": "closed_qa" })),
+            ["documents: is required with pipeline closed_qa"]
+        );
+        assert_eq!(
+            p(json!({ "base_url": "http://x/v1", "templates": { "writing_tasks": "x" } })),
+            [
+                "templates: pipeline open_qa has no template \"writing_tasks\" (it has macro_topics, subtopics, questions, revise, follow_up, revise_turn)"
+            ]
+        );
+        assert_eq!(
+            p(
+                json!({ "base_url": "http://x/v1", "templates": { "questions": "{n_openlines} on {subject}" } })
+            ),
+            [
+                "templates: template questions uses {subject}, which it cannot fill (it has n_openlines, topic)"
+            ]
+        );
+        assert_eq!(
+            p(json!({ "base_url": "http://x/v1", "pipeline": "math", "level": "expert" })),
+            ["level: unknown level \"expert\" for math (expected general or beginner)"]
+        );
+        assert_eq!(
+            p(json!({ "base_url": "http://x/v1", "instruction_types": ["keywords:rhymes"] })),
+            ["instruction_types: unknown instruction id \"keywords:rhymes\""]
+        );
+        assert_eq!(
+            p(json!({ "base_url": "http://x/v1", "two_turn_share": 1.5 })),
+            ["two_turn_share: must be in [0, 1]"]
+        );
+        assert_eq!(
+            p(json!({ "base_url": "http://x/v1", "revise_share": 0.5, "dialogue_turns": 3 })),
+            [
+                "dialogue_turns: applies to multi-turn prompts: set two_turn_share too",
+                "revise_share: applies to two-turn prompts: set two_turn_share too"
+            ]
+        );
+        assert_eq!(
+            p(json!({ "pipeline": "none" })),
+            ["seeds: is required with pipeline none"]
+        );
+        assert_eq!(
+            problems(
+                SynthesizePrompts,
+                BackendKind::Builtin,
+                json!({ "brackets": 0.7, "quotes": 0.5 })
+            ),
+            ["quotes: brackets + quotes must be at most 1 (is 1.2)"]
+        );
+    }
+
     #[test]
     fn typos_types_bounds_and_backends_are_named() {
         use BackendKind::*;
