@@ -1210,6 +1210,24 @@ params! {
         seed: u64 = 1234, "1234", Rule::None;
         /// Seconds between SIGTERM and SIGKILL when the task is stopped.
         grace_period_s: i64 = 10, "10", Rule::IntAtLeast(0);
+        /// local (a child process of the worker) or slurm (a batch job: sbatch, srun).
+        executor: String = "local".into(), "local", Rule::OneOf(&["local", "slurm"]);
+        /// slurm: nodes of the job.
+        nodes: i64 = 1, "1", Rule::IntAtLeast(1);
+        /// slurm: GPUs per node (default: gpus).
+        gpus_per_node: Option<i64> = None, "gpus", Rule::IntAtLeast(0);
+        /// slurm: partition.
+        partition: Option<String> = None, "", Rule::None;
+        /// slurm: account.
+        account: Option<String> = None, "", Rule::None;
+        /// slurm: QoS.
+        qos: Option<String> = None, "", Rule::None;
+        /// slurm: time limit (sbatch --time, e.g. 04:00:00); over it the job ends TIMEOUT and is retried.
+        time_limit: Option<String> = None, "", Rule::None;
+        /// slurm: a container image for pyxis/enroot (srun --container-image).
+        container_image: Option<String> = None, "", Rule::None;
+        /// slurm: further #SBATCH directives, e.g. [--exclusive].
+        sbatch_args: Option<Vec<Arg>> = None, "", Rule::None;
     }
 }
 /// The placeholders the external backend fills itself: a command's `vars` may not reuse them
@@ -1236,9 +1254,30 @@ pub const EXTERNAL_PLACEHOLDERS: &[&str] = &[
     "flywheel",
 ];
 
+/// The `external` training params that only the Slurm executor reads.
+pub const SLURM_PARAMS: &[&str] = &[
+    "nodes",
+    "gpus_per_node",
+    "partition",
+    "account",
+    "qos",
+    "time_limit",
+    "container_image",
+    "sbatch_args",
+];
+
 impl CrossChecks for ExternalTrain {
     fn cross_checks(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
+        if self.executor != "slurm" {
+            let given = serde_json::to_value(self).expect("params serialize");
+            let defaults = serde_json::to_value(Self::default()).expect("params serialize");
+            for name in SLURM_PARAMS {
+                if given[name] != defaults[name] {
+                    out.push((*name, "applies to executor slurm".to_string()));
+                }
+            }
+        }
         if let Some(k) = self
             .vars
             .keys()
@@ -1717,6 +1756,23 @@ mod tests {
                 json!({ "brackets": 0.7, "quotes": 0.5 })
             ),
             ["quotes: brackets + quotes must be at most 1 (is 1.2)"]
+        );
+    }
+
+    /// The Slurm params need the Slurm executor: accepted and ignored they would lie.
+    #[test]
+    fn slurm_params_need_the_slurm_executor() {
+        let p = |v: Value| problems(StageKind::Sft, BackendKind::External, v);
+        assert_eq!(
+            p(json!({ "template": "trl", "partition": "batch", "nodes": 2 })),
+            [
+                "nodes: applies to executor slurm",
+                "partition: applies to executor slurm"
+            ]
+        );
+        assert!(
+            p(json!({ "template": "trl", "executor": "slurm", "partition": "batch", "nodes": 2 }))
+                .is_empty()
         );
     }
 

@@ -188,6 +188,11 @@ impl TaskContext {
         self.beat_now.notify_one();
     }
 
+    /// Sends a heartbeat now (what the task just reported goes to Postgres at once).
+    pub fn beat_now(&self) {
+        self.beat_now.notify_one();
+    }
+
     /// True once the controller says the work is done (a serve task's consumers finished):
     /// finish and report success.
     pub fn finish_requested(&self) -> bool {

@@ -793,7 +793,10 @@ fn every_external_param_reaches_the_trainer() {
         run.stage(&ExternalTrainerBackend, kind, &params, inputs)
             .unwrap_or_else(|e| panic!("{kind} {params}: {e}"))
     };
-    let covered_elsewhere = ["template", "extra_args", "grace_period_s"];
+    // The Slurm executor and its params need a cluster: tests/slurm.rs runs them on one, and
+    // the batch-script unit test (external::slurm) shows each in the script.
+    let mut covered_elsewhere = vec!["template", "extra_args", "grace_period_s", "executor"];
+    covered_elsewhere.extend_from_slice(flywheel_proto::stage::SLURM_PARAMS);
     let sft_inputs = [sft.clone(), base.clone(), generator.clone()];
     let pref_inputs = [pairs.clone(), sft_model.clone(), base.clone()];
     let changes: &[(&str, &str, Value)] = &[

@@ -18,6 +18,7 @@ pub mod export;
 pub mod logs;
 mod process;
 pub mod serve;
+mod slurm;
 pub mod templates;
 
 use std::collections::BTreeMap;
@@ -91,6 +92,28 @@ impl Backend for ExternalTrainerBackend {
         let _ = std::fs::remove_dir_all(&work);
         result
     }
+}
+
+/// Copies the files under `from` into `to`, recursively.
+fn copy_dir(from: &Path, to: &Path) -> Result<(), TaskError> {
+    let fail = |e: std::io::Error| {
+        TaskError::retryable(format!(
+            "cannot copy {} to {}: {e}",
+            from.display(),
+            to.display()
+        ))
+    };
+    std::fs::create_dir_all(to).map_err(fail)?;
+    for entry in std::fs::read_dir(from).map_err(fail)? {
+        let entry = entry.map_err(fail)?;
+        let target = to.join(entry.file_name());
+        if entry.file_type().map_err(fail)?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target).map_err(fail)?;
+        }
+    }
+    Ok(())
 }
 
 fn write_jsonl_file(path: &Path, rows: &[Value]) -> Result<(), TaskError> {
@@ -233,14 +256,25 @@ fn train(
     );
 
     let total_steps = values["steps"].parse::<f64>().ok();
-    let metrics = process::run_trainer(
-        &argv,
-        &process_env(&p.env),
-        work,
-        ctx,
-        grace(p.grace_period_s),
-        total_steps,
-    )?;
+    let env = process_env(&p.env);
+    let metrics = if p.executor == "slurm" {
+        let job = slurm::JobSpec {
+            name: format!("flywheel-{}", task.assignment.task_id),
+            argv: &argv,
+            env: &env,
+            work,
+            output_dir: &output_dir,
+        };
+        let (metrics, written) = slurm::run_job(&job, &p, ctx, total_steps)?;
+        // A job re-attached to wrote its model where the attempt that submitted it said: this
+        // attempt publishes it under its own prefix.
+        if written != output_dir {
+            copy_dir(&written, &output_dir)?;
+        }
+        metrics
+    } else {
+        process::run_trainer(&argv, &env, work, ctx, grace(p.grace_period_s), total_steps)?
+    };
 
     let empty = std::fs::read_dir(&output_dir)
         .map(|mut d| d.next().is_none())

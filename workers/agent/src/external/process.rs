@@ -31,33 +31,11 @@ pub(super) fn run_trainer(
     let mut child = spawn_in_group(cmd, env, "trainer", &argv[0])?;
     let (tx, rx) = mpsc::channel::<String>();
     pipe_lines(&mut child, move |line| tx.send(line).is_ok());
-    let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
-    let mut metrics: BTreeMap<String, f64> = BTreeMap::new();
-    // The trainer's own progress bar, where it logs no step count.
-    let mut bar = 0.0;
+    let mut follower = LogFollower::new(total_steps);
     let mut streams_open = true;
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => {
-                for (k, v) in parse_metrics(&line) {
-                    metrics.insert(k, v);
-                }
-                if let Some(f) = parse_progress(&line) {
-                    bar = f;
-                }
-                let fraction = match (metrics.get("step"), total_steps) {
-                    (Some(step), Some(total)) if total > 0.0 => (step + 1.0) / total,
-                    _ => bar,
-                };
-                let metric_list: Vec<(&str, f64)> =
-                    metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                let message: String = shown(&line).chars().take(200).collect();
-                ctx.report(fraction, message, &metric_list);
-                if tail.len() == TAIL_LINES {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
-            }
+            Ok(line) => follower.line(ctx, line),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => streams_open = false,
         }
@@ -73,14 +51,60 @@ pub(super) fn run_trainer(
         .wait()
         .map_err(|e| TaskError::retryable(format!("waiting for the trainer: {e}")))?;
     if !status.success() {
-        let lines: Vec<String> = tail.into_iter().collect();
         return Err(TaskError::retryable(format!(
             "trainer {:?} exited with {status}; last lines of its log:\n{}",
             argv[0],
-            lines.join("\n")
+            follower.tail()
         )));
     }
-    Ok(metrics)
+    Ok(follower.metrics)
+}
+
+/// A trainer's log, line by line: the metrics it logs, its progress (by `step` of
+/// `total_steps`, else its own progress bar) reported to the controller, and the last lines kept
+/// for an error message.
+pub(super) struct LogFollower {
+    pub(super) metrics: BTreeMap<String, f64>,
+    tail: VecDeque<String>,
+    bar: f64,
+    total_steps: Option<f64>,
+}
+
+impl LogFollower {
+    pub(super) fn new(total_steps: Option<f64>) -> Self {
+        Self {
+            metrics: BTreeMap::new(),
+            tail: VecDeque::with_capacity(TAIL_LINES),
+            bar: 0.0,
+            total_steps,
+        }
+    }
+
+    pub(super) fn line(&mut self, ctx: &TaskContext, line: String) {
+        for (k, v) in parse_metrics(&line) {
+            self.metrics.insert(k, v);
+        }
+        if let Some(f) = parse_progress(&line) {
+            self.bar = f;
+        }
+        let fraction = match (self.metrics.get("step"), self.total_steps) {
+            (Some(step), Some(total)) if total > 0.0 => (step + 1.0) / total,
+            _ => self.bar,
+        };
+        let metric_list: Vec<(&str, f64)> =
+            self.metrics.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        let message: String = shown(&line).chars().take(200).collect();
+        ctx.report(fraction, message, &metric_list);
+        if self.tail.len() == TAIL_LINES {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line);
+    }
+
+    /// The last lines seen, joined.
+    pub(super) fn tail(&self) -> String {
+        self.tail.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
 }
 
 /// Starts `cmd` with `env`, no stdin and piped output, in its own process group, so that a stop

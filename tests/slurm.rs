@@ -1,0 +1,275 @@
+//! The Slurm executor on a real one-node Slurm cluster (Debian's slurm-wlm, started by
+//! `scripts/test`, config in `target/slurm`): a training stage as a batch job followed to its
+//! end, a failing job, a cancelled job, and a worker killed mid-job whose successor re-attaches
+//! to the same job.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Cluster, artifacts_of, http, init_model, stage_error, until};
+
+/// The cluster's config; the tests fail (never pass silently) where no cluster runs.
+fn slurm_conf() -> String {
+    let conf = std::env::var("SLURM_CONF").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/target/slurm/slurm.conf").to_string()
+    });
+    assert!(
+        Path::new(&conf).exists(),
+        "{conf} is missing: run scripts/test, which starts a one-node Slurm cluster"
+    );
+    let ok = Command::new("sinfo")
+        .env("SLURM_CONF", &conf)
+        .arg("-h")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "sinfo fails: the Slurm cluster of {conf} is not running (run scripts/test)"
+    );
+    conf
+}
+
+fn slurm(conf: &str, program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .env("SLURM_CONF", conf)
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Jobs the controller knows named `name` (finished ones are kept for MinJobAge, 300 s).
+fn jobs_named(conf: &str, name: &str) -> Vec<String> {
+    slurm(conf, "scontrol", &["show", "job", "-o"])
+        .lines()
+        .filter(|l| l.split_whitespace().any(|f| f == format!("JobName={name}")))
+        .map(String::from)
+        .collect()
+}
+
+fn spec(name: &str, model: &Path, reward: &Path, stages: &str) -> String {
+    format!(
+        "apiVersion: flywheel/v1
+name: {name}
+models:
+  generator: {{ name: tiny, uri: \"file://{m}\" }}
+  base: {{ name: base, uri: \"file://{m}\" }}
+  reward: {{ name: reward, uri: \"file://{r}\" }}
+rounds: 1
+defaults: {{ pool: cpu, backend: builtin, max_attempts: 2, backoff_initial_ms: 200, backoff_max_ms: 1000 }}
+recipe:
+  stages:
+{stages}",
+        m = model.display(),
+        r = reward.display()
+    )
+}
+
+fn worker(c: &mut Cluster, name: &str, conf: &str) -> usize {
+    c.add_worker_with_env(
+        name,
+        "cpu",
+        &[
+            "--backend",
+            "builtin",
+            "--backend",
+            "external",
+            "--slots",
+            "3",
+        ],
+        &[("SLURM_CONF", conf)],
+    )
+}
+
+/// The sft task's id once it runs, and its Slurm job's name.
+async fn running_sft(c: &Cluster, campaign: &str) -> (String, String) {
+    let id = until("the sft task to run", Duration::from_secs(90), || async {
+        let rounds = c.rounds(campaign).await;
+        let s = rounds[0].stages.iter().find(|s| s.name == "sft")?;
+        (s.tasks[0].state == "running").then(|| s.tasks[0].id.clone())
+    })
+    .await;
+    let name = format!("flywheel-{id}");
+    (id, name)
+}
+
+#[tokio::test]
+async fn a_training_stage_runs_as_a_slurm_job_followed_to_completion() {
+    let conf = slurm_conf();
+    let mut c = Cluster::start().await;
+    let model = init_model(&c.dir, "gen", false);
+    let reward = init_model(&c.dir, "rm", true);
+    worker(&mut c, "login-0", &conf);
+    let stages = "    - { name: prompts, kind: synthesize_prompts, params: { count: 8 } }
+    - { name: generate, kind: generate, params: { k: 2, max_tokens: 6 } }
+    - { name: score, kind: score }
+    - { name: filter, kind: filter, params: { margin: 0.0 } }
+    - { name: sft, kind: sft, backend: external, params: { template: flywheel, executor: slurm, gpus_per_node: 0, steps: 12, batch_size: 4, lr: 0.001, time_limit: \"00:10:00\" } }
+";
+    let campaign = c.create(&spec("slurm-ok", &model, &reward, stages)).await;
+    c.wait_status(&campaign.id, "succeeded", Duration::from_secs(180))
+        .await;
+    let rounds = c.rounds(&campaign.id).await;
+    let sft = rounds[0].stages.iter().find(|s| s.name == "sft").unwrap();
+    let task = &sft.tasks[0];
+    // The job id is on the attempt in Postgres; the job ran under the task's name and ended
+    // COMPLETED with exit code 0.
+    let (_, detail) = http(
+        &c.http_addr(),
+        "GET",
+        &format!("/api/v1/tasks/{}", task.id),
+        Some(&c.read_token),
+        None,
+    );
+    let detail: serde_json::Value = serde_json::from_str(&detail).unwrap();
+    let progress: serde_json::Value =
+        serde_json::from_str(detail["progress_metrics_json"].as_str().unwrap()).unwrap();
+    let job_id = progress["slurm_job_id"]
+        .as_f64()
+        .expect("slurm_job_id recorded") as u64;
+    let jobs = jobs_named(&conf, &format!("flywheel-{}", task.id));
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert!(jobs[0].contains(&format!("JobId={job_id} ")), "{jobs:?}");
+    assert!(jobs[0].contains("JobState=COMPLETED"), "{jobs:?}");
+    assert!(jobs[0].contains("ExitCode=0:0"), "{jobs:?}");
+    assert!(jobs[0].contains("TimeLimit=00:10:00"), "{jobs:?}");
+    // The job's log was followed: the trainer's step and loss are the task's metrics.
+    let metrics: serde_json::Value =
+        serde_json::from_str(detail["metrics_json"].as_str().unwrap()).unwrap();
+    assert_eq!(metrics["step"].as_f64(), Some(11.0), "{metrics}");
+    assert!(metrics["loss"].is_number(), "{metrics}");
+    assert_eq!(
+        metrics["slurm_job_id"].as_f64(),
+        Some(job_id as f64),
+        "{metrics}"
+    );
+    // The model is registered with the hash of what the job wrote.
+    let arts = artifacts_of(&c, &campaign.id).await;
+    let m = arts
+        .iter()
+        .find(|a| a.producer_stage == "sft" && a.kind == "model")
+        .unwrap();
+    let dir = flywheel_worker::artifacts::path_of(&m.uri).unwrap();
+    assert_eq!(
+        flywheel_worker::artifacts::hash_dir(&dir).unwrap(),
+        m.content_hash
+    );
+}
+
+#[tokio::test]
+async fn a_job_that_exits_3_fails_the_task_with_its_log() {
+    let conf = slurm_conf();
+    let mut c = Cluster::start().await;
+    let model = init_model(&c.dir, "gen", false);
+    let reward = init_model(&c.dir, "rm", true);
+    worker(&mut c, "login-0", &conf);
+    let stages = "    - { name: prompts, kind: synthesize_prompts, params: { count: 2 } }
+    - name: sft
+      kind: sft
+      backend: external
+      max_attempts: 1
+      params: { executor: slurm, gpus_per_node: 0, command: [sh, -c, \"echo step=0 loss=2.5; echo 'RuntimeError: CUDA out of memory' >&2; exit 3\"] }
+";
+    let campaign = c.create(&spec("slurm-fail", &model, &reward, stages)).await;
+    c.wait_status(&campaign.id, "failed", Duration::from_secs(90))
+        .await;
+    let error = stage_error(&c, &campaign.id, "sft").await;
+    assert!(error.contains("ended FAILED with exit code 3:0"), "{error}");
+    assert!(error.contains("CUDA out of memory"), "{error}");
+}
+
+#[tokio::test]
+async fn cancelling_the_campaign_scancels_the_job() {
+    let conf = slurm_conf();
+    let mut c = Cluster::start().await;
+    let model = init_model(&c.dir, "gen", false);
+    let reward = init_model(&c.dir, "rm", true);
+    worker(&mut c, "login-0", &conf);
+    let stages = "    - { name: prompts, kind: synthesize_prompts, params: { count: 2 } }
+    - { name: sft, kind: sft, backend: external, params: { executor: slurm, gpus_per_node: 0, command: [sleep, \"600\"] } }
+";
+    let campaign = c
+        .create(&spec("slurm-cancel", &model, &reward, stages))
+        .await;
+    let (_, name) = running_sft(&c, &campaign.id).await;
+    until("the job to run", Duration::from_secs(60), || async {
+        let q = slurm(&conf, "squeue", &["-h", "-n", &name, "-o", "%T"]);
+        (q.trim() == "RUNNING").then_some(())
+    })
+    .await;
+    c.admin_client()
+        .await
+        .cancel_campaign(flywheel_proto::v1::CampaignAction {
+            campaign_id: campaign.id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    c.wait_status(&campaign.id, "cancelled", Duration::from_secs(30))
+        .await;
+    until(
+        "the job to leave squeue",
+        Duration::from_secs(60),
+        || async {
+            slurm(&conf, "squeue", &["-h", "-n", &name])
+                .trim()
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    let jobs = jobs_named(&conf, &name);
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert!(jobs[0].contains("JobState=CANCELLED"), "{jobs:?}");
+}
+
+#[tokio::test]
+async fn a_restarted_worker_reattaches_to_the_running_job() {
+    let conf = slurm_conf();
+    let mut c = Cluster::start().await;
+    let model = init_model(&c.dir, "gen", false);
+    let reward = init_model(&c.dir, "rm", true);
+    let first = worker(&mut c, "login-0", &conf);
+    // The job outlives the worker: it writes the model after 8 s.
+    let stages = "    - { name: prompts, kind: synthesize_prompts, params: { count: 2 } }
+    - { name: sft, kind: sft, backend: external, max_attempts: 3, params: { executor: slurm, gpus_per_node: 0, command: [sh, -c, \"sleep 8; echo weights > {output_dir}/weights\"] } }
+";
+    let campaign = c
+        .create(&spec("slurm-reattach", &model, &reward, stages))
+        .await;
+    let (_, name) = running_sft(&c, &campaign.id).await;
+    until("the job to run", Duration::from_secs(60), || async {
+        let q = slurm(&conf, "squeue", &["-h", "-n", &name, "-o", "%T"]);
+        (q.trim() == "RUNNING").then_some(())
+    })
+    .await;
+    c.workers[first].kill9();
+    worker(&mut c, "login-1", &conf);
+    c.wait_status(&campaign.id, "succeeded", Duration::from_secs(120))
+        .await;
+    // One job for the task, though two attempts ran it.
+    let jobs = jobs_named(&conf, &name);
+    assert_eq!(jobs.len(), 1, "a second job was submitted: {jobs:?}");
+    let rounds = c.rounds(&campaign.id).await;
+    let task = &rounds[0]
+        .stages
+        .iter()
+        .find(|s| s.name == "sft")
+        .unwrap()
+        .tasks[0];
+    assert!(task.attempt >= 2, "attempt {}", task.attempt);
+    let arts = artifacts_of(&c, &campaign.id).await;
+    let m = arts
+        .iter()
+        .find(|a| a.producer_stage == "sft" && a.kind == "model")
+        .unwrap();
+    let dir: PathBuf = flywheel_worker::artifacts::path_of(&m.uri).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("weights")).unwrap(),
+        "weights\n"
+    );
+}
