@@ -273,3 +273,43 @@ async fn a_restarted_worker_reattaches_to_the_running_job() {
         "weights\n"
     );
 }
+
+#[tokio::test]
+async fn a_job_over_its_time_limit_ends_timeout_and_is_retried() {
+    let conf = slurm_conf();
+    let mut c = Cluster::start().await;
+    let model = init_model(&c.dir, "gen", false);
+    let reward = init_model(&c.dir, "rm", true);
+    worker(&mut c, "login-0", &conf);
+    // The first job outlives its 1-minute limit; the retry finds the marker and finishes.
+    let marker = c.dir.join("first-job-ran");
+    let stages = format!(
+        "    - {{ name: prompts, kind: synthesize_prompts, params: {{ count: 2 }} }}
+    - {{ name: sft, kind: sft, backend: external, max_attempts: 2, params: {{ executor: slurm, gpus_per_node: 0, time_limit: \"1\", command: [sh, -c, \"if [ -e {m} ]; then echo w > {{output_dir}}/weights; else touch {m}; sleep 600; fi\"] }} }}
+",
+        m = marker.display()
+    );
+    let campaign = c
+        .create(&spec("slurm-timeout", &model, &reward, &stages))
+        .await;
+    c.wait_status(&campaign.id, "succeeded", Duration::from_secs(240))
+        .await;
+    let rounds = c.rounds(&campaign.id).await;
+    let task = &rounds[0]
+        .stages
+        .iter()
+        .find(|s| s.name == "sft")
+        .unwrap()
+        .tasks[0];
+    assert_eq!(task.attempt, 2);
+    let jobs = jobs_named(&conf, &format!("flywheel-{}", task.id));
+    let states: Vec<&str> = jobs
+        .iter()
+        .filter_map(|j| j.split_whitespace().find(|f| f.starts_with("JobState=")))
+        .collect();
+    assert_eq!(
+        states,
+        ["JobState=TIMEOUT", "JobState=COMPLETED"],
+        "{jobs:?}"
+    );
+}

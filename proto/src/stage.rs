@@ -1212,7 +1212,7 @@ params! {
         grace_period_s: i64 = 10, "10", Rule::IntAtLeast(0);
         /// local (a child process of the worker) or slurm (a batch job: sbatch, srun).
         executor: String = "local".into(), "local", Rule::OneOf(&["local", "slurm"]);
-        /// slurm: nodes of the job.
+        /// slurm: nodes of the job (templates pass it as trainer.num_nodes and the like).
         nodes: i64 = 1, "1", Rule::IntAtLeast(1);
         /// slurm: GPUs per node (default: gpus).
         gpus_per_node: Option<i64> = None, "gpus", Rule::IntAtLeast(0);
@@ -1240,6 +1240,7 @@ pub const EXTERNAL_PLACEHOLDERS: &[&str] = &[
     "eta",
     "steps",
     "gpus",
+    "nodes",
     "seed",
     "algorithm",
     "base_model",

@@ -214,6 +214,7 @@ fn train(
         ("eta", p.eta.to_string()),
         ("steps", p.steps.to_string()),
         ("gpus", p.gpus.to_string()),
+        ("nodes", p.nodes.to_string()),
         ("seed", p.seed.to_string()),
         ("algorithm", algorithm.to_string()),
     ] {

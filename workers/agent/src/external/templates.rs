@@ -69,7 +69,7 @@ pub const TEMPLATES: [Template; 4] = [
         sft: &[
             "python",
             "/opt/NeMo-Aligner/examples/nlp/gpt/train_gpt_sft.py",
-            "trainer.num_nodes=1",
+            "trainer.num_nodes={nodes}",
             "trainer.devices={gpus}",
             "model.restore_from_path={base_model}",
             "model.data.chat=True",
@@ -83,7 +83,7 @@ pub const TEMPLATES: [Template; 4] = [
         preference: &[
             "python",
             "/opt/NeMo-Aligner/examples/nlp/gpt/train_gpt_dpo.py",
-            "trainer.num_nodes=1",
+            "trainer.num_nodes={nodes}",
             "trainer.devices={gpus}",
             "pretrained_checkpoint.restore_from_path={base_model}",
             "model.data.data_prefix={train: [{pairs_data}], validation: [{pairs_data}], test: [{pairs_data}]}",

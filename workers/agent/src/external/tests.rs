@@ -15,6 +15,7 @@ fn values() -> BTreeMap<String, String> {
         ("beta", "0.1"),
         ("eta", "1.0"),
         ("gpus", "8"),
+        ("nodes", "1"),
         ("steps", "50"),
         ("seed", "3"),
         ("algorithm", "rpo"),
