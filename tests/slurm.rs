@@ -196,7 +196,7 @@ async fn cancelling_the_campaign_scancels_the_job() {
         .create(&spec("slurm-cancel", &model, &reward, stages))
         .await;
     let (_, name) = running_sft(&c, &campaign.id).await;
-    until("the job to run", Duration::from_secs(60), || async {
+    until("the job to run", Duration::from_secs(120), || async {
         let q = slurm(&conf, "squeue", &["-h", "-n", &name, "-o", "%T"]);
         (q.trim() == "RUNNING").then_some(())
     })
@@ -242,7 +242,7 @@ async fn a_restarted_worker_reattaches_to_the_running_job() {
         .create(&spec("slurm-reattach", &model, &reward, stages))
         .await;
     let (_, name) = running_sft(&c, &campaign.id).await;
-    until("the job to run", Duration::from_secs(60), || async {
+    until("the job to run", Duration::from_secs(120), || async {
         let q = slurm(&conf, "squeue", &["-h", "-n", &name, "-o", "%T"]);
         (q.trim() == "RUNNING").then_some(())
     })
