@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use common::{
     Cluster, Proc, artifacts_of, example_spec, free_port, http, http_full, init_model,
-    init_model_with, processes_mentioning, python, read_rows, reward_service, serve_model, until,
+    init_model_with, model_spec, processes_mentioning, python, read_rows, reward_service,
+    serve_model, until,
 };
 use flywheel_proto::v1::{Artifact, CampaignAction, Round};
 use flywheel_worker::artifacts;
@@ -23,24 +24,6 @@ fn rounds_metric(rounds: &[Round], key: &str) -> f64 {
         .metrics
         .get(key)
         .unwrap_or_else(|| panic!("no metric {key} in {:?}", rounds[0].metrics))
-}
-
-fn spec(name: &str, model: &Path, reward: &Path, stages: &str) -> String {
-    format!(
-        "apiVersion: flywheel/v1
-name: {name}
-models:
-  generator: {{ name: tiny, uri: \"file://{model}\" }}
-  base: {{ name: base, uri: \"file://{model}\" }}
-  reward: {{ name: reward, uri: \"file://{reward}\" }}
-rounds: 1
-defaults: {{ pool: cpu, backend: builtin, max_attempts: 2, backoff_initial_ms: 200, backoff_max_ms: 1000 }}
-recipe:
-  stages:
-{stages}",
-        model = model.display(),
-        reward = reward.display(),
-    )
 }
 
 #[tokio::test]
@@ -136,7 +119,9 @@ async fn openai_backend_generates_and_judges_through_serve_model() {
       params: {{ method: llm_judge, base_url: \"{judge_base}\", model: judge }}
 "
     );
-    let campaign = c.create(&spec("openai", &model, &model, &stages)).await;
+    let campaign = c
+        .create(&model_spec("openai", &model, &model, &stages))
+        .await;
     c.wait_status(&campaign.id, "succeeded", Duration::from_secs(120))
         .await;
     let rounds = c.rounds(&campaign.id).await;
@@ -231,7 +216,9 @@ async fn reward_endpoint_backend_scores_through_a_local_reward_service() {
     - {{ name: filter, kind: filter, needs: [score], params: {{ margin: 0.0 }} }}
 "
     );
-    let campaign = c.create(&spec("reward", &model, &model, &stages)).await;
+    let campaign = c
+        .create(&model_spec("reward", &model, &model, &stages))
+        .await;
     c.wait_status(&campaign.id, "succeeded", Duration::from_secs(90))
         .await;
     let arts = artifacts_of(&c, &campaign.id).await;
@@ -315,13 +302,13 @@ async fn external_trainer_runs_flywheel_train_streams_progress_and_stops_on_canc
       params: { command: [sh, -c, \"echo step=0 loss=2.5; echo 'RuntimeError: CUDA out of memory' >&2; exit 3\"] }
 ";
     let ok = c
-        .create(&spec("external-ok", &model, &reward, &trained))
+        .create(&model_spec("external-ok", &model, &reward, &trained))
         .await;
     let cancel = c
-        .create(&spec("external-cancel", &model, &reward, &endless))
+        .create(&model_spec("external-cancel", &model, &reward, &endless))
         .await;
     let fail = c
-        .create(&spec("external-fail", &model, &reward, failing))
+        .create(&model_spec("external-fail", &model, &reward, failing))
         .await;
 
     // A trainer that exits non-zero fails the task with the tail of its log.

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{
-    Cluster, artifacts_of, init_model, read_rows, reward_service, scripted_server, serve_model,
-    stage_error,
+    Cluster, artifacts_of, campaign_spec, init_model, read_rows, reward_service, scripted_server,
+    serve_model, stage_error,
 };
 use flywheel_proto::v1::Artifact;
 use serde_json::{Value, json};
@@ -25,20 +25,15 @@ fn write_jsonl(dir: &Path, name: &str, rows: &[Value]) -> PathBuf {
     path
 }
 
+/// Campaigns on the `openai` backend, one attempt per task; the model stands in for all three.
 fn spec(name: &str, model: &Path, rounds: u32, stages: &str) -> String {
-    format!(
-        "apiVersion: flywheel/v1
-name: {name}
-models:
-  generator: {{ name: tiny, uri: \"file://{model}\" }}
-  base: {{ name: base, uri: \"file://{model}\" }}
-  reward: {{ name: reward, uri: \"file://{model}\" }}
-rounds: {rounds}
-defaults: {{ pool: cpu, backend: openai, max_attempts: 1 }}
-recipe:
-  stages:
-{stages}",
-        model = model.display(),
+    campaign_spec(
+        name,
+        model,
+        model,
+        rounds,
+        "pool: cpu, backend: openai, max_attempts: 1",
+        stages,
     )
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Cluster, artifacts_of, http, init_model, stage_error, until};
+use common::{Cluster, artifacts_of, http, init_model, model_spec, stage_error, until};
 
 /// The cluster's config; the tests fail (never pass silently) where no cluster runs.
 fn slurm_conf() -> String {
@@ -51,24 +51,6 @@ fn jobs_named(conf: &str, name: &str) -> Vec<String> {
         .collect()
 }
 
-fn spec(name: &str, model: &Path, reward: &Path, stages: &str) -> String {
-    format!(
-        "apiVersion: flywheel/v1
-name: {name}
-models:
-  generator: {{ name: tiny, uri: \"file://{m}\" }}
-  base: {{ name: base, uri: \"file://{m}\" }}
-  reward: {{ name: reward, uri: \"file://{r}\" }}
-rounds: 1
-defaults: {{ pool: cpu, backend: builtin, max_attempts: 2, backoff_initial_ms: 200, backoff_max_ms: 1000 }}
-recipe:
-  stages:
-{stages}",
-        m = model.display(),
-        r = reward.display()
-    )
-}
-
 fn worker(c: &mut Cluster, name: &str, conf: &str) -> usize {
     c.add_worker_with_env(
         name,
@@ -83,6 +65,15 @@ fn worker(c: &mut Cluster, name: &str, conf: &str) -> usize {
         ],
         &[("SLURM_CONF", conf)],
     )
+}
+
+/// Waits until the job named `name` runs on the cluster.
+async fn job_running(conf: &str, name: &str) {
+    until("the job to run", Duration::from_secs(120), || async {
+        let q = slurm(conf, "squeue", &["-h", "-n", name, "-o", "%T"]);
+        (q.trim() == "RUNNING").then_some(())
+    })
+    .await;
 }
 
 /// The sft task's id once it runs, and its Slurm job's name.
@@ -110,7 +101,9 @@ async fn a_training_stage_runs_as_a_slurm_job_followed_to_completion() {
     - { name: filter, kind: filter, params: { margin: 0.0 } }
     - { name: sft, kind: sft, backend: external, params: { template: flywheel, executor: slurm, gpus_per_node: 0, steps: 12, batch_size: 4, lr: 0.001, time_limit: \"00:10:00\" } }
 ";
-    let campaign = c.create(&spec("slurm-ok", &model, &reward, stages)).await;
+    let campaign = c
+        .create(&model_spec("slurm-ok", &model, &reward, stages))
+        .await;
     c.wait_status(&campaign.id, "succeeded", Duration::from_secs(180))
         .await;
     let rounds = c.rounds(&campaign.id).await;
@@ -174,7 +167,9 @@ async fn a_job_that_exits_3_fails_the_task_with_its_log() {
       max_attempts: 1
       params: { executor: slurm, gpus_per_node: 0, command: [sh, -c, \"echo step=0 loss=2.5; echo 'RuntimeError: CUDA out of memory' >&2; exit 3\"] }
 ";
-    let campaign = c.create(&spec("slurm-fail", &model, &reward, stages)).await;
+    let campaign = c
+        .create(&model_spec("slurm-fail", &model, &reward, stages))
+        .await;
     c.wait_status(&campaign.id, "failed", Duration::from_secs(90))
         .await;
     let error = stage_error(&c, &campaign.id, "sft").await;
@@ -193,14 +188,10 @@ async fn cancelling_the_campaign_scancels_the_job() {
     - { name: sft, kind: sft, backend: external, params: { executor: slurm, gpus_per_node: 0, command: [sleep, \"600\"] } }
 ";
     let campaign = c
-        .create(&spec("slurm-cancel", &model, &reward, stages))
+        .create(&model_spec("slurm-cancel", &model, &reward, stages))
         .await;
     let (_, name) = running_sft(&c, &campaign.id).await;
-    until("the job to run", Duration::from_secs(120), || async {
-        let q = slurm(&conf, "squeue", &["-h", "-n", &name, "-o", "%T"]);
-        (q.trim() == "RUNNING").then_some(())
-    })
-    .await;
+    job_running(&conf, &name).await;
     c.admin_client()
         .await
         .cancel_campaign(flywheel_proto::v1::CampaignAction {
@@ -239,14 +230,10 @@ async fn a_restarted_worker_reattaches_to_the_running_job() {
     - { name: sft, kind: sft, backend: external, max_attempts: 3, params: { executor: slurm, gpus_per_node: 0, command: [sh, -c, \"sleep 8; echo weights > {output_dir}/weights\"] } }
 ";
     let campaign = c
-        .create(&spec("slurm-reattach", &model, &reward, stages))
+        .create(&model_spec("slurm-reattach", &model, &reward, stages))
         .await;
     let (_, name) = running_sft(&c, &campaign.id).await;
-    until("the job to run", Duration::from_secs(120), || async {
-        let q = slurm(&conf, "squeue", &["-h", "-n", &name, "-o", "%T"]);
-        (q.trim() == "RUNNING").then_some(())
-    })
-    .await;
+    job_running(&conf, &name).await;
     c.workers[first].kill9();
     worker(&mut c, "login-1", &conf);
     c.wait_status(&campaign.id, "succeeded", Duration::from_secs(120))
@@ -290,7 +277,7 @@ async fn a_job_over_its_time_limit_ends_timeout_and_is_retried() {
         m = marker.display()
     );
     let campaign = c
-        .create(&spec("slurm-timeout", &model, &reward, &stages))
+        .create(&model_spec("slurm-timeout", &model, &reward, &stages))
         .await;
     c.wait_status(&campaign.id, "succeeded", Duration::from_secs(240))
         .await;

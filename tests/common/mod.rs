@@ -607,3 +607,42 @@ pub async fn reward_service(dir: &Path) -> (Proc, String) {
     let port = wait_for_file(&port_file, "the reward service to listen").await;
     (service, port)
 }
+
+/// A campaign spec whose generator and base are `model`: `defaults` is the inside of the
+/// defaults mapping, `stages` the recipe's stage list (indented YAML).
+pub fn campaign_spec(
+    name: &str,
+    model: &Path,
+    reward: &Path,
+    rounds: u32,
+    defaults: &str,
+    stages: &str,
+) -> String {
+    format!(
+        "apiVersion: flywheel/v1
+name: {name}
+models:
+  generator: {{ name: tiny, uri: \"file://{model}\" }}
+  base: {{ name: base, uri: \"file://{model}\" }}
+  reward: {{ name: reward, uri: \"file://{reward}\" }}
+rounds: {rounds}
+defaults: {{ {defaults} }}
+recipe:
+  stages:
+{stages}",
+        model = model.display(),
+        reward = reward.display(),
+    )
+}
+
+/// One round on the `cpu` pool, builtin by default, two attempts with short backoff.
+pub fn model_spec(name: &str, model: &Path, reward: &Path, stages: &str) -> String {
+    campaign_spec(
+        name,
+        model,
+        reward,
+        1,
+        "pool: cpu, backend: builtin, max_attempts: 2, backoff_initial_ms: 200, backoff_max_ms: 1000",
+        stages,
+    )
+}

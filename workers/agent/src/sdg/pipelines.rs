@@ -261,6 +261,27 @@ impl Writer<'_> {
             .collect())
     }
 
+    /// The given `topics`, or the macro topics the endpoint lists for `step`.
+    fn macro_topics(
+        &mut self,
+        step: &str,
+        extra: &[(&str, String)],
+    ) -> Result<Vec<String>, TaskError> {
+        let p = self.p;
+        if let Some(t) = &p.topics {
+            return Ok(t.clone());
+        }
+        let mut values = vec![("n_macro_topics", p.n_macro_topics.to_string())];
+        values.extend(extra.iter().cloned());
+        let values: Vec<(&str, &str)> = values.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let prompt = fill(self.template(step), &values);
+        let mut l = self.lists(vec![prompt], step)?;
+        Ok(l.remove(0)
+            .into_iter()
+            .take(p.n_macro_topics as usize)
+            .collect())
+    }
+
     /// Macro topics (or the given ones), then subtopics of each; returns (macro, topic) pairs.
     fn topics(
         &mut self,
@@ -269,26 +290,8 @@ impl Writer<'_> {
         extra: &[(&str, String)],
     ) -> Result<Vec<(String, String)>, TaskError> {
         let p = self.p;
-        let macros: Vec<String> = match &p.topics {
-            Some(t) => return Ok(t.iter().map(|t| (t.clone(), t.clone())).collect()),
-            None => {
-                let mut values = vec![("n_macro_topics", p.n_macro_topics.to_string())];
-                values.extend(extra.iter().cloned());
-                let prompt = fill(
-                    self.template(macro_step),
-                    &values
-                        .iter()
-                        .map(|(k, v)| (*k, v.as_str()))
-                        .collect::<Vec<_>>(),
-                );
-                let mut l = self.lists(vec![prompt], macro_step)?;
-                l.remove(0)
-                    .into_iter()
-                    .take(p.n_macro_topics as usize)
-                    .collect()
-            }
-        };
-        if p.n_subtopics == 0 {
+        let macros = self.macro_topics(macro_step, extra)?;
+        if p.topics.is_some() || p.n_subtopics == 0 {
             return Ok(macros.iter().map(|m| (m.clone(), m.clone())).collect());
         }
         let mut values = vec![("n_subtopics", p.n_subtopics.to_string())];
@@ -363,20 +366,7 @@ impl Writer<'_> {
                 self.revise("revise", cands)?
             }
             "writing" => {
-                let topics: Vec<String> = match &p.topics {
-                    Some(t) => t.clone(),
-                    None => {
-                        let prompt = fill(
-                            self.template("macro_topics"),
-                            &[("n_macro_topics", &p.n_macro_topics.to_string())],
-                        );
-                        let mut l = self.lists(vec![prompt], "macro_topics")?;
-                        l.remove(0)
-                            .into_iter()
-                            .take(p.n_macro_topics as usize)
-                            .collect()
-                    }
-                };
+                let topics = self.macro_topics("macro_topics", &[])?;
                 let types: Vec<String> = p
                     .document_types
                     .clone()
@@ -597,11 +587,17 @@ fn instruction_text(ins: &[Instruction]) -> String {
         .join(" ")
 }
 
-/// Reads an artifact URI as text; errors name the param and the URI.
-fn read_text(uri: &str, param: &str, stage: &str) -> Result<(String, String), TaskError> {
+/// Reads an artifact URI and hashes it; errors name the param and the URI.
+fn read_bytes(uri: &str, param: &str, stage: &str) -> Result<(Vec<u8>, String), TaskError> {
     let bytes = artifacts::read(uri, "")
         .map_err(|e| TaskError::permanent(format!("stage {stage}: params.{param}: {e}")))?;
     let hash = artifacts::content_hash(&bytes);
+    Ok((bytes, hash))
+}
+
+/// Reads an artifact URI as text; errors name the param and the URI.
+fn read_text(uri: &str, param: &str, stage: &str) -> Result<(String, String), TaskError> {
+    let (bytes, hash) = read_bytes(uri, param, stage)?;
     String::from_utf8(bytes).map(|t| (t, hash)).map_err(|_| {
         TaskError::permanent(format!(
             "stage {stage}: params.{param}: {uri} is not UTF-8 text"
@@ -718,9 +714,7 @@ pub fn synthesize(task: &Task, ctx: &TaskContext, prefix: &str) -> Result<TaskRe
     let mut seeded: Vec<Candidate> = Vec::new();
     let mut seed_hash = None;
     if let Some(uri) = &p.seeds {
-        let bytes = artifacts::read(uri, "")
-            .map_err(|e| TaskError::permanent(format!("stage {stage}: params.seeds: {e}")))?;
-        let hash = artifacts::content_hash(&bytes);
+        let (bytes, hash) = read_bytes(uri, "seeds", &stage)?;
         let mut all = seeds::parse_file(&bytes, uri)
             .map_err(|e| TaskError::permanent(format!("stage {stage}: {e}")))?;
         shuffle(&mut all, &mut rng);
