@@ -6,79 +6,16 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    Cluster, artifacts_of, http, init_model, init_model_with, processes_mentioning, read_rows,
-    serve_model, stage_error, until,
+    Cluster, artifacts_of, endpoint_rows, hash_of, http, init_model, init_model_with,
+    processes_mentioning, production_spec, read_rows, serve_model, served_hashes, stage_error,
+    until,
 };
-use flywheel_proto::v1::{Artifact, CampaignAction};
+use flywheel_proto::v1::CampaignAction;
 use flywheel_worker::artifacts;
 use serde_json::Value;
-
-/// A campaign whose generator is served by the stage `generator` (its params given) and whose
-/// candidate is served for evaluation; the gate always passes, so that round N+1's generator
-/// is round N's trained model.
-fn production_spec(
-    name: &str,
-    model: &Path,
-    reward: &Path,
-    rounds: u32,
-    generator: &str,
-    generate: &str,
-) -> String {
-    format!(
-        "apiVersion: flywheel/v1
-name: {name}
-models:
-  generator: {{ name: tiny, uri: \"file://{model}\" }}
-  base: {{ name: base, uri: \"file://{model}\" }}
-  reward: {{ name: reward, uri: \"file://{reward}\" }}
-rounds: {rounds}
-defaults: {{ pool: cpu, backend: builtin, max_attempts: 3, backoff_initial_ms: 200, backoff_max_ms: 1000 }}
-recipe:
-  stages:
-    - {{ name: prompts, kind: synthesize_prompts, params: {{ count: 8 }} }}
-    - {{ name: heldout, kind: synthesize_prompts, needs: [], params: {{ split: held_out, seed: 3, count: 6 }} }}
-    - name: generator
-      kind: serve
-      backend: external
-      pool: gpu
-      needs: []
-      params: {generator}
-    - name: generate
-      kind: generate
-      backend: openai
-      shards: 2
-      needs: [prompts]
-      params: {generate}
-    - {{ name: score, kind: score }}
-    - {{ name: filter, kind: filter }}
-    - name: sft
-      kind: sft
-      backend: external
-      pool: gpu
-      params: {{ template: flywheel, init: generator, steps: 2, batch_size: 4 }}
-    - name: candidate
-      kind: serve
-      backend: external
-      pool: gpu
-      needs: [sft]
-      params: {{ template: flywheel, model: candidate, startup_timeout_s: 60 }}
-    - name: evaluate
-      kind: evaluate
-      backend: openai
-      needs: [heldout]
-      params: {{ candidate_endpoint: candidate, generator_endpoint: generator, max_tokens: 6 }}
-    - name: promote
-      kind: promote
-      params: {{ require: {{ evaluate.prompts: \">= 1\" }} }}
-",
-        model = model.display(),
-        reward = reward.display(),
-    )
-}
 
 const LAUNCH: &str = "{ template: flywheel, model: generator, startup_timeout_s: 60 }";
 const GENERATE: &str = "{ endpoint: generator, k: 2, max_tokens: 6, seed: 1 }";
@@ -104,47 +41,6 @@ fn add_workers(c: &mut Cluster, gpu_workers: usize) {
             "3",
         ],
     );
-}
-
-/// The `served_hashes` of the generate stage's responses in round `round` (0-based).
-fn served_hashes(arts: &[Artifact], round: i32) -> Vec<String> {
-    let mut hashes: Vec<String> = arts
-        .iter()
-        .filter(|a| a.round_index == round && a.producer_stage == "generate")
-        .flat_map(|a| {
-            let m: Value = serde_json::from_str(&a.metadata_json).unwrap();
-            assert_eq!(m["weights_verified"], true, "{m}");
-            m["served_hashes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|h| h.as_str().unwrap().to_string())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    hashes.sort();
-    hashes.dedup();
-    hashes
-}
-
-fn hash_of(arts: &[Artifact], id: &str) -> String {
-    arts.iter()
-        .find(|a| a.id == id)
-        .unwrap()
-        .content_hash
-        .clone()
-}
-
-async fn endpoint_rows(c: &Cluster, campaign: &str) -> Vec<(String, i32, String, String, String)> {
-    let mut conn = c.db.connect().await;
-    sqlx::query_as(
-        "SELECT stage, attempt, url, content_hash, state FROM endpoints
-         WHERE campaign_id = $1::uuid ORDER BY ready_at",
-    )
-    .bind(campaign)
-    .fetch_all(&mut conn)
-    .await
-    .unwrap()
 }
 
 /// Waits until no `flywheel serve-model` process serves a model of this test's directory (a

@@ -1,7 +1,7 @@
 //! The Slurm executor on a real one-node Slurm cluster (Debian's slurm-wlm, started by
 //! `scripts/test`, config in `target/slurm`): a training stage as a batch job followed to its
-//! end, a failing job, a cancelled job, and a worker killed mid-job whose successor re-attaches
-//! to the same job.
+//! end, a failing job, a cancelled job, a worker killed mid-job whose successor re-attaches
+//! to the same job; and each round's generator served from a Slurm job.
 
 mod common;
 
@@ -9,7 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Cluster, artifacts_of, http, init_model, model_spec, stage_error, until};
+use common::{
+    Cluster, artifacts_of, endpoint_rows, hash_of, http, init_model, model_spec, production_spec,
+    served_hashes, stage_error, until,
+};
+use flywheel_worker::artifacts;
 
 /// The cluster's config; the tests fail (never pass silently) where no cluster runs.
 fn slurm_conf() -> String {
@@ -299,4 +303,158 @@ async fn a_job_over_its_time_limit_ends_timeout_and_is_retried() {
         ["JobState=TIMEOUT", "JobState=COMPLETED"],
         "{jobs:?}"
     );
+}
+
+/// A generator served from a Slurm job, and the workers: `gpu` submits jobs and trains, `cpu`
+/// generates and evaluates through the endpoints.
+fn slurm_served(c: &mut Cluster, conf: &str, name: &str, rounds: u32, generate: &str) -> String {
+    let model = init_model(&c.dir, "gen", false);
+    let reward = init_model(&c.dir, "rm", true);
+    c.add_worker_with_env(
+        "login-0",
+        "gpu",
+        &["--backend", "external", "--slots", "3"],
+        &[("SLURM_CONF", conf)],
+    );
+    c.add_worker(
+        "cpu-0",
+        "cpu",
+        &[
+            "--backend",
+            "builtin",
+            "--backend",
+            "openai",
+            "--slots",
+            "3",
+        ],
+    );
+    let launch = "{ template: flywheel, model: generator, executor: slurm, gpus_per_node: 0, time_limit: \"00:10:00\", startup_timeout_s: 60 }";
+    production_spec(name, &model, &reward, rounds, launch, generate)
+}
+
+/// The Slurm job ids the serve stage `stage` reported, one per task, in round order.
+async fn served_job_ids(c: &Cluster, campaign: &str, stage: &str) -> Vec<(String, u64)> {
+    let rows: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT id::text, (metrics->>'slurm_job_id')::float8 FROM tasks
+         WHERE campaign_id = $1::uuid AND stage = $2 ORDER BY round_index",
+    )
+    .bind(campaign)
+    .bind(stage)
+    .fetch_all(&mut c.db.connect().await)
+    .await
+    .unwrap();
+    rows.into_iter().map(|(id, job)| (id, job as u64)).collect()
+}
+
+#[tokio::test]
+async fn each_rounds_generator_is_served_from_a_slurm_job() {
+    let conf = slurm_conf();
+    let mut c = Cluster::start().await;
+    let spec = slurm_served(
+        &mut c,
+        &conf,
+        "slurm-served",
+        2,
+        "{ endpoint: generator, k: 2, max_tokens: 6, seed: 1 }",
+    );
+    let campaign = c.create(&spec).await;
+    c.wait_status(&campaign.id, "succeeded", Duration::from_secs(300))
+        .await;
+    let rounds = c.rounds(&campaign.id).await;
+    let arts = artifacts_of(&c, &campaign.id).await;
+    // Round 2 was answered, through the job's server, by round 1's promoted model.
+    let initial = artifacts::hash_dir(&c.dir.join("gen")).unwrap();
+    assert_eq!(served_hashes(&arts, 0), vec![initial.clone()]);
+    assert_eq!(rounds[1].generator_id, rounds[0].trained_model_id);
+    let promoted = hash_of(&arts, &rounds[0].trained_model_id);
+    assert_ne!(promoted, initial);
+    assert_eq!(served_hashes(&arts, 1), vec![promoted.clone()]);
+    // The server listened on all addresses of the job's node, which the endpoint names.
+    // (The test cluster's one node is this machine, by its short name.)
+    let node =
+        String::from_utf8(Command::new("hostname").arg("-s").output().unwrap().stdout).unwrap();
+    let rows = endpoint_rows(&c, &campaign.id).await;
+    let served: Vec<_> = rows.iter().filter(|r| r.0 == "generator").collect();
+    assert_eq!(served.len(), 2, "{rows:?}");
+    assert_eq!(served[1].3, promoted);
+    for r in &served {
+        assert!(
+            r.2.starts_with(&format!("http://{}:", node.trim())),
+            "{r:?}"
+        );
+        assert_eq!(r.4, "stopped", "{r:?}");
+    }
+    // One job per round's server, recorded on its task, cancelled once its consumers finished.
+    let jobs = served_job_ids(&c, &campaign.id, "generator").await;
+    assert_eq!(jobs.len(), 2);
+    for (task, job) in jobs {
+        let named = jobs_named(&conf, &format!("flywheel-{task}"));
+        assert_eq!(named.len(), 1, "{named:?}");
+        assert!(named[0].contains(&format!("JobId={job} ")), "{named:?}");
+        assert!(named[0].contains("JobState=CANCELLED"), "{named:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_slurm_server_outlives_its_worker_and_the_successor_reattaches() {
+    let conf = slurm_conf();
+    let mut c = Cluster::start().await;
+    // Requests one at a time, so that generation is under way when the worker dies.
+    let spec = slurm_served(
+        &mut c,
+        &conf,
+        "slurm-served-reattach",
+        1,
+        "{ endpoint: generator, k: 1, use_n: false, max_tokens: 6, seed: 1, concurrency: 1 }",
+    )
+    .replace("params: { count: 8 }", "params: { count: 1000 }");
+    let campaign = c.create(&spec).await;
+    let first_url = until(
+        "generation to be under way",
+        Duration::from_secs(120),
+        || async {
+            let busy: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM tasks WHERE campaign_id = $1::uuid AND stage = 'generate'
+                 AND state = 'running' AND (progress_metrics->>'requests')::float8 > 0",
+            )
+            .bind(&campaign.id)
+            .fetch_one(&mut c.db.connect().await)
+            .await
+            .unwrap();
+            let rows = endpoint_rows(&c, &campaign.id).await;
+            (busy > 0)
+                .then(|| rows.first().filter(|r| r.4 == "ready").map(|r| r.2.clone()))
+                .flatten()
+        },
+    )
+    .await;
+    c.workers[0].kill9();
+    c.add_worker_with_env(
+        "login-1",
+        "gpu",
+        &["--backend", "external", "--slots", "3"],
+        &[("SLURM_CONF", &conf)],
+    );
+    c.wait_status(&campaign.id, "succeeded", Duration::from_secs(300))
+        .await;
+    // The second attempt found the job serving and reported the same endpoint; one job ran.
+    let rows = endpoint_rows(&c, &campaign.id).await;
+    let served: Vec<_> = rows.iter().filter(|r| r.0 == "generator").collect();
+    assert_eq!(served.len(), 2, "{rows:?}");
+    assert_eq!(served[1].1, 2, "{rows:?}");
+    assert_eq!(served[1].2, first_url);
+    assert_eq!(served[1].4, "stopped");
+    let jobs = served_job_ids(&c, &campaign.id, "generator").await;
+    let named = jobs_named(&conf, &format!("flywheel-{}", jobs[0].0));
+    assert_eq!(named.len(), 1, "a second job was submitted: {named:?}");
+    assert!(named[0].contains("JobState=CANCELLED"), "{named:?}");
+    // Generation never lost its server: every shard succeeded at its first attempt.
+    let attempts: Vec<i32> = sqlx::query_scalar(
+        "SELECT attempt FROM tasks WHERE campaign_id = $1::uuid AND stage = 'generate'",
+    )
+    .bind(&campaign.id)
+    .fetch_all(&mut c.db.connect().await)
+    .await
+    .unwrap();
+    assert!(attempts.iter().all(|a| *a == 1), "{attempts:?}");
 }

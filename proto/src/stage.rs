@@ -1267,18 +1267,38 @@ pub const SLURM_PARAMS: &[&str] = &[
     "sbatch_args",
 ];
 
+/// The `serve` params that only the Slurm executor reads (a server runs on one node).
+pub const SLURM_SERVE_PARAMS: &[&str] = &[
+    "gpus_per_node",
+    "partition",
+    "account",
+    "qos",
+    "time_limit",
+    "container_image",
+    "sbatch_args",
+];
+
+/// Slurm params given without the Slurm executor: accepted and ignored, they would lie.
+fn slurm_param_checks<P: Serialize + Default>(
+    params: &P,
+    executor: &str,
+    names: &[&'static str],
+) -> Vec<(&'static str, String)> {
+    if executor == "slurm" {
+        return Vec::new();
+    }
+    let given = serde_json::to_value(params).expect("params serialize");
+    let defaults = serde_json::to_value(P::default()).expect("params serialize");
+    names
+        .iter()
+        .filter(|name| given[**name] != defaults[**name])
+        .map(|name| (*name, "applies to executor slurm".to_string()))
+        .collect()
+}
+
 impl CrossChecks for ExternalTrain {
     fn cross_checks(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if self.executor != "slurm" {
-            let given = serde_json::to_value(self).expect("params serialize");
-            let defaults = serde_json::to_value(Self::default()).expect("params serialize");
-            for name in SLURM_PARAMS {
-                if given[name] != defaults[name] {
-                    out.push((*name, "applies to executor slurm".to_string()));
-                }
-            }
-        }
+        let mut out = slurm_param_checks(self, &self.executor, SLURM_PARAMS);
         if let Some(k) = self
             .vars
             .keys()
@@ -1338,9 +1358,10 @@ params! {
         served_name: Option<String> = None, "", Rule::None;
         /// GPUs the model is split over.
         tensor_parallel: i64 = 1, "1", Rule::IntAtLeast(1);
-        /// Address the server binds.
-        host: String = "127.0.0.1".into(), "127.0.0.1", Rule::None;
-        /// Host name consumers use (default: host, or this machine's name when host is 0.0.0.0).
+        /// Address the server binds (default: 127.0.0.1; 0.0.0.0 with executor slurm).
+        host: Option<String> = None, "127.0.0.1", Rule::None;
+        /// Host name consumers use (default: host, or, when host is 0.0.0.0, this machine's
+        /// name, or the job's node with executor slurm).
         advertise_host: Option<String> = None, "", Rule::None;
         /// Seconds to wait for readiness before failing with the server's log.
         startup_timeout_s: i64 = 600, "600", Rule::IntAtLeast(1);
@@ -1353,11 +1374,45 @@ params! {
         swap: Option<String> = None, "", Rule::OneOf(&["sglang", "vllm_lora"]);
         /// Environment variable holding the API key of a long-lived server.
         api_key_env: Option<String> = None, "", Rule::None;
+        /// local (a child process of the worker, dying with it) or slurm (a one-node batch
+        /// job: sbatch, srun; a worker that dies leaves it serving, and its successor
+        /// re-attaches to it).
+        executor: String = "local".into(), "local", Rule::OneOf(&["local", "slurm"]);
+        /// slurm: GPUs of the job (default: tensor_parallel).
+        gpus_per_node: Option<i64> = None, "tensor_parallel", Rule::IntAtLeast(0);
+        /// slurm: partition.
+        partition: Option<String> = None, "", Rule::None;
+        /// slurm: account.
+        account: Option<String> = None, "", Rule::None;
+        /// slurm: QoS.
+        qos: Option<String> = None, "", Rule::None;
+        /// slurm: time limit (sbatch --time); a server over it ends TIMEOUT and is started again.
+        time_limit: Option<String> = None, "", Rule::None;
+        /// slurm: a container image for pyxis/enroot (srun --container-image).
+        container_image: Option<String> = None, "", Rule::None;
+        /// slurm: further #SBATCH directives, e.g. [--exclusive].
+        sbatch_args: Option<Vec<Arg>> = None, "", Rule::None;
+    }
+}
+impl ExternalServe {
+    /// The address the server binds.
+    pub fn bind_host(&self) -> &str {
+        match (&self.host, self.executor.as_str()) {
+            (Some(h), _) => h,
+            (None, "slurm") => "0.0.0.0",
+            (None, _) => "127.0.0.1",
+        }
     }
 }
 impl CrossChecks for ExternalServe {
     fn cross_checks(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
+        let mut out = slurm_param_checks(self, &self.executor, SLURM_SERVE_PARAMS);
+        if self.executor == "slurm" && self.url.is_some() {
+            out.push((
+                "executor",
+                "a long-lived server given by url is not started, so it has no executor".into(),
+            ));
+        }
         let given = [
             self.template.is_some(),
             self.command.is_some(),
@@ -1775,6 +1830,25 @@ mod tests {
             p(json!({ "template": "trl", "executor": "slurm", "partition": "batch", "nodes": 2 }))
                 .is_empty()
         );
+        let serve = |v: Value| problems(StageKind::Serve, BackendKind::External, v);
+        assert_eq!(
+            serve(json!({ "template": "vllm", "time_limit": "01:00:00" })),
+            ["time_limit: applies to executor slurm"]
+        );
+        // A server runs on one node: nodes is no serve param.
+        assert_eq!(
+            serve(json!({ "template": "vllm", "executor": "slurm", "nodes": 2 })),
+            ["nodes: unknown field; did you mean model?"]
+        );
+        assert_eq!(
+            serve(json!({ "url": "http://x/v1", "swap": "sglang", "executor": "slurm" })),
+            ["executor: a long-lived server given by url is not started, so it has no executor"]
+        );
+        let slurm: ExternalServe =
+            serde_json::from_value(json!({ "template": "vllm", "executor": "slurm" })).unwrap();
+        assert_eq!(slurm.bind_host(), "0.0.0.0");
+        assert_eq!(ExternalServe::default().bind_host(), "127.0.0.1");
+        assert!(serve(json!({ "template": "vllm", "executor": "slurm", "partition": "gpu", "gpus_per_node": 8 })).is_empty());
     }
 
     #[test]

@@ -264,7 +264,8 @@ fn train(
             argv: &argv,
             env: &env,
             work,
-            output_dir: &output_dir,
+            comment: output_dir.display().to_string(),
+            mounts: &[&output_dir],
         };
         let (metrics, written) = slurm::run_job(&job, &p, ctx, total_steps)?;
         // A job re-attached to wrote its model where the attempt that submitted it said: this

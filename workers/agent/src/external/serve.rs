@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 use flywheel_proto::stage::{ExternalServe, Role};
 use flywheel_proto::v1::Endpoint;
 
+use super::slurm;
 use super::templates::render;
 use crate::artifacts;
 use crate::backend::{Task, TaskContext, TaskError, TaskResult};
@@ -132,12 +133,13 @@ pub(super) fn serve(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskEr
             (Some(server), url, reported)
         }
     };
+    let grace = super::grace(p.grace_period_s);
     // The weights the server says it answers with must be the ones asked for.
     if let Some(h) = &reported
         && *h != expected
     {
         if let Some(s) = server.as_mut() {
-            s.stop(super::grace(p.grace_period_s));
+            s.stop(grace);
         }
         return Err(TaskError::permanent(format!(
             "stage {stage}: the server at {url} reports weights {h}, not {expected} ({}): refusing to serve them as this round's {}",
@@ -154,15 +156,13 @@ pub(super) fn serve(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskEr
     });
     let verified = if reported.is_some() { 1.0 } else { 0.0 };
     tracing::info!(stage, url, served_name, ready_s, "endpoint ready");
+    let mut metrics = vec![("ready_s", ready_s), ("weights_reported", verified)];
+    metrics.extend(server.as_ref().and_then(Running::job_metric));
     loop {
-        ctx.report(
-            0.5,
-            format!("serving {served_name} at {url}"),
-            &[("ready_s", ready_s), ("weights_reported", verified)],
-        );
+        ctx.report(0.5, format!("serving {served_name} at {url}"), &metrics);
         if ctx.finish_requested() || ctx.should_stop() {
             if let Some(s) = server.as_mut() {
-                s.stop(super::grace(p.grace_period_s));
+                s.stop(grace);
             }
             if ctx.should_stop() {
                 return Err(TaskError::cancelled());
@@ -170,57 +170,83 @@ pub(super) fn serve(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskEr
             break;
         }
         if let Some(s) = server.as_mut()
-            && let Some(status) = s.exited()
+            && let Some(end) = s.ended()
         {
             return Err(TaskError::retryable(format!(
-                "stage {stage}: server exited with {status} while serving; last lines of its log:\n{}",
+                "stage {stage}: server {end} while serving; last lines of its log:\n{}",
                 s.tail()
             )));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let mut metrics = std::collections::HashMap::new();
-    metrics.insert("ready_s".into(), ready_s);
+    let mut metrics: std::collections::HashMap<String, f64> = metrics
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     metrics.insert("served_s".into(), began.elapsed().as_secs_f64() - ready_s);
-    metrics.insert("weights_reported".into(), verified);
     Ok(TaskResult {
         outputs: Vec::new(),
         metrics,
     })
 }
 
-/// Starts the server and waits until it is ready; returns it, its API root and the content
-/// hash it reports (if it reports one).
+/// Starts the server (as a child process or a Slurm job) and waits until it is ready; returns
+/// it, its API root and the content hash it reports (if it reports one).
 fn launch(
     task: &Task,
     p: &ExternalServe,
     dir: &Path,
     served_name: &str,
     ctx: &TaskContext,
-) -> Result<(Server, String, Option<String>), TaskError> {
+) -> Result<(Running, String, Option<String>), TaskError> {
     let stage = &task.assignment.stage;
     let command =
         server_command(p).map_err(|e| TaskError::permanent(format!("stage {stage}: {e}")))?;
-    let advertised = match (&p.advertise_host, p.host.as_str()) {
-        (Some(h), _) => h.clone(),
-        (None, "0.0.0.0" | "::") => nix_hostname(),
-        (None, h) => h.to_string(),
-    };
+    let host = p.bind_host();
+    let slurm = p.executor == "slurm";
     let env = super::process_env(&p.env);
     let timeout = Duration::from_secs(p.startup_timeout_s.max(1) as u64);
-    let mut last_taken = String::new();
-    for _ in 0..PORT_TRIES {
-        let port = free_port(&p.host)?;
+    let grace = super::grace(p.grace_period_s);
+    let argv_for = |port: u16| {
         let mut values = BTreeMap::new();
         values.insert("model_path".to_string(), dir.display().to_string());
-        values.insert("host".to_string(), p.host.clone());
+        values.insert("host".to_string(), host.to_string());
         values.insert("port".to_string(), port.to_string());
         values.insert("served_name".to_string(), served_name.to_string());
         values.insert("tensor_parallel".to_string(), p.tensor_parallel.to_string());
         values.insert("flywheel".to_string(), flywheel_exe());
-        let argv = render(&command, &values)
-            .map_err(|e| TaskError::permanent(format!("stage {stage}: command: {e}")))?;
-        let mut server = Server::spawn(&argv, &env)?;
+        render(&command, &values)
+            .map_err(|e| TaskError::permanent(format!("stage {stage}: command: {e}")))
+    };
+    let mut last_taken = String::new();
+    for _ in 0..PORT_TRIES {
+        // A job's node is not this machine: any port is a guess there, retried if taken.
+        let mut port = free_port(if slurm { "127.0.0.1" } else { host })?;
+        let (mut server, node) = if slurm {
+            let work =
+                std::env::temp_dir().join(format!("flywheel-serve-{}", task.assignment.task_id));
+            let argv = argv_for(port)?;
+            let job = slurm::JobSpec {
+                name: format!("flywheel-{}", task.assignment.task_id),
+                argv: &argv,
+                env: &env,
+                work: &work,
+                comment: port.to_string(),
+                mounts: &[dir],
+            };
+            let (server, node, job_port) = SlurmServer::start(&job, &p.into(), grace, ctx)?;
+            // A job re-attached to listens where the attempt that submitted it said.
+            port = job_port.unwrap_or(port);
+            (Running::Slurm(Box::new(server)), Some(node))
+        } else {
+            (Running::Local(Server::spawn(&argv_for(port)?, &env)?), None)
+        };
+        let advertised = match (&p.advertise_host, host, node) {
+            (Some(h), _, _) => h.clone(),
+            (None, "0.0.0.0" | "::", Some(node)) => node,
+            (None, "0.0.0.0" | "::", None) => nix_hostname(),
+            (None, h, _) => h.to_string(),
+        };
         let url = format!("http://{advertised}:{port}/v1");
         match wait_ready(&mut server, &url, served_name, timeout, ctx) {
             Ok(reported) => return Ok((server, url, reported)),
@@ -229,7 +255,7 @@ fn launch(
                 tracing::warn!(stage, port, "port was taken; trying another");
             }
             Err(Startup::Failed(e)) => {
-                server.stop(super::grace(p.grace_period_s));
+                server.stop(grace);
                 return Err(e);
             }
         }
@@ -269,7 +295,7 @@ enum Startup {
 /// Polls `GET {url}/models` until it lists `served_name`, the server exits, the startup timeout
 /// passes, or the task is stopped.
 fn wait_ready(
-    server: &mut Server,
+    server: &mut Running,
     url: &str,
     served_name: &str,
     timeout: Duration,
@@ -284,15 +310,15 @@ fn wait_ready(
         if ctx.should_stop() {
             return Err(Startup::Failed(TaskError::cancelled()));
         }
-        if let Some(status) = server.exited() {
+        if let Some(end) = server.ended() {
             let tail = server.tail();
             let lower = tail.to_lowercase();
             if lower.contains("address already in use") || lower.contains("eaddrinuse") {
                 return Err(Startup::PortTaken);
             }
             return Err(Startup::Failed(TaskError::retryable(format!(
-                "server {:?} exited with {status} before it was ready; last lines of its log:\n{tail}",
-                server.program
+                "server {:?} {end} before it was ready; last lines of its log:\n{tail}",
+                server.program()
             ))));
         }
         if let Ok(models) = get_json(&client, &format!("{url}/models"))
@@ -301,11 +327,11 @@ fn wait_ready(
             return Ok(m["content_hash"].as_str().map(String::from));
         }
         if Instant::now() > deadline {
+            let tail = server.tail();
             return Err(Startup::Failed(TaskError::retryable(format!(
-                "server {:?} was not ready (GET {url}/models listing {served_name:?}) within {}s; last lines of its log:\n{}",
-                server.program,
+                "server {:?} was not ready (GET {url}/models listing {served_name:?}) within {}s; last lines of its log:\n{tail}",
+                server.program(),
                 timeout.as_secs(),
-                server.tail()
             ))));
         }
         ctx.report(0.0, format!("waiting for {url} to list {served_name}"), &[]);
@@ -421,6 +447,149 @@ fn free_port(host: &str) -> Result<u16, TaskError> {
     l.local_addr()
         .map(|a| a.port())
         .map_err(|e| TaskError::retryable(e.to_string()))
+}
+
+/// A started server: a child process of this worker, or a Slurm job.
+enum Running {
+    Local(Server),
+    Slurm(Box<SlurmServer>),
+}
+
+impl Running {
+    fn program(&self) -> &str {
+        match self {
+            Running::Local(s) => &s.program,
+            Running::Slurm(s) => &s.program,
+        }
+    }
+
+    /// How the server ended, if it has.
+    fn ended(&mut self) -> Option<String> {
+        match self {
+            Running::Local(s) => s.exited().map(|status| format!("exited with {status}")),
+            Running::Slurm(s) => {
+                s.poll(false);
+                s.state.ended().then(|| s.state.end(&s.id))
+            }
+        }
+    }
+
+    fn tail(&mut self) -> String {
+        match self {
+            Running::Local(s) => s.tail(),
+            Running::Slurm(s) => {
+                s.poll(true);
+                s.lines.iter().cloned().collect::<Vec<_>>().join("\n")
+            }
+        }
+    }
+
+    fn stop(&mut self, grace: Duration) {
+        match self {
+            Running::Local(s) => s.stop(grace),
+            Running::Slurm(s) => s.stop(grace),
+        }
+    }
+
+    /// The Slurm job's id, as a metric of the attempt.
+    fn job_metric(&self) -> Option<(&'static str, f64)> {
+        match self {
+            Running::Local(_) => None,
+            Running::Slurm(s) => Some(("slurm_job_id", slurm::numeric_id(&s.id))),
+        }
+    }
+}
+
+/// A server in a one-node Slurm job. It is not cancelled when the worker dies: the next
+/// attempt of the task re-attaches to it by name.
+struct SlurmServer {
+    program: String,
+    id: String,
+    name: String,
+    work: std::path::PathBuf,
+    state: slurm::JobState,
+    polled: Option<Instant>,
+    log: Option<std::path::PathBuf>,
+    offset: u64,
+    lines: VecDeque<String>,
+}
+
+impl SlurmServer {
+    /// Submits the job (or re-attaches to it) and waits until it runs or ends; returns it, the
+    /// node it runs on and the port in its comment.
+    fn start(
+        job: &slurm::JobSpec<'_>,
+        resources: &slurm::Resources<'_>,
+        grace: Duration,
+        ctx: &TaskContext,
+    ) -> Result<(Self, String, Option<u16>), TaskError> {
+        let (id, _) = slurm::submit_or_attach(job, resources, ctx)?;
+        let mut server = Self {
+            program: job.argv[0].clone(),
+            id,
+            name: job.name.clone(),
+            work: job.work.to_path_buf(),
+            state: slurm::JobState::default(),
+            polled: None,
+            log: None,
+            offset: 0,
+            lines: VecDeque::new(),
+        };
+        loop {
+            server.poll(true);
+            if ctx.should_stop() {
+                server.stop(grace);
+                return Err(TaskError::cancelled());
+            }
+            let st = &server.state;
+            if st.state == "RUNNING" || st.ended() {
+                let node = st.batch_host.clone().unwrap_or_else(nix_hostname);
+                let port = st.comment.as_deref().and_then(|c| c.parse().ok());
+                return Ok((server, node, port));
+            }
+            ctx.report(
+                0.0,
+                format!(
+                    "slurm job {} waiting on the cluster ({})",
+                    server.id, st.reason
+                ),
+                &[("slurm_job_id", slurm::numeric_id(&server.id))],
+            );
+            std::thread::sleep(slurm::POLL);
+        }
+    }
+
+    /// Reads the job's state and new log lines (at most every POLL unless `now`).
+    fn poll(&mut self, now: bool) {
+        if !now && self.polled.is_some_and(|t| t.elapsed() < slurm::POLL) {
+            return;
+        }
+        self.polled = Some(Instant::now());
+        match slurm::job_state(&self.id) {
+            Ok(state) => self.state = state,
+            // A busy slurmctld: the state is read again at the next poll.
+            Err(e) => tracing::warn!(job = %self.id, "cannot read the job's state: {}", e.message),
+        }
+        if self.log.is_none() {
+            self.log = self.state.stdout.clone();
+        }
+        if let Some(path) = &self.log {
+            let lines = &mut self.lines;
+            self.offset = slurm::read_new_lines(path, self.offset, |line| {
+                if lines.len() == TAIL_LINES {
+                    lines.pop_front();
+                }
+                lines.push_back(line);
+            });
+        }
+    }
+
+    fn stop(&mut self, grace: Duration) {
+        if !self.state.ended() {
+            slurm::cancel(&self.id, &self.name, grace);
+        }
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
 }
 
 /// A server process: its own process group, its log kept in a ring buffer.
@@ -658,12 +827,15 @@ mod tests {
         ];
         // Shown elsewhere: templates and extra_args by rendering (below), startup_timeout_s by
         // a server that never becomes ready (below), grace_period_s by the trainers' stop.
-        let elsewhere = [
+        // The Slurm executor and its params need a cluster: tests/slurm.rs serves through one.
+        let mut elsewhere = vec![
             "template",
             "extra_args",
             "startup_timeout_s",
             "grace_period_s",
+            "executor",
         ];
+        elsewhere.extend_from_slice(flywheel_proto::stage::SLURM_SERVE_PARAMS);
         for p in ExternalServe::DOC.params {
             assert!(
                 elsewhere.contains(&p.name) || changes.iter().any(|(_, c, _)| *c == p.name),

@@ -24,12 +24,12 @@ use std::time::{Duration, Instant};
 
 use super::process::LogFollower;
 use crate::backend::{TaskContext, TaskError};
-use flywheel_proto::stage::ExternalTrain;
+use flywheel_proto::stage::{Arg, ExternalServe, ExternalTrain};
 
 /// How often the job's state and output are read.
-const POLL: Duration = Duration::from_millis(500);
+pub(super) const POLL: Duration = Duration::from_millis(500);
 
-/// What a job is: where it runs its trainer and writes its log and model.
+/// What a job is: what it runs and where it writes its log.
 pub(super) struct JobSpec<'a> {
     /// Attempts of one task share it; a live job with this name is re-attached to.
     pub name: String,
@@ -38,27 +38,70 @@ pub(super) struct JobSpec<'a> {
     /// The directory the script and the job's output file go to (on a filesystem the nodes
     /// share).
     pub work: &'a Path,
-    /// Where the trainer writes the model; recorded in the job's comment, so that a later
-    /// attempt re-attached to the job knows where to find it.
-    pub output_dir: &'a Path,
+    /// Recorded as the job's comment, for a later attempt re-attached to the job: where a
+    /// trainer writes its model, the port a server listens on.
+    pub comment: String,
+    /// Directories a container needs (besides `work`).
+    pub mounts: &'a [&'a Path],
+}
+
+/// The Slurm params of a stage: what the job asks the cluster for.
+pub(super) struct Resources<'a> {
+    pub nodes: i64,
+    pub gpus_per_node: i64,
+    pub partition: &'a Option<String>,
+    pub account: &'a Option<String>,
+    pub qos: &'a Option<String>,
+    pub time_limit: &'a Option<String>,
+    pub container_image: &'a Option<String>,
+    pub sbatch_args: &'a Option<Vec<Arg>>,
+}
+
+impl<'a> From<&'a ExternalTrain> for Resources<'a> {
+    fn from(p: &'a ExternalTrain) -> Self {
+        Self {
+            nodes: p.nodes,
+            gpus_per_node: p.gpus_per_node.unwrap_or(p.gpus),
+            partition: &p.partition,
+            account: &p.account,
+            qos: &p.qos,
+            time_limit: &p.time_limit,
+            container_image: &p.container_image,
+            sbatch_args: &p.sbatch_args,
+        }
+    }
+}
+
+impl<'a> From<&'a ExternalServe> for Resources<'a> {
+    fn from(p: &'a ExternalServe) -> Self {
+        Self {
+            nodes: 1,
+            gpus_per_node: p.gpus_per_node.unwrap_or(p.tensor_parallel),
+            partition: &p.partition,
+            account: &p.account,
+            qos: &p.qos,
+            time_limit: &p.time_limit,
+            container_image: &p.container_image,
+            sbatch_args: &p.sbatch_args,
+        }
+    }
 }
 
 /// The batch script for `job` with the stage's Slurm params.
-pub(super) fn batch_script(job: &JobSpec<'_>, p: &ExternalTrain) -> String {
+pub(super) fn batch_script(job: &JobSpec<'_>, p: &Resources<'_>) -> String {
     let mut s = String::from("#!/bin/bash\n");
     let mut directive = |d: String| s.push_str(&format!("#SBATCH {d}\n"));
     directive(format!("--job-name={}", job.name));
     directive(format!("--nodes={}", p.nodes));
     directive("--ntasks-per-node=1".into());
-    let gpus = p.gpus_per_node.unwrap_or(p.gpus);
-    if gpus > 0 {
-        directive(format!("--gpus-per-node={gpus}"));
+    if p.gpus_per_node > 0 {
+        directive(format!("--gpus-per-node={}", p.gpus_per_node));
     }
     for (flag, v) in [
-        ("partition", &p.partition),
-        ("account", &p.account),
-        ("qos", &p.qos),
-        ("time", &p.time_limit),
+        ("partition", p.partition),
+        ("account", p.account),
+        ("qos", p.qos),
+        ("time", p.time_limit),
     ] {
         if let Some(v) = v {
             directive(format!("--{flag}={v}"));
@@ -68,7 +111,7 @@ pub(super) fn batch_script(job: &JobSpec<'_>, p: &ExternalTrain) -> String {
         "--output={}",
         job.work.join("slurm-%j.out").display()
     ));
-    directive(format!("--comment={}", job.output_dir.display()));
+    directive(format!("--comment={}", job.comment));
     for a in p.sbatch_args.iter().flatten() {
         directive(a.0.clone());
     }
@@ -83,21 +126,21 @@ pub(super) fn batch_script(job: &JobSpec<'_>, p: &ExternalTrain) -> String {
          export NNODES=$SLURM_JOB_NUM_NODES\n",
     );
     let mut srun = vec!["srun".to_string(), "--kill-on-bad-exit=1".to_string()];
-    if let Some(image) = &p.container_image {
+    if let Some(image) = p.container_image {
         srun.push(format!("--container-image={image}"));
-        srun.push(format!(
-            "--container-mounts={}:{0},{}:{1}",
-            job.work.display(),
-            job.output_dir.display()
-        ));
+        let mounts: Vec<String> = std::iter::once(job.work)
+            .chain(job.mounts.iter().copied())
+            .map(|d| format!("{0}:{0}", d.display()))
+            .collect();
+        srun.push(format!("--container-mounts={}", mounts.join(",")));
     }
     // NODE_RANK is each task's node index, known only inside the task.
     srun.push("bash".into());
     srun.push("-c".into());
-    let trainer: Vec<String> = job.argv.iter().map(|a| shell_quote(a)).collect();
+    let program: Vec<String> = job.argv.iter().map(|a| shell_quote(a)).collect();
     srun.push(shell_quote(&format!(
         "export NODE_RANK=$SLURM_NODEID; exec {}",
-        trainer.join(" ")
+        program.join(" ")
     )));
     s.push_str(&srun.join(" "));
     s.push('\n');
@@ -132,12 +175,47 @@ fn run(program: &str, args: &[&str]) -> Result<String, TaskError> {
 
 /// A job's fields from `scontrol show job -o` (`Key=Value` pairs).
 #[derive(Debug, Default, Clone)]
-struct JobState {
-    state: String,
-    reason: String,
-    exit_code: String,
-    stdout: Option<PathBuf>,
-    comment: Option<PathBuf>,
+pub(super) struct JobState {
+    pub state: String,
+    pub reason: String,
+    pub exit_code: String,
+    pub stdout: Option<PathBuf>,
+    pub comment: Option<String>,
+    /// The node the batch script runs on (a server's host).
+    pub batch_host: Option<String>,
+}
+
+impl JobState {
+    /// Whether the job has ended, for good or not.
+    pub(super) fn ended(&self) -> bool {
+        matches!(
+            self.state.as_str(),
+            "COMPLETED"
+                | "FAILED"
+                | "OUT_OF_MEMORY"
+                | "TIMEOUT"
+                | "NODE_FAIL"
+                | "PREEMPTED"
+                | "BOOT_FAIL"
+                | "DEADLINE"
+                | "CANCELLED"
+        )
+    }
+
+    fn succeeded(&self) -> bool {
+        self.state == "COMPLETED" && (self.exit_code.is_empty() || self.exit_code == "0:0")
+    }
+
+    /// How an ended job ended, for error messages.
+    pub(super) fn end(&self, id: &str) -> String {
+        match self.state.as_str() {
+            "COMPLETED" | "FAILED" | "OUT_OF_MEMORY" => format!(
+                "slurm job {id} ended {} with exit code {}",
+                self.state, self.exit_code
+            ),
+            other => format!("slurm job {id} ended {other}"),
+        }
+    }
 }
 
 fn parse_scontrol(line: &str) -> JobState {
@@ -151,14 +229,15 @@ fn parse_scontrol(line: &str) -> JobState {
             "Reason" => j.reason = v.to_string(),
             "ExitCode" => j.exit_code = v.to_string(),
             "StdOut" => j.stdout = Some(PathBuf::from(v)),
-            "Comment" if v != "(null)" => j.comment = Some(PathBuf::from(v)),
+            "Comment" if v != "(null)" => j.comment = Some(v.to_string()),
+            "BatchHost" if v != "(null)" => j.batch_host = Some(v.to_string()),
             _ => {}
         }
     }
     j
 }
 
-fn job_state(id: &str) -> Result<JobState, TaskError> {
+pub(super) fn job_state(id: &str) -> Result<JobState, TaskError> {
     match run("scontrol", &["show", "job", "-o", id]) {
         Ok(line) if !line.is_empty() => Ok(parse_scontrol(&line)),
         // The controller forgets finished jobs after MinJobAge; accounting remembers them.
@@ -203,29 +282,19 @@ fn live_job(name: &str) -> Result<Option<String>, TaskError> {
     Ok(out.lines().next().map(|l| l.trim().to_string()))
 }
 
-/// Submits (or re-attaches to) the job and follows it to its end; returns the last value of
-/// every metric its log showed and the directory its model was written to.
-pub(super) fn run_job(
+/// Re-attaches to the live job named like `job`, or submits it; returns its id and whether it
+/// was re-attached to. The id is reported at once (the attempt's progress metrics, in Postgres).
+pub(super) fn submit_or_attach(
     job: &JobSpec<'_>,
-    p: &ExternalTrain,
+    p: &Resources<'_>,
     ctx: &TaskContext,
-    total_steps: Option<f64>,
-) -> Result<(BTreeMap<String, f64>, PathBuf), TaskError> {
+) -> Result<(String, bool), TaskError> {
     std::fs::create_dir_all(job.work)
         .map_err(|e| TaskError::retryable(format!("cannot create {}: {e}", job.work.display())))?;
     let (id, attached) = match live_job(&job.name)? {
         Some(id) => (id, true),
-        None => {
-            let script = job.work.join("slurm-job.sh");
-            std::fs::write(&script, batch_script(job, p)).map_err(|e| {
-                TaskError::retryable(format!("cannot write {}: {e}", script.display()))
-            })?;
-            let out = run("sbatch", &["--parsable", &script.display().to_string()])?;
-            // `--parsable` prints `id` or `id;cluster`.
-            (out.split(';').next().unwrap_or_default().to_string(), false)
-        }
+        None => (submit(job, p)?, false),
     };
-    let numeric: f64 = id.parse().unwrap_or(f64::NAN);
     let verb = if attached {
         "re-attached to"
     } else {
@@ -235,10 +304,46 @@ pub(super) fn run_job(
     ctx.report(
         0.0,
         format!("{verb} slurm job {id}"),
-        &[("slurm_job_id", numeric)],
+        &[("slurm_job_id", numeric_id(&id))],
     );
     ctx.beat_now();
+    Ok((id, attached))
+}
 
+/// Submits `job` anew (a job of the same name may have ended before).
+fn submit(job: &JobSpec<'_>, p: &Resources<'_>) -> Result<String, TaskError> {
+    let script = job.work.join("slurm-job.sh");
+    std::fs::write(&script, batch_script(job, p))
+        .map_err(|e| TaskError::retryable(format!("cannot write {}: {e}", script.display())))?;
+    let out = run("sbatch", &["--parsable", &script.display().to_string()])?;
+    // `--parsable` prints `id` or `id;cluster`.
+    Ok(out.split(';').next().unwrap_or_default().to_string())
+}
+
+pub(super) fn numeric_id(id: &str) -> f64 {
+    id.parse().unwrap_or(f64::NAN)
+}
+
+/// Cancels the job and waits (up to the grace period and a little more) until it has left the
+/// queue.
+pub(super) fn cancel(id: &str, name: &str, grace: Duration) {
+    let _ = run("scancel", &[id]);
+    let deadline = Instant::now() + grace + Duration::from_secs(5);
+    while Instant::now() < deadline && live_job(name).ok().flatten().is_some() {
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Submits (or re-attaches to) the job and follows it to its end; returns the last value of
+/// every metric its log showed and the directory its model was written to.
+pub(super) fn run_job(
+    job: &JobSpec<'_>,
+    p: &ExternalTrain,
+    ctx: &TaskContext,
+    total_steps: Option<f64>,
+) -> Result<(BTreeMap<String, f64>, PathBuf), TaskError> {
+    let (id, _) = submit_or_attach(job, &p.into(), ctx)?;
+    let numeric = numeric_id(&id);
     let mut follower = LogFollower::new(total_steps);
     follower.metrics.insert("slurm_job_id".into(), numeric);
     let mut offset = 0u64;
@@ -252,53 +357,40 @@ pub(super) fn run_job(
             offset = read_new_lines(path, offset, |line| follower.line(ctx, line));
         }
         if ctx.should_stop() {
-            let _ = run("scancel", &[&id]);
-            let deadline = Instant::now() + super::grace(p.grace_period_s) + Duration::from_secs(5);
-            while Instant::now() < deadline && live_job(&job.name)?.is_some() {
-                std::thread::sleep(POLL);
-            }
+            cancel(&id, &job.name, super::grace(p.grace_period_s));
             return Err(TaskError::cancelled());
         }
-        let exit_ok = state.exit_code.is_empty() || state.exit_code == "0:0";
-        // Retried up to the stage's attempts, as a trainer's non-zero exit is.
-        let failure = |what: String| {
-            TaskError::retryable(format!(
-                "slurm job {id} {what}; last lines of its log:\n{}",
+        if state.succeeded() {
+            if let Some(path) = &log {
+                read_new_lines(path, offset, |line| follower.line(ctx, line));
+            }
+            let output = state
+                .comment
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(&job.comment));
+            return Ok((follower.metrics, output));
+        }
+        if state.ended() {
+            // Retried up to the stage's attempts, as a trainer's non-zero exit is.
+            return Err(TaskError::retryable(format!(
+                "{}; last lines of its log:\n{}",
+                state.end(&id),
                 follower.tail()
-            ))
-        };
-        match state.state.as_str() {
-            "PENDING" => ctx.report(
+            )));
+        }
+        if state.state == "PENDING" {
+            ctx.report(
                 0.0,
                 format!("slurm job {id} waiting on the cluster ({})", state.reason),
                 &[("slurm_job_id", numeric)],
-            ),
-            "COMPLETED" if exit_ok => {
-                if let Some(path) = &log {
-                    read_new_lines(path, offset, |line| follower.line(ctx, line));
-                }
-                let output = state
-                    .comment
-                    .unwrap_or_else(|| job.output_dir.to_path_buf());
-                return Ok((follower.metrics, output));
-            }
-            "COMPLETED" | "FAILED" | "OUT_OF_MEMORY" => {
-                return Err(failure(format!(
-                    "ended {} with exit code {}",
-                    state.state, state.exit_code
-                )));
-            }
-            "TIMEOUT" | "NODE_FAIL" | "PREEMPTED" | "BOOT_FAIL" | "DEADLINE" | "CANCELLED" => {
-                return Err(failure(format!("ended {}", state.state)));
-            }
-            _ => {}
+            );
         }
         std::thread::sleep(POLL);
     }
 }
 
 /// Hands the complete lines after `offset` in the file to `line`; returns the new offset.
-fn read_new_lines(path: &Path, offset: u64, mut line: impl FnMut(String)) -> u64 {
+pub(super) fn read_new_lines(path: &Path, offset: u64, mut line: impl FnMut(String)) -> u64 {
     let Ok(mut f) = std::fs::File::open(path) else {
         return offset;
     };
@@ -340,9 +432,10 @@ mod tests {
             argv: &argv,
             env: &env,
             work: Path::new("/shared/work/t1"),
-            output_dir: Path::new("/shared/models/m1"),
+            comment: "/shared/models/m1".into(),
+            mounts: &[Path::new("/shared/models/m1")],
         };
-        let s = batch_script(&job, &p);
+        let s = batch_script(&job, &(&p).into());
         let want = "#!/bin/bash
 #SBATCH --job-name=flywheel-t1
 #SBATCH --nodes=2
@@ -366,14 +459,49 @@ srun --kill-on-bad-exit=1 --container-image=nvcr.io/nvidia/nemo:24.05 --containe
         assert_eq!(s, want);
     }
 
+    /// A server's job: one node, its tensor-parallel GPUs, the model directory mounted in the
+    /// container, the port in the comment.
+    #[test]
+    fn a_server_job_is_one_node_with_its_tensor_parallel_gpus() {
+        let p: ExternalServe = serde_json::from_value(serde_json::json!({
+            "template": "vllm", "executor": "slurm", "tensor_parallel": 4,
+            "container_image": "vllm/vllm-openai:v0.6.3", "time_limit": "02:00:00",
+        }))
+        .unwrap();
+        let argv: Vec<String> = ["vllm", "serve", "/m/gen", "--port", "31337"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let job = JobSpec {
+            name: "flywheel-t2".into(),
+            argv: &argv,
+            env: &[],
+            work: Path::new("/shared/work/t2"),
+            comment: "31337".into(),
+            mounts: &[Path::new("/m/gen")],
+        };
+        let s = batch_script(&job, &(&p).into());
+        for line in [
+            "#SBATCH --nodes=1\n",
+            "#SBATCH --gpus-per-node=4\n",
+            "#SBATCH --time=02:00:00\n",
+            "#SBATCH --comment=31337\n",
+            "--container-mounts=/shared/work/t2:/shared/work/t2,/m/gen:/m/gen ",
+            "exec vllm serve /m/gen --port 31337'",
+        ] {
+            assert!(s.contains(line), "{line:?} missing from\n{s}");
+        }
+    }
+
     #[test]
     fn scontrol_fields() {
         let j = parse_scontrol(
-            "JobId=7 JobName=x JobState=FAILED Reason=NonZeroExitCode Dependency=(null) ExitCode=3:0 StdOut=/w/slurm-7.out Comment=/m",
+            "JobId=7 JobName=x JobState=FAILED Reason=NonZeroExitCode Dependency=(null) BatchHost=node-3 ExitCode=3:0 StdOut=/w/slurm-7.out Comment=/m",
         );
         assert_eq!(j.state, "FAILED");
         assert_eq!(j.exit_code, "3:0");
         assert_eq!(j.stdout.unwrap(), PathBuf::from("/w/slurm-7.out"));
-        assert_eq!(j.comment.unwrap(), PathBuf::from("/m"));
+        assert_eq!(j.comment.unwrap(), "/m");
+        assert_eq!(j.batch_host.unwrap(), "node-3");
     }
 }
