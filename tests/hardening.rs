@@ -61,6 +61,7 @@ fn beat(task_id: &str, attempt: i32, message: &str) -> TaskProgress {
         message: message.into(),
         metrics: Default::default(),
         endpoint: None,
+        external_job: String::new(),
     }
 }
 
@@ -272,6 +273,17 @@ async fn a_nul_in_a_report_fails_that_report_alone() {
         s.await.unwrap();
     }
     assert!(refused.load(Ordering::SeqCst) > 12);
+    let mut job = beat(&uuid::Uuid::new_v4().to_string(), 1, "ok");
+    job.external_job = "slurm:\0".into();
+    let e = worker_client(&c, &c.worker_token)
+        .await
+        .heartbeat(HeartbeatRequest {
+            worker_id: attacker_id.clone(),
+            tasks: vec![job],
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().starts_with("tasks[].external_job"), "{e}");
     let attempts =
         "SELECT count(*) FROM attempts a JOIN tasks t ON t.id = a.task_id WHERE t.campaign_id = $1";
     assert_eq!(count(&c, attempts, &campaign.id).await, 1);

@@ -71,6 +71,17 @@ fn worker(c: &mut Cluster, name: &str, conf: &str) -> usize {
     )
 }
 
+/// The cluster job each attempt of the task recorded, by attempt.
+async fn attempt_jobs(c: &Cluster, task: &str) -> Vec<(i32, Option<String>)> {
+    sqlx::query_as(
+        "SELECT attempt, external_job FROM attempts WHERE task_id = $1::uuid ORDER BY attempt",
+    )
+    .bind(task)
+    .fetch_all(&mut c.db.connect().await)
+    .await
+    .unwrap()
+}
+
 /// Waits until the job named `name` runs on the cluster.
 async fn job_running(conf: &str, name: &str) {
     until("the job to run", Duration::from_secs(120), || async {
@@ -143,6 +154,18 @@ async fn a_training_stage_runs_as_a_slurm_job_followed_to_completion() {
         metrics["slurm_job_id"].as_f64(),
         Some(job_id as f64),
         "{metrics}"
+    );
+    assert!(
+        metrics["slurm_wait_s"].as_f64().unwrap() >= 0.0,
+        "{metrics}"
+    );
+    // ... and recorded on the attempt, in the task's detail too.
+    let want = format!("slurm:{job_id}");
+    assert_eq!(attempt_jobs(&c, &task.id).await, [(1, Some(want.clone()))]);
+    assert_eq!(
+        detail["attempts"][0]["external_job"],
+        want.as_str(),
+        "{detail}"
     );
     // The model is registered with the hash of what the job wrote.
     let arts = artifacts_of(&c, &campaign.id).await;
@@ -253,6 +276,15 @@ async fn a_restarted_worker_reattaches_to_the_running_job() {
         .unwrap()
         .tasks[0];
     assert!(task.attempt >= 2, "attempt {}", task.attempt);
+    // Every attempt recorded the same job.
+    let recorded = attempt_jobs(&c, &task.id).await;
+    assert!(recorded.len() >= 2, "{recorded:?}");
+    assert!(
+        recorded
+            .iter()
+            .all(|(_, j)| j.is_some() && *j == recorded[0].1),
+        "{recorded:?}"
+    );
     let arts = artifacts_of(&c, &campaign.id).await;
     let m = arts
         .iter()
@@ -447,6 +479,11 @@ async fn a_slurm_server_outlives_its_worker_and_the_successor_reattaches() {
     let jobs = served_job_ids(&c, &campaign.id, "generator").await;
     let named = jobs_named(&conf, &format!("flywheel-{}", jobs[0].0));
     assert_eq!(named.len(), 1, "a second job was submitted: {named:?}");
+    let job = format!("slurm:{}", jobs[0].1);
+    assert_eq!(
+        attempt_jobs(&c, &jobs[0].0).await,
+        [(1, Some(job.clone())), (2, Some(job))]
+    );
     assert!(named[0].contains("JobState=CANCELLED"), "{named:?}");
     // Generation never lost its server: every shard succeeded at its first attempt.
     let attempts: Vec<i32> = sqlx::query_scalar(

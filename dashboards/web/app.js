@@ -374,8 +374,8 @@ async function renderTask(id) {
   );
   section(
     "attempts",
-    `<h2>Attempts</h2><table><thead><tr><th>#</th><th>Worker</th><th>State</th><th>Started</th><th>Duration</th><th>Error</th></tr></thead><tbody>${d.attempts
-      .map((a) => `<tr><td>${a.attempt}</td><td class="mono">${short(a.worker_id)}</td><td>${badge(a.state)}</td><td>${time(a.started_at)}</td><td>${fmtSecs(secs(a.started_at, a.finished_at))}</td><td class="error">${esc(a.error)}</td></tr>`)
+    `<h2>Attempts</h2><table><thead><tr><th>#</th><th>Worker</th><th>State</th><th>Started</th><th>Duration</th><th>Cluster job</th><th>Error</th></tr></thead><tbody>${d.attempts
+      .map((a) => `<tr><td>${a.attempt}</td><td class="mono">${short(a.worker_id)}</td><td>${badge(a.state)}</td><td>${time(a.started_at)}</td><td>${fmtSecs(secs(a.started_at, a.finished_at))}</td><td class="mono">${esc(a.external_job || "")}</td><td class="error">${esc(a.error)}</td></tr>`)
       .join("")}</tbody></table>`,
   );
   section(

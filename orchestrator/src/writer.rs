@@ -189,6 +189,12 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
         .filter_map(|b| b.endpoint.as_ref())
         .collect();
     let ready = store::endpoints::ready(&mut tx, &reported).await?;
+    let jobs: Vec<(Uuid, i32, &str)> = beats
+        .iter()
+        .filter(|b| current.contains(&(b.id, b.attempt)))
+        .filter_map(|b| Some((b.id, b.attempt, b.external_job.as_deref()?)))
+        .collect();
+    store::attempts::set_external_jobs(&mut tx, &jobs).await?;
     let ready_ids: Vec<Uuid> = ready.iter().map(|r| r.0).collect();
     let mut unblocked = store::tasks::unblock_dependents(&mut tx, &ready_ids).await?;
     for (task_id, campaign_id, stage) in &ready {

@@ -1,6 +1,9 @@
 # A one-node Slurm cluster on this machine for the Slurm executor's tests: Debian's slurm-wlm
 # (slurmctld, slurmd) and munge, configured under target/slurm, started if not running.
-# Exports SLURM_CONF. Needs root (munge runs as its user; slurmd as root).
+# Exports SLURM_CONF. Needs root (munge runs as its user; slurmd as root). stop_slurm stops the
+# daemons this shell started (a cluster that was already running is left alone).
+
+SLURM_STARTED=()
 
 ensure_slurm() {
     if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
@@ -72,11 +75,18 @@ CONF
         chmod 0400 /etc/munge/munge.key
         chmod 0755 /run/munge
         su -s /bin/sh munge -c munged || { echo "error: munged did not start" >&2; exit 1; }
+        SLURM_STARTED+=(munged)
     fi
-    pgrep -x slurmctld >/dev/null || slurmctld -f "$SLURM_CONF" ||
-        { echo "error: slurmctld did not start (log: $dir/log/slurmctld.log)" >&2; exit 1; }
-    pgrep -x slurmd >/dev/null || slurmd -f "$SLURM_CONF" ||
-        { echo "error: slurmd did not start (log: $dir/log/slurmd.log)" >&2; exit 1; }
+    if ! pgrep -x slurmctld >/dev/null; then
+        slurmctld -f "$SLURM_CONF" ||
+            { echo "error: slurmctld did not start (log: $dir/log/slurmctld.log)" >&2; exit 1; }
+        SLURM_STARTED+=(slurmctld)
+    fi
+    if ! pgrep -x slurmd >/dev/null; then
+        slurmd -f "$SLURM_CONF" ||
+            { echo "error: slurmd did not start (log: $dir/log/slurmd.log)" >&2; exit 1; }
+        SLURM_STARTED+=(slurmd)
+    fi
     local i
     for i in $(seq 1 60); do
         if sinfo -h -o '%t' 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then
@@ -87,4 +97,12 @@ CONF
     done
     echo "error: the Slurm node did not become idle: $(sinfo 2>&1 | tail -n +2) (logs in $dir/log)" >&2
     exit 1
+}
+
+stop_slurm() {
+    local d
+    for d in "${SLURM_STARTED[@]}"; do
+        pkill -x "$d" 2>/dev/null || true
+    done
+    SLURM_STARTED=()
 }

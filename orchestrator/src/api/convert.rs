@@ -264,6 +264,7 @@ pub(super) fn task_detail(
                 error: a.error.unwrap_or_default(),
                 started_at: ts(a.started_at),
                 finished_at: opt_ts(a.finished_at),
+                external_job: a.external_job.unwrap_or_default(),
             })
             .collect(),
         depends_on: depends_on.iter().map(ToString::to_string).collect(),

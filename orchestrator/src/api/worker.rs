@@ -322,6 +322,7 @@ impl WorkerService for WorkerApi {
         limits::entries("tasks", r.tasks.len())?;
         for t in &r.tasks {
             limits::text("tasks[].message", &t.message, MAX_TEXT_BYTES)?;
+            limits::text("tasks[].external_job", &t.external_job, MAX_TEXT_BYTES)?;
         }
         self.check_owner(worker_id, &who).await?;
         let mut beats = Vec::with_capacity(r.tasks.len());
@@ -366,6 +367,7 @@ impl WorkerService for WorkerApi {
                 worker_id,
                 id,
                 endpoint,
+                external_job: (!t.external_job.is_empty()).then_some(t.external_job),
                 attempt: t.attempt,
                 progress: if t.progress.is_finite() {
                     t.progress.clamp(0.0, 1.0)

@@ -32,6 +32,31 @@ pub async fn finish_many(
     Ok(())
 }
 
+/// Records the cluster job each running attempt reported: `(task, attempt, job)`.
+pub async fn set_external_jobs(
+    conn: &mut PgConnection,
+    jobs: &[(Uuid, i32, &str)],
+) -> Result<(), sqlx::Error> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let task: Vec<_> = jobs.iter().map(|j| j.0).collect();
+    let attempt: Vec<_> = jobs.iter().map(|j| j.1).collect();
+    let job: Vec<_> = jobs.iter().map(|j| j.2).collect();
+    sqlx::query(
+        "UPDATE attempts a SET external_job = u.j
+         FROM unnest($1::uuid[], $2::int[], $3::text[]) AS u(t, n, j)
+         WHERE a.task_id = u.t AND a.attempt = u.n AND a.state = 'running'
+           AND a.external_job IS DISTINCT FROM u.j",
+    )
+    .bind(task)
+    .bind(attempt)
+    .bind(job)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct AttemptRow {
     pub attempt: i32,
@@ -41,6 +66,7 @@ pub struct AttemptRow {
     pub error: Option<String>,
     pub started_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    pub external_job: Option<String>,
 }
 
 pub async fn list_for_task(
@@ -48,7 +74,7 @@ pub async fn list_for_task(
     task_id: Uuid,
 ) -> Result<Vec<AttemptRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT attempt, worker_id, state, error, started_at, finished_at FROM attempts
+        "SELECT attempt, worker_id, state, error, started_at, finished_at, external_job FROM attempts
          WHERE task_id = $1 ORDER BY attempt",
     )
     .bind(task_id)

@@ -218,6 +218,8 @@ pub struct Beat {
     pub metrics: Value,
     /// A serve task's endpoint, once its server answers.
     pub endpoint: Option<super::endpoints::NewEndpoint>,
+    /// The cluster job the attempt runs in, once submitted.
+    pub external_job: Option<String>,
 }
 
 /// Extends the leases of current attempts running on the reporting worker and records

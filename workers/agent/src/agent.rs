@@ -195,8 +195,22 @@ async fn heartbeat_loop(
                     message: p.message,
                     metrics: p.metrics,
                     endpoint: r.ctx.endpoint.lock().expect("endpoint").clone(),
+                    external_job: r
+                        .ctx
+                        .external_job
+                        .0
+                        .lock()
+                        .expect("external job")
+                        .id
+                        .clone()
+                        .unwrap_or_default(),
                 }
             })
+            .collect();
+        let sent_jobs: Vec<(String, i32, String)> = tasks
+            .iter()
+            .filter(|t| !t.external_job.is_empty())
+            .map(|t| (t.task_id.clone(), t.attempt, t.external_job.clone()))
             .collect();
         let reply = match client
             .heartbeat(HeartbeatRequest {
@@ -212,6 +226,12 @@ async fn heartbeat_loop(
             }
         };
         let map = running.lock().expect("running");
+        // The reply comes after the beat's commit: the jobs it carried are in Postgres.
+        for (id, attempt, job) in sent_jobs {
+            if let Some(r) = map.get(&(id, attempt)) {
+                r.ctx.external_job_recorded(Some(job));
+            }
+        }
         for d in reply.tasks {
             let Some(r) = map.get(&(d.task_id.clone(), d.attempt)) else {
                 continue;

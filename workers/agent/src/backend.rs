@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use flywheel_proto::stage::{Role, StageKind};
 use flywheel_proto::v1::{ArtifactRef, Assignment, Endpoint};
@@ -163,6 +164,15 @@ pub struct TaskContext {
     pub(crate) endpoint: Arc<Mutex<Option<Endpoint>>>,
     /// Wakes the heartbeat loop for an immediate beat.
     pub(crate) beat_now: Arc<tokio::sync::Notify>,
+    /// The cluster job the attempt runs in, and whether the controller has recorded it.
+    pub(crate) external_job: Arc<(Mutex<ExternalJob>, std::sync::Condvar)>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct ExternalJob {
+    pub(crate) id: Option<String>,
+    /// The id a heartbeat that the controller acknowledged carried.
+    pub(crate) recorded: Option<String>,
 }
 
 impl TaskContext {
@@ -191,6 +201,27 @@ impl TaskContext {
     /// Sends a heartbeat now (what the task just reported goes to Postgres at once).
     pub fn beat_now(&self) {
         self.beat_now.notify_one();
+    }
+
+    /// Records the cluster job the attempt runs in (e.g. `slurm:1234`) on the attempt: it goes
+    /// with every heartbeat, and this waits up to `wait` until the controller has it in
+    /// Postgres. Returns whether it does.
+    pub fn record_external_job(&self, job: String, wait: Duration) -> bool {
+        let (lock, recorded) = &*self.external_job;
+        let mut j = lock.lock().expect("external job");
+        j.id = Some(job.clone());
+        self.beat_now.notify_one();
+        let (j, _) = recorded
+            .wait_timeout_while(j, wait, |j| j.recorded.as_deref() != Some(job.as_str()))
+            .expect("external job");
+        j.recorded.as_deref() == Some(job.as_str())
+    }
+
+    /// The acknowledged heartbeat carried `job`.
+    pub(crate) fn external_job_recorded(&self, job: Option<String>) {
+        let (lock, recorded) = &*self.external_job;
+        lock.lock().expect("external job").recorded = job;
+        recorded.notify_all();
     }
 
     /// True once the controller says the work is done (a serve task's consumers finished):

@@ -157,7 +157,7 @@ pub(super) fn serve(task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskEr
     let verified = if reported.is_some() { 1.0 } else { 0.0 };
     tracing::info!(stage, url, served_name, ready_s, "endpoint ready");
     let mut metrics = vec![("ready_s", ready_s), ("weights_reported", verified)];
-    metrics.extend(server.as_ref().and_then(Running::job_metric));
+    metrics.extend(server.iter().flat_map(Running::job_metrics));
     loop {
         ctx.report(0.5, format!("serving {served_name} at {url}"), &metrics);
         if ctx.finish_requested() || ctx.should_stop() {
@@ -491,11 +491,13 @@ impl Running {
         }
     }
 
-    /// The Slurm job's id, as a metric of the attempt.
-    fn job_metric(&self) -> Option<(&'static str, f64)> {
+    /// The Slurm job's id and wait in the queue, as metrics of the attempt.
+    fn job_metrics(&self) -> Vec<(&'static str, f64)> {
         match self {
-            Running::Local(_) => None,
-            Running::Slurm(s) => Some(("slurm_job_id", slurm::numeric_id(&s.id))),
+            Running::Local(_) => Vec::new(),
+            Running::Slurm(s) => std::iter::once(("slurm_job_id", slurm::numeric_id(&s.id)))
+                .chain(s.waited_s.map(|w| ("slurm_wait_s", w)))
+                .collect(),
         }
     }
 }
@@ -512,6 +514,8 @@ struct SlurmServer {
     log: Option<std::path::PathBuf>,
     offset: u64,
     lines: VecDeque<String>,
+    /// Seconds from submission until the job ran (none for a job re-attached to).
+    waited_s: Option<f64>,
 }
 
 impl SlurmServer {
@@ -523,7 +527,7 @@ impl SlurmServer {
         grace: Duration,
         ctx: &TaskContext,
     ) -> Result<(Self, String, Option<u16>), TaskError> {
-        let (id, _) = slurm::submit_or_attach(job, resources, ctx)?;
+        let (id, submitted) = slurm::submit_or_attach(job, resources, ctx)?;
         let mut server = Self {
             program: job.argv[0].clone(),
             id,
@@ -534,6 +538,7 @@ impl SlurmServer {
             log: None,
             offset: 0,
             lines: VecDeque::new(),
+            waited_s: None,
         };
         loop {
             server.poll(true);
@@ -543,6 +548,7 @@ impl SlurmServer {
             }
             let st = &server.state;
             if st.state == "RUNNING" || st.ended() {
+                server.waited_s = slurm::wait_metric(submitted, st);
                 let node = st.batch_host.clone().unwrap_or_else(nix_hostname);
                 let port = st.comment.as_deref().and_then(|c| c.parse().ok());
                 return Ok((server, node, port));

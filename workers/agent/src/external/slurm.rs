@@ -282,13 +282,15 @@ fn live_job(name: &str) -> Result<Option<String>, TaskError> {
     Ok(out.lines().next().map(|l| l.trim().to_string()))
 }
 
-/// Re-attaches to the live job named like `job`, or submits it; returns its id and whether it
-/// was re-attached to. The id is reported at once (the attempt's progress metrics, in Postgres).
+/// Re-attaches to the live job named like `job`, or submits it; returns its id and, for a job
+/// submitted here, when. The id is recorded on the attempt in Postgres (`external_job`) before
+/// this returns, unless the controller does not answer within a few seconds (a later attempt
+/// finds the job by its name all the same).
 pub(super) fn submit_or_attach(
     job: &JobSpec<'_>,
     p: &Resources<'_>,
     ctx: &TaskContext,
-) -> Result<(String, bool), TaskError> {
+) -> Result<(String, Option<Instant>), TaskError> {
     std::fs::create_dir_all(job.work)
         .map_err(|e| TaskError::retryable(format!("cannot create {}: {e}", job.work.display())))?;
     let (id, attached) = match live_job(&job.name)? {
@@ -306,8 +308,21 @@ pub(super) fn submit_or_attach(
         format!("{verb} slurm job {id}"),
         &[("slurm_job_id", numeric_id(&id))],
     );
-    ctx.beat_now();
-    Ok((id, attached))
+    if !ctx.record_external_job(format!("slurm:{id}"), RECORD_WAIT) {
+        tracing::warn!(job = %id, "the controller has not recorded the job yet; going on");
+    }
+    Ok((id, (!attached).then(Instant::now)))
+}
+
+/// How long a submission waits for the controller to record the job id.
+const RECORD_WAIT: Duration = Duration::from_secs(10);
+
+/// Seconds from submission until the job ran (a metric), once it runs.
+pub(super) fn wait_metric(submitted: Option<Instant>, state: &JobState) -> Option<f64> {
+    (state.state == "RUNNING" || state.ended())
+        .then_some(submitted)
+        .flatten()
+        .map(|t| t.elapsed().as_secs_f64())
 }
 
 /// Submits `job` anew (a job of the same name may have ended before).
@@ -342,7 +357,7 @@ pub(super) fn run_job(
     ctx: &TaskContext,
     total_steps: Option<f64>,
 ) -> Result<(BTreeMap<String, f64>, PathBuf), TaskError> {
-    let (id, _) = submit_or_attach(job, &p.into(), ctx)?;
+    let (id, mut submitted) = submit_or_attach(job, &p.into(), ctx)?;
     let numeric = numeric_id(&id);
     let mut follower = LogFollower::new(total_steps);
     follower.metrics.insert("slurm_job_id".into(), numeric);
@@ -350,6 +365,10 @@ pub(super) fn run_job(
     let mut log: Option<PathBuf> = None;
     loop {
         let state = job_state(&id)?;
+        if let Some(wait) = wait_metric(submitted, &state) {
+            follower.metrics.insert("slurm_wait_s".into(), wait);
+            submitted = None;
+        }
         if log.is_none() {
             log = state.stdout.clone();
         }
