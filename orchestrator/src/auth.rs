@@ -1,6 +1,7 @@
 //! Bearer-token authentication with three scopes. Only SHA-256 hashes of tokens are stored.
-//! Good tokens are cached for a short time (the controller's `token_cache_ttl_ms`), so a revoked
-//! token stops working within that time without a query on every worker RPC.
+//! Good tokens are cached (for the controller's `token_cache_ttl_ms`), so that worker RPCs need
+//! no query; a revocation empties the cache at once (a notification, [`crate::wake`]), and
+//! the cache time bounds how long a revoked token could live if that notification were lost.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -100,6 +101,11 @@ impl Auth {
 
     /// Checks the request's bearer token: missing or unknown → UNAUTHENTICATED, known but
     /// without the needed scope → PERMISSION_DENIED.
+    /// Forgets every checked token: the next request of each is checked against Postgres.
+    pub(crate) fn forget(&self) {
+        self.cache.lock().expect("auth cache").clear();
+    }
+
     pub(crate) async fn require<T>(
         &self,
         req: &Request<T>,

@@ -1,6 +1,8 @@
 //! The controller's settings and the state one controller process shares between its loops and
 //! services.
 
+use std::sync::Arc;
+
 use sqlx::PgPool;
 use tokio::sync::{Notify, mpsc, watch};
 use uuid::Uuid;
@@ -24,14 +26,14 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
-    /// Defaults: 6 s leases with 2 s heartbeats, so a dead worker's task is reclaimed within
-    /// about 6.5 s (the reaper runs every 0.5 s).
+    /// Defaults: 6 s leases with 2 s heartbeats, so a dead worker's task is reclaimed about
+    /// 6 s after its last heartbeat (the reaper wakes when the lease expires).
     pub fn new(artifact_root: impl Into<String>) -> Self {
         Self {
             artifact_root: artifact_root.into(),
             lease_ttl_ms: 6_000,
             heartbeat_interval_ms: 2_000,
-            token_cache_ttl_ms: 5_000,
+            token_cache_ttl_ms: 60_000,
             shutdown_grace_ms: 5_000,
         }
     }
@@ -45,6 +47,10 @@ pub(crate) struct Controller {
     pub(crate) auth: auth::Auth,
     pub(crate) dispatch_wake: Notify,
     pub(crate) planner_wake: Notify,
+    /// New leases (claims), or the database back: the reaper recomputes when to look next.
+    pub(crate) reaper_wake: Notify,
+    /// A schedule or a campaign changed: the scheduler recomputes its next firing.
+    pub(crate) schedules_wake: Notify,
     /// When tasks put back with a backoff become claimable (this process's retries only; the
     /// dispatcher's periodic tick covers any other controller's).
     pub(crate) retries: std::sync::Mutex<std::collections::BTreeSet<chrono::DateTime<chrono::Utc>>>,
@@ -52,8 +58,9 @@ pub(crate) struct Controller {
     pub(crate) events: watch::Sender<u64>,
     pub(crate) writer: mpsc::Sender<writer::Report>,
     pub(crate) metrics: metrics::Metrics,
-    /// Whether the last round trip to Postgres (the reaper's, every 0.5 s) worked. Health
-    /// follows it, and leases are extended when it comes back.
+    /// Whether Postgres is reachable: false once the wake-up connection or a write finds it
+    /// unreachable, true again once the reaper gets through. Health follows it, and leases are
+    /// extended when it comes back.
     pub(crate) db_up: watch::Sender<bool>,
     /// Becomes true when the controller starts shutting down; long-lived streams end on it.
     pub(crate) stopping: watch::Receiver<bool>,
@@ -73,6 +80,13 @@ impl Controller {
         );
     }
 
+    /// Postgres was found unreachable: health says so, and the reaper probes until it is back.
+    pub(crate) fn database_unreachable(&self) {
+        self.db_up
+            .send_if_modified(|up| std::mem::replace(up, false));
+        self.reaper_wake.notify_one();
+    }
+
     pub(crate) fn events_changed(&self) {
         self.events.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -89,5 +103,25 @@ impl Controller {
     ) -> String {
         let root = &self.config.artifact_root;
         format!("{root}/campaigns/{campaign}/round-{round}/{stage}/shard-{shard}/attempt-{attempt}")
+    }
+}
+
+/// Says this controller is alive (its `controllers` row) every 1.5 lease periods, until
+/// shutdown: its workers are online while it is (shown offline after 3 periods of silence, so
+/// one lost beat changes nothing). One row, however many workers.
+pub(crate) async fn run_liveness(ctl: Arc<Controller>, mut shutdown: watch::Receiver<bool>) {
+    let every = std::time::Duration::from_millis(ctl.config.lease_ttl_ms as u64 * 3 / 2);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
+        }
+        let beat = async {
+            let mut conn = ctl.pool.acquire().await?;
+            store::controllers::beat(&mut conn, store::instance_id()).await
+        };
+        if let Err(e) = beat.await {
+            tracing::warn!(error = %e, "cannot record that this controller is alive");
+        }
     }
 }

@@ -40,6 +40,8 @@ struct Registered {
     assigned: HashMap<Uuid, (i32, Option<Arc<str>>)>,
     /// Present while the assignment stream is open; `stream_id` tells reconnects apart.
     stream: Option<(u64, AssignmentSender)>,
+    /// The last registration or heartbeat: liveness is kept here, not written to Postgres.
+    last_beat: std::time::Instant,
 }
 
 /// What the registry knows of a worker's task, for checking a report against it.
@@ -77,14 +79,32 @@ impl Registry {
             slots,
             assigned: HashMap::new(),
             stream: None,
+            last_beat: std::time::Instant::now(),
         });
         if entry.token_id != token_id {
             return false;
         }
+        entry.last_beat = std::time::Instant::now();
         entry.caps = caps;
         entry.slots = slots;
         entry.assigned = running.into_iter().map(|(t, a)| (t, (a, None))).collect();
         true
+    }
+
+    /// Records a heartbeat of the worker.
+    pub(crate) fn touch(&self, id: Uuid) {
+        if let Some(w) = self.workers.lock().expect("registry").get_mut(&id) {
+            w.last_beat = std::time::Instant::now();
+        }
+    }
+
+    /// Seconds since the worker's last heartbeat and whether its stream is open, if it is
+    /// registered here.
+    pub(crate) fn liveness(&self, id: Uuid) -> Option<(f64, bool)> {
+        let workers = self.workers.lock().expect("registry");
+        workers
+            .get(&id)
+            .map(|w| (w.last_beat.elapsed().as_secs_f64(), w.stream.is_some()))
     }
 
     /// The token a worker registered with, if it registered with this controller.
@@ -241,7 +261,9 @@ pub(crate) async fn run(ctl: Arc<Controller>, mut shutdown: watch::Receiver<bool
     loop {
         let wait = match dispatch_once(&ctl).await {
             Ok(DispatchOutcome::Saturated) => continue,
-            Ok(DispatchOutcome::Drained) => next_retry_wait(&ctl),
+            Ok(DispatchOutcome::Drained(next)) => {
+                next_retry_wait(&ctl).min(crate::wake::until(next))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "dispatch failed; will retry");
                 Duration::from_millis(500)
@@ -258,15 +280,16 @@ pub(crate) async fn run(ctl: Arc<Controller>, mut shutdown: watch::Receiver<bool
 enum DispatchOutcome {
     /// Every free slot got a task: there may be more work for slots freed meanwhile.
     Saturated,
-    /// Fewer tasks than slots (or no slots): wait for a wake-up.
-    Drained,
+    /// Fewer tasks than slots (or no slots): wait for a wake-up, or until the next queued task
+    /// of the idle slots' pools comes out of its backoff (if one does).
+    Drained(Option<chrono::DateTime<chrono::Utc>>),
 }
 
-/// How long the dispatcher may sleep: until the earliest known retry comes due, at most 2 s
-/// (the tick that also picks up other controllers' retries). Retries already due are dropped
-/// from the set, since the dispatch about to run claims them.
+/// How long the dispatcher may sleep: until the earliest retry this process knows of comes
+/// due (other controllers' changes wake it). Retries already due are dropped from the set,
+/// since the dispatch about to run claims them.
 fn next_retry_wait(ctl: &Controller) -> Duration {
-    let fallback = Duration::from_secs(2);
+    let fallback = crate::wake::IDLE_TICK;
     let now = chrono::Utc::now();
     let mut retries = ctl.retries.lock().expect("retries");
     let later = retries.split_off(&now);
@@ -283,7 +306,7 @@ fn next_retry_wait(ctl: &Controller) -> Duration {
 async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
     let groups = ctl.registry.idle_groups();
     if groups.is_empty() {
-        return Ok(DispatchOutcome::Drained);
+        return Ok(DispatchOutcome::Drained(None));
     }
     let wanted: usize = groups.values().map(Vec::len).sum();
     let claim_began = std::time::Instant::now();
@@ -300,8 +323,10 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
         claimed.extend(store::tasks::claim(&mut tx, &group, ctl.config.lease_ttl_ms as i64).await?);
     }
     if claimed.is_empty() {
+        let pools: Vec<&str> = groups.keys().map(|c| c.pool.as_str()).collect();
+        let next = store::tasks::next_claimable(&mut tx, &pools).await?;
         tx.rollback().await?;
-        return Ok(DispatchOutcome::Drained);
+        return Ok(DispatchOutcome::Drained(next));
     }
     let ids: Vec<Uuid> = claimed.iter().map(|c| c.id).collect();
     let mut inputs: HashMap<Uuid, Vec<ArtifactRef>> = HashMap::new();
@@ -329,6 +354,8 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
             });
     }
     tx.commit().await?;
+    // New leases (committed): the reaper may have to look earlier than it planned.
+    ctl.reaper_wake.notify_one();
 
     let mut undeliverable = Vec::new();
     let mut started = Vec::with_capacity(claimed.len());
@@ -399,31 +426,46 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
     Ok(if claimed.len() >= wanted {
         DispatchOutcome::Saturated
     } else {
-        DispatchOutcome::Drained
+        DispatchOutcome::Drained(None)
     })
 }
 
-/// Reclaims expired leases every second: the attempt is closed as `lease_expired` and the task
-/// is retried with backoff (or failed when out of attempts).
+/// Reclaims expired leases as they expire: the attempt is closed as `lease_expired` and the
+/// task is retried with backoff (or failed when out of attempts). Between looks it sleeps until
+/// the earliest lease expires (woken earlier by new claims, other controllers, or a database
+/// found unreachable, which it then probes twice a second until it is back).
 pub(crate) async fn run_reaper(ctl: Arc<Controller>, mut shutdown: watch::Receiver<bool>) {
+    /// Past the expiry, so that the lease has expired by the database's clock too.
+    const SLACK: chrono::TimeDelta = chrono::TimeDelta::milliseconds(20);
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = shutdown.changed() => return,
-        }
-        let up = match reap_once(&ctl).await {
-            Ok(()) => true,
+        let wait = match reap_once(&ctl).await {
+            Ok(next) => {
+                ctl.db_up
+                    .send_if_modified(|was| !std::mem::replace(was, true));
+                crate::wake::until(next.map(|at| at + SLACK))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "lease reaper failed; will retry");
-                false
+                ctl.db_up
+                    .send_if_modified(|was| std::mem::replace(was, false));
+                Duration::from_millis(500)
             }
         };
-        ctl.db_up
-            .send_if_modified(|was| std::mem::replace(was, up) != up);
+        let wait = if *ctl.db_up.borrow() {
+            wait
+        } else {
+            wait.min(Duration::from_millis(500))
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = ctl.reaper_wake.notified() => {}
+            _ = shutdown.changed() => return,
+        }
     }
 }
 
-async fn reap_once(ctl: &Controller) -> Result<()> {
+/// Settles expired leases; returns when the earliest remaining one expires.
+async fn reap_once(ctl: &Controller) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
     let mut tx = ctl.pool.begin().await?;
     if !*ctl.db_up.borrow() {
         // Back from a database outage: no heartbeat could be recorded meanwhile, so every
@@ -431,17 +473,19 @@ async fn reap_once(ctl: &Controller) -> Result<()> {
         // reclaimed; live workers' next heartbeats keep their tasks.
         let ttl = ctl.config.lease_ttl_ms as i64;
         let extended = store::tasks::extend_all_leases(&mut tx, ttl).await?;
+        let next = store::tasks::next_lease_expiry(&mut tx).await?;
         tx.commit().await?;
         tracing::warn!(
             tasks = extended,
             "database reachable again; running leases extended by one period"
         );
-        return Ok(());
+        return Ok(next);
     }
     let expired = store::tasks::expire_leases(&mut tx).await?;
+    let next = store::tasks::next_lease_expiry(&mut tx).await?;
     if expired.is_empty() {
         tx.rollback().await?;
-        return Ok(());
+        return Ok(next);
     }
     let closed: Vec<_> = expired
         .iter()
@@ -485,5 +529,5 @@ async fn reap_once(ctl: &Controller) -> Result<()> {
     ctl.dispatch_wake.notify_one();
     ctl.planner_wake.notify_one();
     ctl.events_changed();
-    Ok(())
+    Ok(next)
 }

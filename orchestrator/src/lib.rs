@@ -34,6 +34,7 @@ mod http;
 mod metrics;
 mod ops;
 mod planner;
+mod wake;
 mod writer;
 
 use std::future::Future;
@@ -111,6 +112,7 @@ pub async fn serve_with_http(
     // period to reconnect and heartbeat before their tasks are reclaimed.
     {
         let mut conn = pool.acquire().await?;
+        store::controllers::insert(&mut conn, store::instance_id()).await?;
         let extended =
             store::tasks::extend_all_leases(&mut conn, config.lease_ttl_ms as i64).await?;
         if extended > 0 {
@@ -140,6 +142,8 @@ pub async fn serve_with_http(
         registry: dispatch::Registry::default(),
         dispatch_wake: Notify::new(),
         planner_wake: Notify::new(),
+        reaper_wake: Notify::new(),
+        schedules_wake: Notify::new(),
         retries: Default::default(),
         events,
         writer: writer_tx,
@@ -153,6 +157,8 @@ pub async fn serve_with_http(
         tokio::spawn(planner::run(ctl.clone(), stop_rx.clone())),
         tokio::spawn(schedules::run(ctl.clone(), stop_rx.clone())),
         tokio::spawn(writer::run(ctl.clone(), writer_rx, stop_rx.clone())),
+        tokio::spawn(wake::run(ctl.clone(), stop_rx.clone())),
+        tokio::spawn(controller::run_liveness(ctl.clone(), stop_rx.clone())),
     ];
 
     let http_server = http.map(|listener| {

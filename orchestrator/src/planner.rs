@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 use sqlx::PgConnection;
@@ -94,7 +93,8 @@ pub(crate) async fn plan_round(
     Ok(round_id)
 }
 
-/// Runs the planner until shutdown: woken after completions, and every second regardless.
+/// Runs the planner until shutdown: woken after completions here and changes elsewhere
+/// ([`crate::wake`]).
 pub(crate) async fn run(ctl: Arc<Controller>, mut shutdown: watch::Receiver<bool>) {
     loop {
         if let Err(e) = step(&ctl).await {
@@ -102,7 +102,7 @@ pub(crate) async fn run(ctl: Arc<Controller>, mut shutdown: watch::Receiver<bool
         }
         tokio::select! {
             _ = ctl.planner_wake.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(crate::wake::IDLE_TICK) => {}
             _ = shutdown.changed() => return,
         }
     }

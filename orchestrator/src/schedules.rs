@@ -633,8 +633,8 @@ impl Handling<'_> {
     }
 }
 
-/// Fires due schedules until shutdown, checking twice a second (firings are at most that late,
-/// well within the minimum catch-up window).
+/// Fires due schedules until shutdown, sleeping until the next firing (woken earlier when a
+/// schedule or a campaign changes, [`crate::wake`]).
 pub(crate) async fn run(
     ctl: std::sync::Arc<crate::Controller>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -651,8 +651,20 @@ pub(crate) async fn run(
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "firing schedules failed; will retry"),
         }
+        let next = async {
+            let mut conn = ctl.pool.acquire().await?;
+            store::schedules::next_fire_at(&mut conn).await
+        };
+        let wait = match next.await {
+            Ok(next) => crate::wake::until(next),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the next firing failed; will retry");
+                std::time::Duration::from_millis(500)
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = ctl.schedules_wake.notified() => {}
             _ = shutdown.changed() => return,
         }
     }

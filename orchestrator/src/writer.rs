@@ -99,6 +99,9 @@ async fn write_batch(ctl: &Controller, reports: Vec<Report>) {
         e,
         Error::Db(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed)
     );
+    if unreachable {
+        ctl.database_unreachable();
+    }
     if reports.len() == 1 || unreachable {
         tracing::warn!(error = %e, reports = reports.len(), "report batch failed");
         let why = e.to_string();
@@ -135,7 +138,6 @@ struct Committed {
 
 async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
     let mut beats: Vec<&Beat> = Vec::new();
-    let mut workers = Vec::new();
     // Completions: the same (task, attempt) reported twice in one batch counts once.
     let mut seen = HashSet::new();
     let mut completions = Vec::new();
@@ -143,14 +145,7 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
     let mut failures = Vec::new();
     for r in reports {
         match r {
-            Report::Heartbeat {
-                worker_id,
-                beats: b,
-                ..
-            } => {
-                workers.push(*worker_id);
-                beats.extend(b);
-            }
+            Report::Heartbeat { beats: b, .. } => beats.extend(b),
             Report::Complete {
                 worker_id,
                 task_id,
@@ -180,7 +175,6 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
     let mut events = Vec::new();
 
     let alive = store::tasks::heartbeat(&mut tx, &beats, ttl).await?;
-    store::workers::touch(&mut tx, &workers).await?;
     // Endpoints of serve attempts that are current: readiness releases their consumers.
     let current: HashSet<(Uuid, i32)> = alive.iter().map(|a| (a.0, a.1)).collect();
     let reported: Vec<&store::endpoints::NewEndpoint> = beats

@@ -59,9 +59,9 @@ enum Command {
         /// Write the bound HTTP address here once listening.
         #[arg(long)]
         http_addr_file: Option<PathBuf>,
-        /// How long a checked token is trusted before it is looked up again: a revoked token
-        /// stops working within this time.
-        #[arg(long, default_value_t = 5000)]
+        /// How long a checked token is trusted before it is looked up again. A revocation
+        /// reaches running controllers at once (a notification); this bounds it otherwise.
+        #[arg(long, default_value_t = 60000)]
         token_cache_ttl_ms: u32,
         /// At shutdown (SIGTERM, SIGINT), how long open requests and streams get to finish.
         #[arg(long, default_value_t = 5000)]

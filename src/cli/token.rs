@@ -22,8 +22,8 @@ pub(super) enum TokenCommand {
         #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
         database_url: String,
     },
-    /// Revoke tokens by id or name. Running controllers refuse them within their token cache
-    /// time (`--token-cache-ttl-ms`, 5 s by default).
+    /// Revoke tokens by id or name. Running controllers refuse them at once (they are
+    /// notified), at the latest after their token cache time (`--token-cache-ttl-ms`, 60 s).
     Revoke {
         /// A token id, or a name (every unrevoked token of that name).
         token: String,

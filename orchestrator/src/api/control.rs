@@ -177,9 +177,17 @@ impl ControlService for ControlApi {
         // A worker silent for three lease periods is shown offline, whichever controller it
         // was connected to.
         let stale_after_ms = 3 * self.ctl.config.lease_ttl_ms as i64;
-        let rows = store::workers::list(&mut conn, stale_after_ms)
+        let mut rows = store::workers::list(&mut conn, stale_after_ms)
             .await
             .map_err(Error::from)?;
+        // This controller's own workers: their heartbeats, from memory.
+        for w in &mut rows {
+            if let Some((age_s, connected)) = self.ctl.registry.liveness(w.id) {
+                w.heartbeat_age_s = age_s;
+                let online = connected && age_s * 1000.0 < stale_after_ms as f64;
+                w.status = if online { "online" } else { "offline" }.into();
+            }
+        }
         Ok(Response::new(ListWorkersResponse {
             workers: rows.into_iter().map(convert::worker).collect(),
         }))

@@ -248,6 +248,7 @@ impl WorkerService for WorkerApi {
                     gpu_count: caps.gpu_count as i32,
                     labels,
                     slots: slots as i32,
+                    controller_id: store::instance_id(),
                 },
             )
             .await
@@ -325,6 +326,12 @@ impl WorkerService for WorkerApi {
             limits::text("tasks[].external_job", &t.external_job, MAX_TEXT_BYTES)?;
         }
         self.check_owner(worker_id, &who).await?;
+        // Liveness stays in memory; only what a beat says about tasks goes to Postgres, so an
+        // idle worker's heartbeat writes nothing.
+        self.ctl.registry.touch(worker_id);
+        if r.tasks.is_empty() {
+            return Ok(Response::new(HeartbeatResponse { tasks: Vec::new() }));
+        }
         let mut beats = Vec::with_capacity(r.tasks.len());
         for t in r.tasks {
             let id = parse_id("tasks[].task_id", &t.task_id)?;

@@ -7,6 +7,7 @@ pub mod api_tokens;
 pub mod artifacts;
 pub mod attempts;
 pub mod campaigns;
+pub mod controllers;
 pub mod endpoints;
 pub mod events;
 pub mod pools;
@@ -27,11 +28,30 @@ pub use sqlx::PgConnection;
 /// Embedded migrations from the workspace's `migrations/` folder.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
+/// This process's id among the controllers sharing the database (`controllers.id`).
+pub fn instance_id() -> uuid::Uuid {
+    static ID: std::sync::OnceLock<uuid::Uuid> = std::sync::OnceLock::new();
+    *ID.get_or_init(uuid::Uuid::new_v4)
+}
+
+/// The `application_name` of this process's connections: the wake-up notifications its
+/// writes cause carry it, so that it can tell them from other controllers'.
+pub fn application_name() -> String {
+    format!("flywheel-{}", instance_id())
+}
+
 /// Opens a pool. Statement logging is off: the hot paths run thousands of statements a second.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error> {
-    let options: PgConnectOptions = url.parse::<PgConnectOptions>()?.disable_statement_logging();
+    let options: PgConnectOptions = url
+        .parse::<PgConnectOptions>()?
+        .disable_statement_logging()
+        .application_name(&application_name());
     PgPoolOptions::new()
         .max_connections(max_connections)
+        // No ping before each use: it is a round trip (and a transaction in the statistics) on
+        // every acquire; a connection that broke fails its first statement instead, which
+        // every caller handles.
+        .test_before_acquire(false)
         // Short, so that an unreachable database shows within seconds (health, reaper).
         .acquire_timeout(Duration::from_secs(3))
         .connect_with(options)

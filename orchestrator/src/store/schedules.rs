@@ -102,6 +102,13 @@ pub async fn due(conn: &mut PgConnection, now: DateTime<Utc>) -> Result<Vec<Uuid
     .await
 }
 
+/// When the next active schedule fires.
+pub async fn next_fire_at(conn: &mut PgConnection) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar("SELECT min(next_fire_at) FROM schedules WHERE status = 'active'")
+        .fetch_one(conn)
+        .await
+}
+
 /// Locks a schedule for this transaction, or `None` if another controller holds it (it is
 /// firing it now) or it no longer exists.
 pub async fn lock_skip_locked(

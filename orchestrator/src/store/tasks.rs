@@ -362,6 +362,29 @@ pub async fn expire_leases(conn: &mut PgConnection) -> Result<Vec<SettledRow>, s
     sqlx::query_as(AssertSqlSafe(sql)).fetch_all(conn).await
 }
 
+/// When the earliest running lease expires (the reaper's next look).
+pub async fn next_lease_expiry(
+    conn: &mut PgConnection,
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar("SELECT min(lease_expires_at) FROM tasks WHERE state = 'running'")
+        .fetch_one(conn)
+        .await
+}
+
+/// When the next queued task of these pools that is waiting out a backoff becomes claimable.
+pub async fn next_claimable(
+    conn: &mut PgConnection,
+    pools: &[&str],
+) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT min(next_run_at) FROM tasks
+         WHERE state = 'queued' AND pool = ANY($1) AND next_run_at > now()",
+    )
+    .bind(pools)
+    .fetch_one(conn)
+    .await
+}
+
 /// Gives every running lease at least `ttl_ms` from now: after a controller restart, live
 /// workers get one lease period to reconnect before their tasks are reclaimed.
 pub async fn extend_all_leases(conn: &mut PgConnection, ttl_ms: i64) -> Result<u64, sqlx::Error> {
