@@ -2,12 +2,18 @@
 //! tasks through the full lifecycle (claim → assignment over the stream → heartbeat → complete)
 //! against a controller on loopback and the local Postgres.
 //!
-//! Prints tasks/s, dispatch latency (slot freed → next assignment received, under load; and
-//! task committed → assignment received, at low load) and Postgres transactions per task from
-//! `pg_stat_database`.
+//! Prints tasks/s, dispatch latency (claim → assignment received, under load; task committed →
+//! assignment received, at low load), stage handoff latency (a stage's last shard committed →
+//! its successor's first assignment received; idle, and while another campaign drains) and
+//! Postgres transactions per task from `pg_stat_database`.
 //!
-//! `cargo bench --bench dispatch -- [--workers N] [--slots S] [--tasks M]`; needs DATABASE_URL
-//! (an admin connection) or a server on 127.0.0.1:5432.
+//! With `--peer graphile`, each run is followed by graphile-worker 0.18's drain of as many
+//! no-op jobs with its "fast" preset against the same Postgres (installed from npm into
+//! `target/bench-peer/` with the machine's Node on first use; `benches/peer/graphile_drain.js`),
+//! and the ratio is printed. `--runs R` interleaves R runs of each.
+//!
+//! `cargo bench --bench dispatch -- [--workers N] [--slots S] [--tasks M] [--runs R]
+//! [--peer graphile]`; needs DATABASE_URL (an admin connection) or a server on 127.0.0.1:5432.
 
 mod common;
 
@@ -24,16 +30,30 @@ use sqlx::{Connection, PgConnection};
 use tokio::sync::mpsc;
 
 fn spec(tasks: usize) -> String {
+    campaign(
+        "bench",
+        &format!("    - {{ name: noop, kind: custom, shards: {tasks} }}\n"),
+    )
+}
+
+/// Two one-shard stages, the second needing the first, on the `chain` pool's own worker.
+fn chain_spec() -> String {
+    campaign(
+        "chain",
+        "    - { name: a, kind: custom }\n    - { name: b, kind: custom, needs: [a] }\n",
+    )
+}
+
+fn campaign(pool: &str, stages: &str) -> String {
     format!(
         "apiVersion: flywheel/v1
 name: dispatch-bench
 models: {{ generator: {{ uri: \"none://g\" }}, base: {{ uri: \"none://b\" }}, reward: {{ uri: \"none://r\" }} }}
 rounds: 1
-defaults: {{ pool: bench, backend: noop }}
+defaults: {{ pool: {pool}, backend: noop }}
 recipe:
   stages:
-    - {{ name: noop, kind: custom, shards: {tasks} }}
-"
+{stages}"
     )
 }
 
@@ -60,6 +80,7 @@ async fn xacts(url: &str, db: &str) -> (i64, i64) {
 async fn worker(
     addr: String,
     token: String,
+    pool: &'static str,
     slots: u32,
     receipts: Arc<Mutex<Vec<(String, SystemTime)>>>,
     received: mpsc::UnboundedSender<Instant>,
@@ -72,7 +93,7 @@ async fn worker(
             worker_id: id.clone(),
             name: "bench".into(),
             capabilities: Some(Capabilities {
-                pool: "bench".into(),
+                pool: pool.into(),
                 backends: vec!["noop".into()],
                 ..Default::default()
             }),
@@ -118,23 +139,99 @@ async fn worker(
     }
 }
 
-#[tokio::main]
-async fn main() {
-    let workers = arg("--workers", 8);
-    let slots = arg("--slots", 64) as u32;
-    let tasks = arg("--tasks", 20_000);
-    let admin_url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let db = format!("fw_bench_{}", uuid::Uuid::new_v4().simple());
-    let mut admin = PgConnection::connect(&admin_url)
-        .await
-        .expect("connect to Postgres (DATABASE_URL)");
+/// What one Flywheel run measured.
+struct Run {
+    tasks_per_s: f64,
+    enqueue_ms: f64,
+    claim_to_receipt: [Duration; 2],
+    low_load: [Duration; 2],
+    handoff_idle: [Duration; 2],
+    handoff_load: [Duration; 2],
+    /// Handoffs measured under load that finished while the other campaign still drained.
+    handoffs_under_load: usize,
+    xacts_per_task: f64,
+}
+
+fn p50_p99(mut v: Vec<Duration>) -> [Duration; 2] {
+    v.sort();
+    [percentile(&v, 0.5), percentile(&v, 0.99)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+async fn fresh_database(
+    admin: &mut PgConnection,
+    admin_url: &str,
+    prefix: &str,
+) -> (String, String) {
+    let db = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}")))
-        .execute(&mut admin)
+        .execute(&mut *admin)
         .await
         .unwrap();
     let url = format!("{}/{db}", admin_url.rsplit_once('/').unwrap().0);
+    (db, url)
+}
 
+async fn drop_database(admin: &mut PgConnection, db: &str) {
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+    )))
+    .execute(admin)
+    .await;
+}
+
+async fn wait_succeeded(control: &mut ControlClient, id: &str) {
+    loop {
+        let c = control
+            .get_campaign(id.to_string())
+            .await
+            .unwrap()
+            .campaign
+            .unwrap();
+        if c.status == "succeeded" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Stage `a`'s last shard committed (its `finished_at`, set in the committing transaction) →
+/// stage `b`'s assignment received by the worker.
+async fn handoff(
+    conn: &mut PgConnection,
+    campaign: &str,
+    receipts: &Mutex<Vec<(String, SystemTime)>>,
+) -> Duration {
+    let (done, b): (chrono::DateTime<chrono::Utc>, String) = sqlx::query_as(
+        "SELECT (SELECT max(finished_at) FROM tasks WHERE campaign_id = $1::uuid AND stage = 'a'),
+                (SELECT id::text FROM tasks WHERE campaign_id = $1::uuid AND stage = 'b')",
+    )
+    .bind(campaign)
+    .fetch_one(conn)
+    .await
+    .unwrap();
+    let received = receipts
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(id, _)| *id == b)
+        .map(|(_, at)| *at)
+        .expect("b's assignment was received");
+    let received: chrono::DateTime<chrono::Utc> = received.into();
+    (received - done).to_std().unwrap_or_default()
+}
+
+async fn flywheel_run(
+    admin: &mut PgConnection,
+    admin_url: &str,
+    workers: usize,
+    slots: u32,
+    tasks: usize,
+) -> Run {
+    let (db, url) = fresh_database(admin, admin_url, "fw_bench").await;
     let pool = store::connect(&url, 8).await.unwrap();
     store::migrate(&pool).await.unwrap();
     let admin_token = auth::create_token(&pool, "bench-admin", auth::Scope::Admin)
@@ -158,16 +255,26 @@ async fn main() {
 
     let receipts = Arc::new(Mutex::new(Vec::new()));
     let (rx_tx, mut rx) = mpsc::unbounded_channel();
+    let (chain_tx, _chain_rx) = mpsc::unbounded_channel();
     let mut worker_tasks = Vec::new();
     for _ in 0..workers {
         worker_tasks.push(tokio::spawn(worker(
             addr.clone(),
             worker_token.clone(),
+            "bench",
             slots,
             receipts.clone(),
             rx_tx.clone(),
         )));
     }
+    worker_tasks.push(tokio::spawn(worker(
+        addr.clone(),
+        worker_token.clone(),
+        "chain",
+        4,
+        receipts.clone(),
+        chain_tx,
+    )));
     let mut control = ControlClient::connect(&addr, &admin_token).await.unwrap();
     // Let the workers connect before the work arrives.
     while control
@@ -177,7 +284,7 @@ async fn main() {
         .iter()
         .filter(|w| w.status == "online")
         .count()
-        < workers
+        < workers + 1
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -191,22 +298,11 @@ async fn main() {
     for _ in 0..tasks {
         rx.recv().await.unwrap();
     }
-    loop {
-        let c = control
-            .get_campaign(campaign.id.clone())
-            .await
-            .unwrap()
-            .campaign
-            .unwrap();
-        if c.status == "succeeded" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_succeeded(&mut control, &campaign.id).await;
     let elapsed = drain.elapsed();
     let after = xacts(&url, &db).await;
     // Claim (the claiming transaction's start, tasks.started_at) to receipt by the worker.
-    let receipts = std::mem::take(&mut *receipts.lock().unwrap());
+    let taken = std::mem::take(&mut *receipts.lock().unwrap());
     let mut conn = PgConnection::connect(&url).await.unwrap();
     let claimed: std::collections::HashMap<String, chrono::DateTime<chrono::Utc>> =
         sqlx::query_as::<_, (String, chrono::DateTime<chrono::Utc>)>(
@@ -217,14 +313,13 @@ async fn main() {
         .unwrap()
         .into_iter()
         .collect();
-    let mut lat: Vec<Duration> = receipts
+    let lat: Vec<Duration> = taken
         .iter()
         .filter_map(|(id, at)| {
             let at: chrono::DateTime<chrono::Utc> = (*at).into();
             (at - *claimed.get(id)?).to_std().ok()
         })
         .collect();
-    lat.sort();
 
     // Phase 2: latency at low load, one task at a time.
     let samples = 50;
@@ -235,47 +330,198 @@ async fn main() {
         let got = rx.recv().await.unwrap();
         low.push(got.saturating_duration_since(committed));
     }
-    low.sort();
+
+    // Phase 3: stage handoffs, idle and while another campaign of `tasks` drains.
+    let chains = 20;
+    let mut idle = Vec::new();
+    for _ in 0..chains {
+        let c = control.create_campaign(chain_spec()).await.unwrap();
+        wait_succeeded(&mut control, &c.id).await;
+        idle.push(handoff(&mut conn, &c.id, &receipts).await);
+    }
+    let background = control.create_campaign(spec(tasks)).await.unwrap();
+    let mut loaded = Vec::new();
+    let mut under_load = 0;
+    for _ in 0..chains {
+        let c = control.create_campaign(chain_spec()).await.unwrap();
+        wait_succeeded(&mut control, &c.id).await;
+        loaded.push(handoff(&mut conn, &c.id, &receipts).await);
+        let bg = control
+            .get_campaign(background.id.clone())
+            .await
+            .unwrap()
+            .campaign
+            .unwrap();
+        under_load += usize::from(bg.status != "succeeded");
+    }
+    wait_succeeded(&mut control, &background.id).await;
 
     let commits = (after.0 - before.0) as f64;
     let rollbacks = (after.1 - before.1) as f64;
-    println!(
-        "dispatch benchmark: {workers} workers x {slots} slots over gRPC, {tasks} no-op tasks"
-    );
-    println!(
-        "  enqueue (CreateCampaign with {tasks} tasks): {:.0} ms",
-        enqueued.as_secs_f64() * 1e3
-    );
-    println!(
-        "  drain: {:.2} s  ->  {:.0} tasks/s (claim, assignment, heartbeat, complete)",
-        elapsed.as_secs_f64(),
-        tasks as f64 / elapsed.as_secs_f64()
-    );
-    println!(
-        "  dispatch latency under load (claim transaction -> assignment received): p50 {:.2} ms, p99 {:.2} ms",
-        percentile(&lat, 0.5).as_secs_f64() * 1e3,
-        percentile(&lat, 0.99).as_secs_f64() * 1e3
-    );
-    println!(
-        "  dispatch latency at low load (task committed -> assignment received, {samples} samples): p50 {:.2} ms, p99 {:.2} ms",
-        percentile(&low, 0.5).as_secs_f64() * 1e3,
-        percentile(&low, 0.99).as_secs_f64() * 1e3
-    );
-    println!(
-        "  postgres transactions: {commits:.0} commits + {rollbacks:.0} rollbacks = {:.3} per task (all controller traffic, incl. planner ticks)",
-        (commits + rollbacks) / tasks as f64
-    );
-
     for w in worker_tasks {
         w.abort();
     }
     let _ = stop_tx.send(());
     let _ = server.await;
     pool.close().await;
-    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await;
+    drop(conn);
+    drop_database(admin, &db).await;
     let _ = std::fs::remove_dir_all(dir);
+    Run {
+        tasks_per_s: tasks as f64 / elapsed.as_secs_f64(),
+        enqueue_ms: ms(enqueued),
+        claim_to_receipt: p50_p99(lat),
+        low_load: p50_p99(low),
+        handoff_idle: p50_p99(idle),
+        handoff_load: p50_p99(loaded),
+        handoffs_under_load: under_load,
+        xacts_per_task: (commits + rollbacks) / tasks as f64,
+    }
+}
+
+const GRAPHILE_WORKER: &str = "0.18.0";
+
+/// Installs graphile-worker into a scratch folder under `target/` (once) and returns it.
+fn graphile_install() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/bench-peer")
+        .join(format!("graphile-worker-{GRAPHILE_WORKER}"));
+    if dir.join("node_modules/graphile-worker").exists() {
+        return dir;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    eprintln!(
+        "installing graphile-worker {GRAPHILE_WORKER} from npm into {} ...",
+        dir.display()
+    );
+    let status = std::process::Command::new("npm")
+        .args([
+            "install",
+            "--no-audit",
+            "--no-fund",
+            "--loglevel=error",
+            "--prefix",
+        ])
+        .arg(&dir)
+        .arg(format!("graphile-worker@{GRAPHILE_WORKER}"))
+        .status()
+        .expect("npm is missing: install Node.js and npm (Debian: nodejs npm) for --peer graphile");
+    assert!(
+        status.success(),
+        "npm install graphile-worker@{GRAPHILE_WORKER} failed"
+    );
+    dir
+}
+
+/// graphile-worker's drain of `jobs` no-op jobs on a fresh database: jobs/s.
+async fn graphile_run(
+    admin: &mut PgConnection,
+    admin_url: &str,
+    install: &std::path::Path,
+    jobs: usize,
+) -> f64 {
+    let (db, url) = fresh_database(admin, admin_url, "gw_bench").await;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peer/graphile_drain.js");
+    let out = std::process::Command::new("node")
+        .arg(&script)
+        .arg(&url)
+        .arg(jobs.to_string())
+        .env("NODE_PATH", install.join("node_modules"))
+        .env("GRAPHILE_WORKER_VERSION", GRAPHILE_WORKER)
+        .output()
+        .expect("node is missing: install Node.js for --peer graphile");
+    drop_database(admin, &db).await;
+    assert!(
+        out.status.success(),
+        "graphile-worker drain failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("graphile-worker drain printed {line:?}: {e}"));
+    v["jobs_per_s"].as_f64().unwrap()
+}
+
+#[tokio::main]
+async fn main() {
+    let workers = arg("--workers", 8);
+    let slots = arg("--slots", 64) as u32;
+    let tasks = arg("--tasks", 20_000);
+    let runs = arg("--runs", 1).max(1);
+    let args: Vec<String> = std::env::args().collect();
+    let peer = args
+        .iter()
+        .position(|a| a == "--peer")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    if let Some(p) = &peer {
+        assert_eq!(p, "graphile", "--peer takes graphile");
+    }
+    let admin_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let mut admin = PgConnection::connect(&admin_url)
+        .await
+        .expect("connect to Postgres (DATABASE_URL)");
+    let install = peer.as_ref().map(|_| graphile_install());
+
+    println!(
+        "dispatch benchmark: {workers} workers x {slots} slots over gRPC, {tasks} no-op tasks, {runs} run(s)"
+    );
+    let mut ratios = Vec::new();
+    for run in 1..=runs {
+        let r = flywheel_run(&mut admin, &admin_url, workers, slots, tasks).await;
+        println!("run {run}:");
+        println!(
+            "  enqueue (CreateCampaign with {tasks} tasks): {:.0} ms",
+            r.enqueue_ms
+        );
+        println!(
+            "  drain: {:.0} tasks/s (claim, assignment, heartbeat, complete)",
+            r.tasks_per_s
+        );
+        println!(
+            "  dispatch latency under load (claim transaction -> assignment received): p50 {:.2} ms, p99 {:.2} ms",
+            ms(r.claim_to_receipt[0]),
+            ms(r.claim_to_receipt[1])
+        );
+        println!(
+            "  dispatch latency at low load (task committed -> assignment received): p50 {:.2} ms, p99 {:.2} ms",
+            ms(r.low_load[0]),
+            ms(r.low_load[1])
+        );
+        println!(
+            "  stage handoff idle (last shard committed -> successor's assignment received): p50 {:.2} ms, p99 {:.2} ms",
+            ms(r.handoff_idle[0]),
+            ms(r.handoff_idle[1])
+        );
+        println!(
+            "  stage handoff under load ({} of 20 while {tasks} other tasks drained): p50 {:.2} ms, p99 {:.2} ms",
+            r.handoffs_under_load,
+            ms(r.handoff_load[0]),
+            ms(r.handoff_load[1])
+        );
+        println!(
+            "  postgres transactions: {:.3} per task (all controller traffic during the drain)",
+            r.xacts_per_task
+        );
+        if let Some(dir) = &install {
+            let g = graphile_run(&mut admin, &admin_url, dir, tasks).await;
+            let ratio = r.tasks_per_s / g;
+            ratios.push(ratio);
+            println!(
+                "  graphile-worker {GRAPHILE_WORKER} fast preset: {g:.0} jobs/s  ->  Flywheel / graphile-worker = {ratio:.2}x"
+            );
+        }
+    }
+    if !ratios.is_empty() {
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "ratio over {} run(s): min {:.2}x, median {:.2}x, max {:.2}x",
+            ratios.len(),
+            ratios[0],
+            ratios[ratios.len() / 2],
+            ratios[ratios.len() - 1]
+        );
+    }
 }
