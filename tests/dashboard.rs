@@ -450,8 +450,28 @@ async fn the_dashboard_shows_a_running_campaign_live_in_chromium() {
         .await
         .unwrap();
     assert!(charts.len() >= 4, "{} charts", charts.len());
+    // Dataset sizes of very different magnitudes on a log axis, with short axis labels; rounds
+    // numbered from 1, as in the CLI and the demo's summary.
+    let sizes = css(&client, "#charts .chart[data-title=\"Dataset sizes\"]").await;
+    assert_eq!(
+        sizes.attr("data-scale").await.unwrap().as_deref(),
+        Some("log")
+    );
+    let labels = client
+        .execute(
+            "return [compact(20000), compact(1800), compact(1500000), compact(0.25)]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(labels, serde_json::json!(["20k", "1.8k", "1.5M", "0.25"]));
+    let timeline = css(&client, "#rounds").await.text().await.unwrap();
+    assert!(
+        timeline.contains("Round 1") && !timeline.contains("Round 0"),
+        "{timeline}"
+    );
     let lineage = css(&client, "#lineage").await.text().await.unwrap();
-    assert!(lineage.contains("promoted after round 0"), "{lineage}");
+    assert!(lineage.contains("promoted after round 1"), "{lineage}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&dir).unwrap();
     let png = client.screenshot().await.unwrap();

@@ -155,10 +155,9 @@ async fn a_training_stage_runs_as_a_slurm_job_followed_to_completion() {
         Some(job_id as f64),
         "{metrics}"
     );
-    assert!(
-        metrics["slurm_wait_s"].as_f64().unwrap() >= 0.0,
-        "{metrics}"
-    );
+    let waited = metrics["slurm_wait_s"].as_f64().unwrap();
+    assert!(waited >= 0.0, "{metrics}");
+    eprintln!("slurm job {job_id}: {waited:.2} s from sbatch to RUNNING");
     // ... and recorded on the attempt, in the task's detail too.
     let want = format!("slurm:{job_id}");
     assert_eq!(attempt_jobs(&c, &task.id).await, [(1, Some(want.clone()))]);

@@ -206,7 +206,7 @@ async function renderCampaign(id) {
     `<h2>Rounds</h2><div class="timeline">${rounds
       .map(
         (r) => `<div class="round" data-index="${r.index}" data-status="${esc(r.status)}">
-          <b>Round ${r.index}</b> ${badge(r.status)} ${r.decision ? badge(r.decision) : ""}
+          <b>Round ${r.index + 1}</b> ${badge(r.status)} ${r.decision ? badge(r.decision) : ""}
           <div class="muted">${time(r.started_at)} · ${fmtSecs(secs(r.started_at, r.finished_at))}</div>
           <div class="muted" title="${esc(r.decision_reason)}">${esc(r.decision_reason).slice(0, 80)}</div></div>`,
       )
@@ -214,7 +214,7 @@ async function renderCampaign(id) {
   );
   renderCharts(rounds);
   const current = rounds[rounds.length - 1];
-  section("dag", current ? `<h2>Round ${current.index}: stages</h2>${dagSvg(current)}${stageTable(current, admin)}` : "");
+  section("dag", current ? `<h2>Round ${current.index + 1}: stages</h2>${dagSvg(current)}${stageTable(current, admin)}` : "");
   section("lineage", lineage(rounds, artifacts));
   section(
     "events",
@@ -235,7 +235,8 @@ function renderCharts(rounds) {
   const charts = [
     { title: "Accuracy and win rate", keys: pick(/\.(accuracy|win_rate)$/) },
     { title: "Mean reward", keys: pick(/\.mean_reward$/) },
-    { title: "Dataset sizes", keys: sizes },
+    // 24,000 responses and 1,800 SFT records: a log axis keeps the small series readable.
+    { title: "Dataset sizes", keys: sizes, log: true },
     // synthesize_prompts on openai: prompts kept per pipeline, and what each step removed.
     { title: "Synthetic prompts by pipeline", keys: pick(/\.prompts_[a-z_]+$/) },
     { title: "Prompts removed", keys: pick(/\.(removed_exact|removed_near|removed_earlier_round|removed_contaminated|conversion_failures)$/) },
@@ -246,12 +247,13 @@ function renderCharts(rounds) {
   const el = section("charts", `<h2>Per round</h2><div class="cards" id="chart-cards"></div>`);
   const cards = $("#chart-cards", el);
   cards.innerHTML = "";
-  const xs = settled.map((r) => r.index);
+  // Rounds count from 1 here as in the CLI and the demo's summary.
+  const xs = settled.map((r) => r.index + 1);
   for (const ch of charts) {
     if (!ch.keys.length || !xs.length) continue;
-    plot(cards, ch.title, xs, ch.keys.map((k) => ({ label: k, values: settled.map((r) => r.metrics[k] ?? null) })));
+    plot(cards, ch.title, xs, ch.keys.map((k) => ({ label: k, values: settled.map((r) => r.metrics[k] ?? null) })), { log: ch.log });
   }
-  const rx = rounds.map((r) => r.index);
+  const rx = rounds.map((r) => r.index + 1);
   plot(
     cards,
     "Stage durations (s)",
@@ -260,21 +262,37 @@ function renderCharts(rounds) {
   );
 }
 
-function plot(parent, title, xs, series) {
+// 20000 -> "20k", 1500000 -> "1.5M", 0.25 -> "0.25": short enough for the axis.
+function compact(v) {
+  if (v == null) return "";
+  const a = Math.abs(v);
+  const cut = (x) => String(Number(x.toFixed(1)));
+  if (a >= 1e6) return `${cut(v / 1e6)}M`;
+  if (a >= 1e3) return `${cut(v / 1e3)}k`;
+  return String(Number(v.toFixed(2)));
+}
+
+function plot(parent, title, xs, series, { log = false } = {}) {
   const card = document.createElement("div");
   card.className = "card chart";
   card.dataset.title = title;
+  card.dataset.scale = log ? "log" : "linear";
   card.innerHTML = `<h3>${esc(title)}</h3>`;
   parent.appendChild(card);
   const width = Math.max(360, card.clientWidth - 20);
+  // A log axis cannot show 0: such points are left out rather than drawn at a false value.
+  const values = series.map((s) => (log ? s.values.map((v) => (v > 0 ? v : null)) : s.values));
   const opts = {
     width,
     height: 220,
-    scales: { x: { time: false } },
-    axes: [{ label: "round", values: (u, ticks) => ticks.map((t) => (Number.isInteger(t) ? t : "")) }, {}],
+    scales: { x: { time: false }, y: log ? { distr: 3, log: 10 } : {} },
+    axes: [
+      { label: "round", values: (u, ticks) => ticks.map((t) => (Number.isInteger(t) ? t : "")) },
+      { size: 56, values: (u, ticks) => ticks.map(compact) },
+    ],
     series: [{ label: "round" }, ...series.map((s, i) => ({ label: s.label, stroke: COLORS[i % COLORS.length], width: 2, points: { show: true, size: 6 } }))],
   };
-  new uPlot(opts, [xs, ...series.map((s) => s.values)], card);
+  new uPlot(opts, [xs, ...values], card);
 }
 
 // The round's stage DAG: columns by depth (longest chain of needs), edges from each need.
@@ -328,13 +346,13 @@ function stageTable(round, admin) {
 // Which model generated which data, trained from what, promoted when.
 function lineage(rounds, artifacts) {
   const byId = Object.fromEntries(artifacts.map((a) => [a.id, a]));
-  const name = (id) => (byId[id] ? `${esc(byId[id].name)}${byId[id].round_index >= 0 && byId[id].producer_stage ? ` <span class="muted">r${byId[id].round_index}</span>` : ""}` : short(id));
+  const name = (id) => (byId[id] ? `${esc(byId[id].name)}${byId[id].round_index >= 0 && byId[id].producer_stage ? ` <span class="muted">r${byId[id].round_index + 1}</span>` : ""}` : short(id));
   const promoted = Object.fromEntries(rounds.filter((r) => r.decision && r.trained_model_id).map((r) => [r.trained_model_id, r]));
   const generatorOf = Object.fromEntries(rounds.map((r) => [r.index, r.generator_id]));
   const rows = artifacts.map((a) => {
     const p = promoted[a.id];
-    const verdict = p ? `${badge(p.decision)} after round ${p.index}` : a.producer_stage ? "" : '<span class="muted">starting model</span>';
-    return `<tr data-kind="${esc(a.kind)}"><td>${a.producer_stage ? a.round_index : "-"}</td><td>${esc(a.kind)}</td><td>${esc(a.name)}</td>
+    const verdict = p ? `${badge(p.decision)} after round ${p.index + 1}` : a.producer_stage ? "" : '<span class="muted">starting model</span>';
+    return `<tr data-kind="${esc(a.kind)}"><td>${a.producer_stage ? a.round_index + 1 : "-"}</td><td>${esc(a.kind)}</td><td>${esc(a.name)}</td>
       <td>${esc(a.producer_stage || "-")}</td><td>${a.parent_ids.map(name).join(", ") || "-"}</td>
       <td>${a.generator_id ? name(a.generator_id) : a.producer_stage ? name(generatorOf[a.round_index]) : "-"}</td>
       <td>${verdict}</td><td class="mono" title="${esc(a.uri)}">${esc(a.content_hash).slice(0, 19)}</td></tr>`;
@@ -367,7 +385,7 @@ async function renderTask(id) {
   section(
     "head",
     `<h1>Task ${esc(d.stage)} shard ${t.shard_index + 1}/${t.shard_count} ${badge(t.state)}</h1>
-     <p class="muted">round ${d.round_index} of <a href="#/campaign/${esc(d.campaign_id)}">campaign ${short(d.campaign_id)}</a> ·
+     <p class="muted">round ${d.round_index + 1} of <a href="#/campaign/${esc(d.campaign_id)}">campaign ${short(d.campaign_id)}</a> ·
      ${esc(d.kind)} on pool ${esc(d.pool)} (backend ${esc(d.backend)}) · attempt ${t.attempt} of ${t.max_attempts}</p>
      <div class="progress" style="max-width:400px"><div style="width:${Math.round(100 * t.progress)}%"></div></div>
      <p>${esc(t.progress_message)}</p><p class="error">${esc(t.last_error)}</p><p id="view-error" class="error"></p>`,

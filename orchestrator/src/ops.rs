@@ -356,14 +356,14 @@ pub(crate) async fn retry_stage(
         .ok_or_else(|| {
             Error::invalid(
                 "round_index",
-                format!("campaign has no round {round_index}"),
+                format!("campaign has no round {}", round_index + 1),
             )
         })?;
     let stage_tasks = store::tasks::ids_of_stage(&mut tx, round.id, stage).await?;
     if stage_tasks.is_empty() {
         return Err(Error::invalid(
             "stage",
-            format!("round {round_index} has no stage {stage:?}"),
+            format!("round {} has no stage {stage:?}", round_index + 1),
         ));
     }
     if !stage_tasks
@@ -371,7 +371,8 @@ pub(crate) async fn retry_stage(
         .any(|(_, s)| matches!(s, TaskState::Failed | TaskState::Cancelled))
     {
         return Err(Error::FailedPrecondition(format!(
-            "stage {stage:?} of round {round_index} has no failed or cancelled task to retry"
+            "stage {stage:?} of round {} has no failed or cancelled task to retry",
+            round_index + 1
         )));
     }
     // The stage's unfinished shards and everything downstream of them; finished shards and
@@ -395,7 +396,8 @@ pub(crate) async fn retry_stage(
         id,
         "stage_retried",
         format!(
-            "stage {stage:?} of round {round_index} retried: {} task(s) will run again",
+            "stage {stage:?} of round {} retried: {} task(s) will run again",
+            round_index + 1,
             reset.len()
         ),
         actor,

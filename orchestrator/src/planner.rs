@@ -84,7 +84,7 @@ pub(crate) async fn plan_round(
             campaign_id: Some(campaign_id),
             task_id: None,
             kind: "round_planned",
-            message: format!("round {round_index} planned: {} tasks", tasks.len()),
+            message: format!("round {} planned: {} tasks", round_index + 1, tasks.len()),
             actor: SYSTEM_ACTOR.into(),
             data: json!({ "round": round_index, "generator_id": generator_id, "tasks": tasks.len() }),
         },
@@ -230,7 +230,7 @@ async fn run_promotion(ctl: &Controller, task_id: Uuid) -> Result<bool> {
             campaign_id: Some(campaign.id),
             task_id: Some(task.id),
             kind: if promoted { "round_promoted" } else { "round_rejected" },
-            message: format!("round {}: {reason}", round.round_index),
+            message: format!("round {}: {reason}", round.round_index + 1),
             actor: SYSTEM_ACTOR.into(),
             data: json!({ "round": round.round_index, "candidate_id": candidate, "metrics": metrics }),
         },
@@ -271,7 +271,7 @@ async fn finish_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
         campaign_id: Some(campaign.id),
         task_id: None,
         kind: "round_succeeded",
-        message: format!("round {} finished", round.round_index),
+        message: format!("round {} finished", round.round_index + 1),
         actor: SYSTEM_ACTOR.into(),
         data: json!({ "round": round.round_index, "metrics": metrics, "generator_id": generator }),
     }];
@@ -329,7 +329,10 @@ async fn fail_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
         kind: "round_failed",
         message: format!(
             "round {} failed: stage {} shard {} failed after {} attempt(s): {error}",
-            round.round_index, failed.stage, failed.shard_index, failed.attempt
+            round.round_index + 1,
+            failed.stage,
+            failed.shard_index,
+            failed.attempt
         ),
         actor: SYSTEM_ACTOR.into(),
         data: json!({ "round": round.round_index, "stage": failed.stage, "error": error }),
@@ -342,7 +345,8 @@ async fn fail_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
             kind: "campaign_failed",
             message: format!(
                 "campaign failed in round {} (stage {}); retry-stage can resume it",
-                round.round_index, failed.stage
+                round.round_index + 1,
+                failed.stage
             ),
             actor: SYSTEM_ACTOR.into(),
             data: json!({ "round": round.round_index, "stage": failed.stage }),

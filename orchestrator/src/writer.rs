@@ -242,7 +242,7 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
             campaign_id: Some(campaign_id),
             task_id: None,
             kind: "stage_succeeded",
-            message: format!("round {round_index}: stage {stage} succeeded"),
+            message: format!("round {}: stage {stage} succeeded", round_index + 1),
             actor: crate::planner::SYSTEM_ACTOR.into(),
             data: json!({ "round": round_index, "stage": stage }),
         });

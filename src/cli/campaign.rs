@@ -63,7 +63,8 @@ pub(super) enum CampaignCommand {
     /// Re-run a failed stage of a round and everything downstream of it.
     RetryStage {
         id: String,
-        #[arg(long)]
+        /// The round, counting from 1 as everywhere it is shown.
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
         round: i32,
         #[arg(long)]
         stage: String,
@@ -160,7 +161,10 @@ pub(super) async fn run(command: CampaignCommand) -> Result<()> {
             for r in d.rounds {
                 println!(
                     "\nround {}: {} {} {}",
-                    r.index, r.status, r.decision, r.decision_reason
+                    r.index + 1,
+                    r.status,
+                    r.decision,
+                    r.decision_reason
                 );
                 let mut metrics: Vec<_> = r.metrics.iter().collect();
                 metrics.sort_by(|a, b| a.0.cmp(b.0));
@@ -198,7 +202,7 @@ pub(super) async fn run(command: CampaignCommand) -> Result<()> {
                 for e in endpoints {
                     println!(
                         "  r{:<3} {:<10} attempt {:<2} {:<8} {} {} ({})",
-                        e.round_index,
+                        e.round_index + 1,
                         e.stage,
                         e.attempt,
                         e.state,
@@ -210,9 +214,15 @@ pub(super) async fn run(command: CampaignCommand) -> Result<()> {
             }
             println!("\nartifacts:");
             for a in artifacts {
+                // Rounds count from 1; a spec's starting models belong to none.
+                let round = if a.producer_stage.is_empty() {
+                    "-".to_string()
+                } else {
+                    (a.round_index + 1).to_string()
+                };
                 println!(
                     "  r{:<3} {:<8} {:<10} {:<10} {}",
-                    a.round_index, a.kind, a.name, a.producer_stage, a.uri
+                    round, a.kind, a.name, a.producer_stage, a.uri
                 );
             }
         }
@@ -235,7 +245,7 @@ pub(super) async fn run(command: CampaignCommand) -> Result<()> {
             let ids = c
                 .retry_stage(RetryStageRequest {
                     campaign_id: id,
-                    round_index: round,
+                    round_index: round - 1,
                     stage,
                 })
                 .await

@@ -412,6 +412,16 @@ fn metric(r: &Round, key: &str) -> f64 {
     r.metrics.get(key).copied().unwrap_or(f64::NAN)
 }
 
+/// An IFEval metric: from the `instructions` evaluation (held-out prompts that all carry an
+/// instruction) where the spec has one, else from `evaluate`.
+fn ifeval_metric(r: &Round, name: &str) -> f64 {
+    r.metrics
+        .get(&format!("instructions.{name}"))
+        .or_else(|| r.metrics.get(&format!("evaluate.{name}")))
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
 fn round_summary(r: &Round, artifacts: &[Artifact]) -> RoundSummary {
     // A spec's starting model is registered without a hash: hash its directory here.
     let hash_of = |id: &str| {
@@ -453,8 +463,8 @@ fn round_summary(r: &Round, artifacts: &[Artifact]) -> RoundSummary {
         mean_reward: metric(r, "evaluate.mean_reward"),
         generator_mean_reward: metric(r, "evaluate.generator_mean_reward"),
         win_rate_vs_generator: metric(r, "evaluate.win_rate"),
-        instruction_following: metric(r, "evaluate.ifeval_prompt_strict"),
-        generator_instruction_following: metric(r, "evaluate.generator_ifeval_prompt_strict"),
+        instruction_following: ifeval_metric(r, "ifeval_prompt_strict"),
+        generator_instruction_following: ifeval_metric(r, "generator_ifeval_prompt_strict"),
         prompts: metric(r, "prompts.prompts"),
         responses: metric(r, "generate.responses_total"),
         sft_records: metric(r, "filter.sft_records"),

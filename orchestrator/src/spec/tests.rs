@@ -439,6 +439,18 @@ fn endpoint_references_are_checked_at_submission() {
             .any(|p| p.starts_with("recipe.stages[8]: no stage names the endpoint \"candidate\"")),
         "{got:?}"
     );
+    // The builtin evaluation without a training stage among its needs has no model to judge.
+    let demo = include_str!("../../../examples/demo.yaml");
+    let got = problems(&demo.replace(
+        "      kind: evaluate\n      needs: [rpo]\n",
+        "      kind: evaluate\n      needs: [evaluate]\n",
+    ));
+    assert!(
+        got.iter().any(|p| p.starts_with(
+            "recipe.stages[7].needs: evaluate on builtin judges the model of an sft or preference stage it needs"
+        )),
+        "{got:?}"
+    );
     let got = problems(&SERVED.replace("needs: [rpo]", "needs: [heldout]"));
     assert!(
         got.iter().any(|p| p

@@ -518,6 +518,19 @@ impl Validator {
 
     fn recipe_shape(&mut self, stages: &[StageSpec]) {
         self.round_size(stages);
+        // The builtin evaluation judges the model a training stage it needs produced.
+        for (i, s) in stages.iter().enumerate() {
+            let trained = s
+                .needs
+                .iter()
+                .any(|n| stages.iter().any(|t| &t.name == n && t.kind.trains()));
+            if s.kind == StageKind::Evaluate && s.placement.backend == "builtin" && !trained {
+                self.problem(
+                    format!("recipe.stages[{i}].needs"),
+                    "evaluate on builtin judges the model of an sft or preference stage it needs; name one (e.g. needs: [rpo])",
+                );
+            }
+        }
         let promotes: Vec<_> = stages
             .iter()
             .enumerate()
