@@ -349,3 +349,88 @@ async fn health_and_reflection_answer_generic_clients() {
         "{names:?}"
     );
 }
+
+#[tokio::test]
+async fn a_campaign_stops_itself_on_a_plateau_with_its_reason() {
+    let mut c = Cluster::start().await;
+    c.add_worker("gpu-1", "gpu", &["--gpu-kind", "h100", "--gpu-count", "1"]);
+    c.add_worker("cpu-1", "cpu", &[]);
+    let spec = example_spec(&[(
+        "rounds: 2",
+        "rounds: 8\nstop_when: { metric: evaluate.accuracy, gain_below: 0.05, rounds: 2 }",
+    )]);
+    let campaign = c.create(&spec).await;
+    c.wait_status(&campaign.id, "succeeded", Duration::from_secs(180))
+        .await;
+    let rounds = c.rounds(&campaign.id).await;
+    let accuracy: Vec<f64> = rounds
+        .iter()
+        .map(|r| r.metrics["evaluate.accuracy"])
+        .collect();
+    // By hand: the first round whose own gain and its predecessor's are both below 0.05.
+    let stop = (2..accuracy.len())
+        .find(|&i| accuracy[i] - accuracy[i - 1] < 0.05 && accuracy[i - 1] - accuracy[i - 2] < 0.05)
+        .unwrap_or_else(|| panic!("no plateau in {accuracy:?}"));
+    eprintln!(
+        "accuracy by round: {accuracy:?}; stopped after round {}",
+        stop + 1
+    );
+    assert_eq!(rounds.len(), stop + 1, "accuracy by round: {accuracy:?}");
+    assert!(rounds.len() < 8, "{accuracy:?}");
+    let (kind, message): (String, String) = sqlx::query_as(
+        "SELECT kind, message FROM events WHERE campaign_id = $1::uuid
+         AND kind IN ('campaign_plateaued', 'campaign_succeeded')",
+    )
+    .bind(&campaign.id)
+    .fetch_one(&mut c.db.connect().await)
+    .await
+    .unwrap();
+    assert_eq!(kind, "campaign_plateaued");
+    assert!(
+        message.starts_with(&format!(
+            "campaign stopped after round {} of 8: evaluate.accuracy gained less than 0.05 in each of the last 2 round(s)",
+            stop + 1
+        )),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_stop_condition_is_checked_at_submission() {
+    let problems = |stop: &str| {
+        let spec = example_spec(&[("rounds: 2", &format!("rounds: 4\nstop_when: {stop}"))]);
+        match flywheel_orchestrator::spec::CampaignSpec::from_yaml(&spec) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    };
+    assert_eq!(
+        problems("{ metric: evaluate.accuracy, gain_below: 0.01, rounds: 2 }"),
+        ""
+    );
+    for (stop, want) in [
+        (
+            "{ metric: eval.accuracy, gain_below: 0.01 }",
+            "stop_when.metric: \"eval.accuracy\": the recipe has no stage \"eval\"",
+        ),
+        (
+            "{ metric: accuracy, gain_below: 0.01 }",
+            "stop_when.metric: \"accuracy\" must be <stage>.<metric>",
+        ),
+        (
+            "{ metric: evaluate.accuracy }",
+            "stop_when.gain_below: is required",
+        ),
+        (
+            "{ metric: evaluate.accuracy, gain_below: 0.01, rounds: 0 }",
+            "stop_when.rounds: must be between 1 and 1000",
+        ),
+        (
+            "{ metric: evaluate.accuracy, gain_below: 0.01, after: 2 }",
+            "stop_when.after: unknown field",
+        ),
+    ] {
+        let got = problems(stop);
+        assert!(got.contains(want), "{stop}: {got}");
+    }
+}

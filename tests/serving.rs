@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use common::{
     Cluster, artifacts_of, endpoint_rows, hash_of, http, init_model, init_model_with,
-    processes_mentioning, production_spec, read_rows, serve_model, served_hashes, stage_error,
-    until,
+    processes_mentioning, production_spec, production_workers, read_rows, serve_model,
+    served_hashes, stage_error, until,
 };
 use flywheel_proto::v1::CampaignAction;
 use flywheel_worker::artifacts;
@@ -19,29 +19,6 @@ use serde_json::Value;
 
 const LAUNCH: &str = "{ template: flywheel, model: generator, startup_timeout_s: 60 }";
 const GENERATE: &str = "{ endpoint: generator, k: 2, max_tokens: 6, seed: 1 }";
-
-/// Workers: `gpu` runs servers and trainers (a server holds its slot), `cpu` the rest.
-fn add_workers(c: &mut Cluster, gpu_workers: usize) {
-    for i in 0..gpu_workers {
-        c.add_worker(
-            &format!("gpu-{i}"),
-            "gpu",
-            &["--backend", "external", "--slots", "3"],
-        );
-    }
-    c.add_worker(
-        "cpu-0",
-        "cpu",
-        &[
-            "--backend",
-            "builtin",
-            "--backend",
-            "openai",
-            "--slots",
-            "3",
-        ],
-    );
-}
 
 /// Waits until no `flywheel serve-model` process serves a model of this test's directory (a
 /// stopped server may take a moment to exit after it closed its port).
@@ -77,7 +54,7 @@ async fn each_round_is_answered_by_the_previous_rounds_promoted_model() {
     let mut c = Cluster::start().await;
     let model = init_model(&c.dir, "gen", false);
     let reward = init_model(&c.dir, "rm", true);
-    add_workers(&mut c, 1);
+    production_workers(&mut c, &[], 1);
     let spec = production_spec("served", &model, &reward, 2, LAUNCH, GENERATE);
     let campaign = c.create(&spec).await;
     c.wait_status(&campaign.id, "succeeded", Duration::from_secs(300))
@@ -162,7 +139,7 @@ async fn a_long_lived_server_is_swapped_to_each_rounds_generator() {
     // The server starts on other weights: only the swap makes it answer as the generator.
     let other = init_model_with(&c.dir, "other", false, &["--seed", "5"]);
     let (_server, base) = serve_model(&c.dir, &other, "long-lived").await;
-    add_workers(&mut c, 1);
+    production_workers(&mut c, &[], 1);
     let swap = format!("{{ url: \"{base}\", swap: sglang, served_name: long-lived }}");
     let spec = production_spec("swapped", &model, &reward, 2, &swap, GENERATE);
     let campaign = c.create(&spec).await;
@@ -191,7 +168,7 @@ async fn a_refused_swap_fails_generation_with_the_servers_message() {
     let broken = c.dir.join("broken");
     std::fs::create_dir_all(&broken).unwrap();
     std::fs::write(broken.join("config.json"), "{}").unwrap();
-    add_workers(&mut c, 1);
+    production_workers(&mut c, &[], 1);
     let swap = format!("{{ url: \"{base}\", swap: sglang, served_name: long-lived }}");
     let spec = production_spec("refused", &broken, &reward, 1, &swap, GENERATE);
     let campaign = c.create(&spec).await;
@@ -223,7 +200,7 @@ async fn a_server_whose_worker_dies_is_started_elsewhere_and_generation_complete
     let mut c = Cluster::start().await;
     let model = init_model(&c.dir, "gen", false);
     let reward = init_model(&c.dir, "rm", true);
-    add_workers(&mut c, 2);
+    production_workers(&mut c, &[], 2);
     // Enough requests, one at a time, that generation is still running when the server dies.
     let generate =
         "{ endpoint: generator, k: 1, use_n: false, max_tokens: 6, seed: 1, concurrency: 1 }";
@@ -332,7 +309,7 @@ async fn pause_and_cancel_stop_the_campaigns_servers() {
     let mut c = Cluster::start().await;
     let model = init_model(&c.dir, "gen", false);
     let reward = init_model(&c.dir, "rm", true);
-    add_workers(&mut c, 1);
+    production_workers(&mut c, &[], 1);
     // The prompts never come: the server is up and its consumer waits.
     let spec = production_spec("stopped", &model, &reward, 1, LAUNCH, GENERATE).replace(
         "{ name: prompts, kind: synthesize_prompts, params: { count: 8 } }",
@@ -395,7 +372,7 @@ async fn an_attempt_still_stopping_does_not_hide_the_next_one() {
     let mut c = Cluster::start().await;
     let model = init_model(&c.dir, "gen", false);
     let reward = init_model(&c.dir, "rm", true);
-    add_workers(&mut c, 1);
+    production_workers(&mut c, &[], 1);
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rule_server.py");
     let slow_to_exit = format!(
         "{{ command: [python3, \"{fixture}\", --port, \"{{port}}\", --name, \"{{served_name}}\", --rule, generator, --term-delay, \"3\"], model: generator, startup_timeout_s: 30 }}"
@@ -442,7 +419,7 @@ async fn an_attempt_still_stopping_does_not_hide_the_next_one() {
 async fn evaluation_through_the_api_matches_hand_computed_numbers() {
     let mut c = Cluster::start().await;
     let model = init_model(&c.dir, "gen", false);
-    add_workers(&mut c, 1);
+    production_workers(&mut c, &[], 1);
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rule_server.py");
     let serve = |rule: &str| {
         format!(

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{
     Cluster, artifacts_of, endpoint_rows, hash_of, http, init_model, model_spec, production_spec,
-    served_hashes, stage_error, until,
+    production_workers, served_hashes, stage_error, until,
 };
 use flywheel_worker::artifacts;
 
@@ -341,24 +341,7 @@ async fn a_job_over_its_time_limit_ends_timeout_and_is_retried() {
 fn slurm_served(c: &mut Cluster, conf: &str, name: &str, rounds: u32, generate: &str) -> String {
     let model = init_model(&c.dir, "gen", false);
     let reward = init_model(&c.dir, "rm", true);
-    c.add_worker_with_env(
-        "login-0",
-        "gpu",
-        &["--backend", "external", "--slots", "3"],
-        &[("SLURM_CONF", conf)],
-    );
-    c.add_worker(
-        "cpu-0",
-        "cpu",
-        &[
-            "--backend",
-            "builtin",
-            "--backend",
-            "openai",
-            "--slots",
-            "3",
-        ],
-    );
+    production_workers(c, &[("SLURM_CONF", conf)], 1);
     let launch = "{ template: flywheel, model: generator, executor: slurm, gpus_per_node: 0, time_limit: \"00:10:00\", startup_timeout_s: 60 }";
     production_spec(name, &model, &reward, rounds, launch, generate)
 }
@@ -461,7 +444,7 @@ async fn a_slurm_server_outlives_its_worker_and_the_successor_reattaches() {
     .await;
     c.workers[0].kill9();
     c.add_worker_with_env(
-        "login-1",
+        "gpu-1",
         "gpu",
         &["--backend", "external", "--slots", "3"],
         &[("SLURM_CONF", &conf)],

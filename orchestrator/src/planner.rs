@@ -275,8 +275,44 @@ async fn finish_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
         actor: SYSTEM_ACTOR.into(),
         data: json!({ "round": round.round_index, "metrics": metrics, "generator_id": generator }),
     }];
-    if next < campaign.rounds_total && campaign.status.is_active() {
-        let spec = CampaignSpec::stored(campaign.id, &campaign.spec)?;
+    let spec = CampaignSpec::stored(campaign.id, &campaign.spec)?;
+    let plateau = match &spec.stop_when {
+        Some(stop) if next < campaign.rounds_total && campaign.status.is_active() => {
+            // Every finished round's value, this one's included (written above).
+            let history: Vec<Option<f64>> = store::rounds::list(&mut tx, campaign.id)
+                .await?
+                .iter()
+                .filter(|r| {
+                    r.status == RoundStatus::Succeeded && r.round_index <= round.round_index
+                })
+                .map(|r| r.metrics.get(&stop.metric).and_then(Value::as_f64))
+                .collect();
+            stop.plateau(&history).map(|gains| (stop, gains))
+        }
+        _ => None,
+    };
+    if let Some((stop, gains)) = &plateau {
+        store::campaigns::advance(&mut tx, campaign.id, round.round_index, generator).await?;
+        store::campaigns::set_status(&mut tx, campaign.id, CampaignStatus::Succeeded).await?;
+        let shown: Vec<String> = gains.iter().map(|g| format!("{g:+.4}")).collect();
+        events.push(NewEvent {
+            campaign_id: Some(campaign.id),
+            task_id: None,
+            kind: "campaign_plateaued",
+            message: format!(
+                "campaign stopped after round {} of {}: {} gained less than {} in each of the last {} round(s) ({})",
+                round.round_index + 1,
+                campaign.rounds_total,
+                stop.metric,
+                stop.gain_below,
+                stop.rounds,
+                shown.join(", ")
+            ),
+            actor: SYSTEM_ACTOR.into(),
+            data: json!({ "round": round.round_index, "metric": stop.metric, "gain_below": stop.gain_below,
+                          "rounds": stop.rounds, "gains": gains, "generator_id": generator }),
+        });
+    } else if next < campaign.rounds_total && campaign.status.is_active() {
         plan_round(&mut tx, campaign.id, &spec, next, generator).await?;
         store::campaigns::advance(&mut tx, campaign.id, next, generator).await?;
     } else {

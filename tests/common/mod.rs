@@ -753,3 +753,28 @@ pub async fn endpoint_rows(
     .await
     .unwrap()
 }
+
+/// Workers for [`production_spec`]: `gpu-N` run servers and trainers (a server holds its slot;
+/// `env` is theirs, e.g. `SLURM_CONF`), `cpu-0` the rest.
+pub fn production_workers(c: &mut Cluster, env: &[(&str, &str)], gpu_workers: usize) {
+    for i in 0..gpu_workers {
+        c.add_worker_with_env(
+            &format!("gpu-{i}"),
+            "gpu",
+            &["--backend", "external", "--slots", "3"],
+            env,
+        );
+    }
+    c.add_worker(
+        "cpu-0",
+        "cpu",
+        &[
+            "--backend",
+            "builtin",
+            "--backend",
+            "openai",
+            "--slots",
+            "3",
+        ],
+    );
+}

@@ -114,6 +114,32 @@ pub struct CampaignSpec {
     pub models: Models,
     pub rounds: u32,
     pub stages: Vec<StageSpec>,
+    /// Stop before `rounds` when the flywheel no longer turns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_when: Option<StopWhen>,
+}
+
+/// A plateau: `metric` (`<stage>.<metric>`) gained less than `gain_below` from one round to
+/// the next in each of the last `rounds` rounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StopWhen {
+    pub metric: String,
+    pub gain_below: f64,
+    pub rounds: u32,
+}
+
+impl StopWhen {
+    /// The gains of the last `rounds` rounds when each is below `gain_below` (the campaign
+    /// stops), given the metric's value in every round so far, oldest first.
+    pub fn plateau(&self, values: &[Option<f64>]) -> Option<Vec<f64>> {
+        let n = self.rounds as usize;
+        if values.len() < n + 1 {
+            return None;
+        }
+        let tail = &values[values.len() - n - 1..];
+        let gains: Option<Vec<f64>> = tail.windows(2).map(|w| Some(w[1]? - w[0]?)).collect();
+        gains.filter(|g| g.iter().all(|x| *x < self.gain_below))
+    }
 }
 
 fn yaml_options() -> serde_saphyr::Options {

@@ -19,6 +19,7 @@ const TOP_KEYS: &[&str] = &[
     "rounds",
     "defaults",
     "recipe",
+    "stop_when",
 ];
 const PLACEMENT_KEYS: &[&str] = &[
     "pool",
@@ -162,11 +163,58 @@ impl Validator {
             self.problem("defaults", "must be a mapping");
         }
         let stages = self.recipe(top.get("recipe"), &defaults);
+        let stop_when = match top.get("stop_when") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(self.stop_when(v, stages.as_deref().unwrap_or_default())?),
+        };
         Some(CampaignSpec {
             name: name?,
             models: models?,
             rounds: rounds?,
             stages: stages?,
+            stop_when,
+        })
+    }
+
+    fn stop_when(&mut self, v: &Value, stages: &[StageSpec]) -> Option<StopWhen> {
+        let m = self.object(Some(v), "stop_when")?;
+        self.unknown_keys(m, &["metric", "gain_below", "rounds"], "stop_when");
+        let metric = self.string(m, "metric", "stop_when");
+        if let Some(metric) = &metric {
+            match metric.split_once('.') {
+                Some((stage, name)) if !name.is_empty() => {
+                    if !stages.is_empty() && !stages.iter().any(|s| s.name == stage) {
+                        self.problem(
+                            "stop_when.metric",
+                            format!("{metric:?}: the recipe has no stage {stage:?}"),
+                        );
+                    }
+                }
+                _ => self.problem(
+                    "stop_when.metric",
+                    format!("{metric:?} must be <stage>.<metric>, e.g. evaluate.accuracy"),
+                ),
+            }
+        }
+        let gain_below = match m.get("gain_below").map(Value::as_f64) {
+            Some(Some(g)) => Some(g),
+            Some(None) => {
+                self.problem("stop_when.gain_below", "must be a number");
+                None
+            }
+            None => {
+                self.problem("stop_when.gain_below", "is required");
+                None
+            }
+        };
+        let rounds = match m.get("rounds") {
+            None => Some(1),
+            Some(_) => self.opt_int(m, "rounds", "stop_when", 1, 1000),
+        };
+        Some(StopWhen {
+            metric: metric?,
+            gain_below: gain_below?,
+            rounds: rounds?,
         })
     }
 
