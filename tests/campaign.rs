@@ -434,3 +434,54 @@ fn a_stop_condition_is_checked_at_submission() {
         assert!(got.contains(want), "{stop}: {got}");
     }
 }
+
+#[tokio::test]
+async fn a_gate_on_an_interval_bound_passes_and_fails_as_computed() {
+    let mut c = Cluster::start().await;
+    c.add_worker("gpu-1", "gpu", &["--gpu-kind", "h100", "--gpu-count", "1"]);
+    c.add_worker("cpu-1", "cpu", &[]);
+    let run = |gate: String| {
+        example_spec(&[
+            ("rounds: 2", "rounds: 1"),
+            ("evaluate.win_rate: \">= 0.5\"", &gate),
+        ])
+    };
+    // The round's win rate and its interval (the test backend is deterministic).
+    let probe = c
+        .create(&run("evaluate.win_rate.upper: \">= 0\"".into()))
+        .await;
+    c.wait_status(&probe.id, "succeeded", Duration::from_secs(60))
+        .await;
+    let m = c.rounds(&probe.id).await[0].metrics.clone();
+    let (low, point, high) = (
+        m["evaluate.win_rate_ci_low"],
+        m["evaluate.win_rate"],
+        m["evaluate.win_rate_ci_high"],
+    );
+    assert!(low < point && point < high, "{low} {point} {high}");
+    // A threshold between the lower bound and the point estimate: the estimate passes it, the
+    // bound does not.
+    let t = (low + point) / 2.0;
+    for (gate, promoted) in [
+        (format!("evaluate.win_rate: \">= {t}\""), true),
+        (format!("evaluate.win_rate.lower: \">= {t}\""), false),
+        (format!("evaluate.win_rate.upper: \"< {high}\""), false),
+        (format!("evaluate.win_rate.upper: \"<= {high}\""), true),
+    ] {
+        let campaign = c.create(&run(gate.clone())).await;
+        c.wait_status(&campaign.id, "succeeded", Duration::from_secs(60))
+            .await;
+        let round = &c.rounds(&campaign.id).await[0];
+        let want = if promoted { "promoted" } else { "rejected" };
+        assert_eq!(round.decision, want, "{gate}: {}", round.decision_reason);
+        if gate.contains(".lower") {
+            assert!(
+                round
+                    .decision_reason
+                    .contains(&format!("evaluate.win_rate.lower = {low:.4}, needs >= {t}")),
+                "{}",
+                round.decision_reason
+            );
+        }
+    }
+}

@@ -176,13 +176,18 @@ async fn run_promotion(ctl: &Controller, task_id: Uuid) -> Result<bool> {
     let requirements = Requirement::from_params(&task.params);
     let mut failures = Vec::new();
     for r in &requirements {
-        match metrics.get(&r.metric).and_then(Value::as_f64) {
+        match metrics.get(&r.metric_key()).and_then(Value::as_f64) {
             Some(v) if r.op.holds(v, r.value) => {}
             Some(v) => failures.push(format!(
                 "{} = {v:.4}, needs {} {}",
                 r.metric,
                 r.op.as_str(),
                 r.value
+            )),
+            None if r.metric_key() != r.metric => failures.push(format!(
+                "{} was not reported by any stage (its interval, {}, is missing)",
+                r.metric,
+                r.metric_key()
             )),
             None => failures.push(format!("{} was not reported by any stage", r.metric)),
         }

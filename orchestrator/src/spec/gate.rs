@@ -62,6 +62,20 @@ impl Requirement {
 }
 
 impl Requirement {
+    /// The round metric the requirement reads: `<stage>.<metric>`, or for an interval bound
+    /// (`evaluate.win_rate.lower`, `.upper`) the bound of the metric's bootstrap 95% interval
+    /// (`evaluate.win_rate_ci_low`, `_ci_high`).
+    pub fn metric_key(&self) -> String {
+        match (
+            self.metric.strip_suffix(".lower"),
+            self.metric.strip_suffix(".upper"),
+        ) {
+            (Some(m), _) => format!("{m}_ci_low"),
+            (_, Some(m)) => format!("{m}_ci_high"),
+            _ => self.metric.clone(),
+        }
+    }
+
     /// The requirements in the `require` mapping of a `promote` stage's params (validated when
     /// the spec was parsed).
     pub fn from_params(params: &Value) -> Vec<Requirement> {

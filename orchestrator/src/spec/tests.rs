@@ -486,3 +486,11 @@ fn endpoint_references_are_checked_at_submission() {
         "{got:?}"
     );
 }
+
+#[test]
+fn interval_bounds_read_the_metrics_bootstrap_interval() {
+    let key = |m: &str| Requirement::parse(m, ">= 0.5").unwrap().metric_key();
+    assert_eq!(key("evaluate.win_rate.lower"), "evaluate.win_rate_ci_low");
+    assert_eq!(key("evaluate.win_rate.upper"), "evaluate.win_rate_ci_high");
+    assert_eq!(key("evaluate.win_rate"), "evaluate.win_rate");
+}

@@ -265,6 +265,9 @@ fn evaluate(task: &Task) -> Result<TaskResult, TaskError> {
     let candidate = model_quality(task.input(Role::Model)?)?;
     let generator = model_quality(task.input(Role::Generator)?)?;
     let win_rate = 1.0 / (1.0 + (-(candidate - generator) * 10.0).exp());
+    // A 95% interval as if the win rate were measured on 200 prompts (normal approximation of
+    // the binomial), so that gates on its bounds have something to read.
+    let half = 1.96 * (win_rate * (1.0 - win_rate) / 200.0).sqrt();
     Ok(TaskResult {
         outputs: Vec::new(),
         metrics: [
@@ -272,6 +275,8 @@ fn evaluate(task: &Task) -> Result<TaskResult, TaskError> {
             ("generator_accuracy".to_string(), generator),
             ("accuracy_gain".to_string(), candidate - generator),
             ("win_rate".to_string(), win_rate),
+            ("win_rate_ci_low".to_string(), (win_rate - half).max(0.0)),
+            ("win_rate_ci_high".to_string(), (win_rate + half).min(1.0)),
             ("mean_reward".to_string(), candidate * 4.0),
         ]
         .into(),

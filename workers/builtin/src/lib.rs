@@ -485,6 +485,13 @@ impl BuiltinBackend {
             &reward_endpoint::DEFAULT_WEIGHTS,
         )
         .task()?;
+        // The win rate's bootstrap 95% interval over the prompts, as the openai evaluation
+        // reports it (gates can use its bounds: evaluate.win_rate.lower).
+        let (_, win_low, win_high) = flywheel_worker::openai::bootstrap_mean(
+            &eval::win_scores(&cand_rewards, &gen_rewards),
+            1000,
+            p.seed,
+        );
         let accuracy = eval::accuracy(&prompts, &cand);
         let generator_accuracy = eval::accuracy(&prompts, &gen_answers);
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
@@ -510,6 +517,8 @@ impl BuiltinBackend {
                 "win_rate".to_string(),
                 eval::win_rate(&cand_rewards, &gen_rewards),
             ),
+            ("win_rate_ci_low".to_string(), win_low),
+            ("win_rate_ci_high".to_string(), win_high),
             ("prompts".to_string(), prompts.len() as f64),
         ]);
         Ok(TaskResult {
