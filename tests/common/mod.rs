@@ -658,18 +658,14 @@ pub fn production_spec(
     generator: &str,
     generate: &str,
 ) -> String {
-    format!(
-        "apiVersion: flywheel/v1
-name: {name}
-models:
-  generator: {{ name: tiny, uri: \"file://{model}\" }}
-  base: {{ name: base, uri: \"file://{model}\" }}
-  reward: {{ name: reward, uri: \"file://{reward}\" }}
-rounds: {rounds}
-defaults: {{ pool: cpu, backend: builtin, max_attempts: 3, backoff_initial_ms: 200, backoff_max_ms: 1000 }}
-recipe:
-  stages:
-    - {{ name: prompts, kind: synthesize_prompts, params: {{ count: 8 }} }}
+    campaign_spec(
+        name,
+        model,
+        reward,
+        rounds,
+        "pool: cpu, backend: builtin, max_attempts: 3, backoff_initial_ms: 200, backoff_max_ms: 1000",
+        &format!(
+            "    - {{ name: prompts, kind: synthesize_prompts, params: {{ count: 8 }} }}
     - {{ name: heldout, kind: synthesize_prompts, needs: [], params: {{ split: held_out, seed: 3, count: 6 }} }}
     - name: generator
       kind: serve
@@ -704,9 +700,8 @@ recipe:
     - name: promote
       kind: promote
       params: {{ require: {{ evaluate.prompts: \">= 1\" }} }}
-",
-        model = model.display(),
-        reward = reward.display(),
+"
+        ),
     )
 }
 
