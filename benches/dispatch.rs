@@ -496,26 +496,27 @@ async fn main() {
             "  drain: {:.0} tasks/s (claim, assignment, heartbeat, complete)",
             r.tasks_per_s
         );
-        println!(
-            "  dispatch latency under load (claim transaction -> assignment received): p50 {:.2} ms, p99 {:.2} ms",
-            ms(r.claim_to_receipt[0]),
-            ms(r.claim_to_receipt[1])
+        let latency = |what: &str, [p50, p99]: [Duration; 2]| {
+            println!("  {what}: p50 {:.2} ms, p99 {:.2} ms", ms(p50), ms(p99))
+        };
+        latency(
+            "dispatch latency under load (claim transaction -> assignment received)",
+            r.claim_to_receipt,
         );
-        println!(
-            "  dispatch latency at low load (task committed -> assignment received): p50 {:.2} ms, p99 {:.2} ms",
-            ms(r.low_load[0]),
-            ms(r.low_load[1])
+        latency(
+            "dispatch latency at low load (task committed -> assignment received)",
+            r.low_load,
         );
-        println!(
-            "  stage handoff idle (last shard committed -> successor's assignment received): p50 {:.2} ms, p99 {:.2} ms",
-            ms(r.handoff_idle[0]),
-            ms(r.handoff_idle[1])
+        latency(
+            "stage handoff idle (last shard committed -> successor's assignment received)",
+            r.handoff_idle,
         );
-        println!(
-            "  stage handoff under load ({} of 20 while {tasks} other tasks drained): p50 {:.2} ms, p99 {:.2} ms",
-            r.handoffs_under_load,
-            ms(r.handoff_load[0]),
-            ms(r.handoff_load[1])
+        latency(
+            &format!(
+                "stage handoff under load ({} of 20 while {tasks} other tasks drained)",
+                r.handoffs_under_load
+            ),
+            r.handoff_load,
         );
         println!(
             "  postgres transactions: {:.3} per task (all controller traffic during the drain)",

@@ -262,7 +262,7 @@ pub(crate) async fn run(ctl: Arc<Controller>, mut shutdown: watch::Receiver<bool
         let wait = match dispatch_once(&ctl).await {
             Ok(DispatchOutcome::Saturated) => continue,
             Ok(DispatchOutcome::Drained(next)) => {
-                next_retry_wait(&ctl).min(crate::wake::until(next))
+                crate::wake::until(next_retry(&ctl).into_iter().chain(next).min())
             }
             Err(e) => {
                 tracing::warn!(error = %e, "dispatch failed; will retry");
@@ -285,22 +285,20 @@ enum DispatchOutcome {
     Drained(Option<chrono::DateTime<chrono::Utc>>),
 }
 
-/// How long the dispatcher may sleep: until the earliest retry this process knows of comes
-/// due (other controllers' changes wake it). Retries already due are dropped from the set,
-/// since the dispatch about to run claims them.
-fn next_retry_wait(ctl: &Controller) -> Duration {
-    let fallback = crate::wake::IDLE_TICK;
+/// When the earliest retry this process knows of comes due (other controllers' changes wake
+/// the dispatcher). Retries already due are dropped from the set, since the dispatch about to
+/// run claims them.
+fn next_retry(ctl: &Controller) -> Option<chrono::DateTime<chrono::Utc>> {
     let now = chrono::Utc::now();
     let mut retries = ctl.retries.lock().expect("retries");
     let later = retries.split_off(&now);
     let due = !retries.is_empty();
     *retries = later;
     if due {
-        return Duration::ZERO;
+        Some(now)
+    } else {
+        retries.first().copied()
     }
-    retries.first().map_or(fallback, |at| {
-        (*at - now).to_std().unwrap_or_default().min(fallback)
-    })
 }
 
 async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {

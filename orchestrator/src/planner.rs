@@ -280,64 +280,80 @@ async fn finish_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
         actor: SYSTEM_ACTOR.into(),
         data: json!({ "round": round.round_index, "metrics": metrics, "generator_id": generator }),
     }];
-    let spec = CampaignSpec::stored(campaign.id, &campaign.spec)?;
-    let plateau = match &spec.stop_when {
-        Some(stop) if next < campaign.rounds_total && campaign.status.is_active() => {
-            // Every finished round's value, this one's included (written above).
-            let history: Vec<Option<f64>> = store::rounds::list(&mut tx, campaign.id)
-                .await?
-                .iter()
-                .filter(|r| {
-                    r.status == RoundStatus::Succeeded && r.round_index <= round.round_index
-                })
-                .map(|r| r.metrics.get(&stop.metric).and_then(Value::as_f64))
-                .collect();
-            stop.plateau(&history).map(|gains| (stop, gains))
-        }
-        _ => None,
-    };
-    if let Some((stop, gains)) = &plateau {
-        store::campaigns::advance(&mut tx, campaign.id, round.round_index, generator).await?;
-        store::campaigns::set_status(&mut tx, campaign.id, CampaignStatus::Succeeded).await?;
-        let shown: Vec<String> = gains.iter().map(|g| format!("{g:+.4}")).collect();
-        events.push(NewEvent {
-            campaign_id: Some(campaign.id),
-            task_id: None,
-            kind: "campaign_plateaued",
-            message: format!(
-                "campaign stopped after round {} of {}: {} gained less than {} in each of the last {} round(s) ({})",
-                round.round_index + 1,
-                campaign.rounds_total,
-                stop.metric,
-                stop.gain_below,
-                stop.rounds,
-                shown.join(", ")
-            ),
-            actor: SYSTEM_ACTOR.into(),
-            data: json!({ "round": round.round_index, "metric": stop.metric, "gain_below": stop.gain_below,
-                          "rounds": stop.rounds, "gains": gains, "generator_id": generator }),
-        });
-    } else if next < campaign.rounds_total && campaign.status.is_active() {
-        plan_round(&mut tx, campaign.id, &spec, next, generator).await?;
-        store::campaigns::advance(&mut tx, campaign.id, next, generator).await?;
+    // The stored spec is read only where another round may follow: one that no longer reads
+    // must not keep a campaign's last round from finishing.
+    let follows = next < campaign.rounds_total && campaign.status.is_active();
+    let spec = if follows {
+        Some(CampaignSpec::stored(campaign.id, &campaign.spec)?)
     } else {
-        store::campaigns::advance(&mut tx, campaign.id, round.round_index, generator).await?;
-        if campaign.status.is_active() {
-            store::campaigns::set_status(&mut tx, campaign.id, CampaignStatus::Succeeded).await?;
-            events.push(NewEvent {
-                campaign_id: Some(campaign.id),
-                task_id: None,
-                kind: "campaign_succeeded",
-                message: format!("campaign finished after {} rounds", round.round_index + 1),
-                actor: SYSTEM_ACTOR.into(),
-                data: json!({ "generator_id": generator }),
-            });
+        None
+    };
+    let plateau = match spec.as_ref().and_then(|s| s.stop_when.as_ref()) {
+        Some(stop) => plateau(&mut tx, campaign.id, stop)
+            .await?
+            .map(|gains| (stop, gains)),
+        None => None,
+    };
+    match (&spec, &plateau) {
+        (Some(spec), None) => {
+            plan_round(&mut tx, campaign.id, spec, next, generator).await?;
+            store::campaigns::advance(&mut tx, campaign.id, next, generator).await?;
+        }
+        _ => {
+            store::campaigns::advance(&mut tx, campaign.id, round.round_index, generator).await?;
+            if campaign.status.is_active() {
+                store::campaigns::set_status(&mut tx, campaign.id, CampaignStatus::Succeeded)
+                    .await?;
+                events.push(match &plateau {
+                    Some((stop, gains)) => NewEvent {
+                        campaign_id: Some(campaign.id),
+                        task_id: None,
+                        kind: "campaign_plateaued",
+                        message: format!(
+                            "campaign stopped after round {} of {}: {} gained less than {} in each of the last {} round(s) ({})",
+                            round.round_index + 1,
+                            campaign.rounds_total,
+                            stop.metric,
+                            stop.gain_below,
+                            stop.rounds,
+                            gains.iter().map(|g| format!("{g:+.4}")).collect::<Vec<_>>().join(", ")
+                        ),
+                        actor: SYSTEM_ACTOR.into(),
+                        data: json!({ "round": round.round_index, "metric": stop.metric, "gain_below": stop.gain_below,
+                                      "rounds": stop.rounds, "gains": gains, "generator_id": generator }),
+                    },
+                    None => NewEvent {
+                        campaign_id: Some(campaign.id),
+                        task_id: None,
+                        kind: "campaign_succeeded",
+                        message: format!("campaign finished after {} rounds", round.round_index + 1),
+                        actor: SYSTEM_ACTOR.into(),
+                        data: json!({ "generator_id": generator }),
+                    },
+                });
+            }
         }
     }
     store::events::insert_many(&mut tx, &events).await?;
     tx.commit().await?;
     tracing::info!(campaign_id = %campaign.id, round = round.round_index, "round finished");
     Ok(true)
+}
+
+/// The gains of `stop.metric` over the campaign's finished rounds (the one finishing in this
+/// transaction included) when they make a plateau.
+async fn plateau(
+    tx: &mut PgConnection,
+    campaign_id: Uuid,
+    stop: &crate::spec::StopWhen,
+) -> Result<Option<Vec<f64>>> {
+    let history: Vec<Option<f64>> = store::rounds::list(tx, campaign_id)
+        .await?
+        .iter()
+        .filter(|r| r.status == RoundStatus::Succeeded)
+        .map(|r| r.metrics.get(&stop.metric).and_then(Value::as_f64))
+        .collect();
+    Ok(stop.plateau(&history))
 }
 
 /// Fails a round with a task that failed for good, and its campaign with it. Blocked tasks stay

@@ -551,11 +551,7 @@ impl Validator {
                 );
             }
             let candidate = s.params.get("model").and_then(Value::as_str) == Some("candidate");
-            let trained = s
-                .needs
-                .iter()
-                .any(|n| stages.iter().any(|t| &t.name == n && t.kind.trains()));
-            if candidate && !trained {
+            if candidate && !needs_a_training_stage(s, stages) {
                 self.problem(
                     format!("recipe.stages[{i}].needs"),
                     "serving the candidate needs the sft or preference stage that trains it",
@@ -568,11 +564,10 @@ impl Validator {
         self.round_size(stages);
         // The builtin evaluation judges the model a training stage it needs produced.
         for (i, s) in stages.iter().enumerate() {
-            let trained = s
-                .needs
-                .iter()
-                .any(|n| stages.iter().any(|t| &t.name == n && t.kind.trains()));
-            if s.kind == StageKind::Evaluate && s.placement.backend == "builtin" && !trained {
+            if s.kind == StageKind::Evaluate
+                && s.placement.backend == "builtin"
+                && !needs_a_training_stage(s, stages)
+            {
                 self.problem(
                     format!("recipe.stages[{i}].needs"),
                     "evaluate on builtin judges the model of an sft or preference stage it needs; name one (e.g. needs: [rpo])",
@@ -605,6 +600,13 @@ impl Validator {
             }
         }
     }
+}
+
+/// Whether one of the stages `s` needs is an sft or preference stage (whose model it gets).
+fn needs_a_training_stage(s: &StageSpec, stages: &[StageSpec]) -> bool {
+    s.needs
+        .iter()
+        .any(|n| stages.iter().any(|t| &t.name == n && t.kind.trains()))
 }
 
 impl Validator {

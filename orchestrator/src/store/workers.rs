@@ -1,6 +1,5 @@
 //! `workers`: registered worker processes, their capabilities and liveness.
 
-use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -16,7 +15,6 @@ pub struct WorkerRow {
     pub labels: Value,
     pub slots: i32,
     pub status: String,
-    pub last_heartbeat_at: DateTime<Utc>,
     /// Seconds since the last heartbeat, computed by the database clock.
     pub heartbeat_age_s: f64,
     pub current_tasks: Vec<Uuid>,
@@ -99,7 +97,6 @@ pub async fn list(
         "SELECT w.id, w.name, w.pool, w.backends, w.gpu_kind, w.gpu_count, w.labels, w.slots,
                 CASE WHEN w.status = 'online' AND c.last_seen_at > now() - make_interval(secs => $1::float8 / 1000)
                      THEN 'online' ELSE 'offline' END AS status,
-                coalesce(c.last_seen_at, w.last_heartbeat_at) AS last_heartbeat_at,
                 extract(epoch FROM now() - coalesce(c.last_seen_at, w.last_heartbeat_at))::float8 AS heartbeat_age_s,
                 coalesce(array_agg(t.id) FILTER (WHERE t.id IS NOT NULL), '{}') AS current_tasks
          FROM workers w

@@ -531,22 +531,10 @@ pub fn bootstrap_mean(scores: &[f64], resamples: usize, seed: u64) -> (f64, f64,
         return (0.0, 0.0, 0.0);
     }
     let mean = scores.iter().sum::<f64>() / n as f64;
-    // splitmix64: a fixed, dependency-free generator, so that intervals are reproducible.
-    let mut state = seed;
-    let mut next = move || {
-        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
+    // A seeded generator, so that intervals are reproducible.
+    let mut rng = crate::sdg::Rng::new(seed);
     let mut means: Vec<f64> = (0..resamples.max(1))
-        .map(|_| {
-            (0..n)
-                .map(|_| scores[(next() % n as u64) as usize])
-                .sum::<f64>()
-                / n as f64
-        })
+        .map(|_| (0..n).map(|_| scores[rng.below(n)]).sum::<f64>() / n as f64)
         .collect();
     means.sort_by(f64::total_cmp);
     let at = |q: f64| means[((means.len() - 1) as f64 * q).round() as usize];

@@ -487,7 +487,7 @@ impl BuiltinBackend {
         .task()?;
         // The win rate's bootstrap 95% interval over the prompts, as the openai evaluation
         // reports it (gates can use its bounds: evaluate.win_rate.lower).
-        let (_, win_low, win_high) = flywheel_worker::openai::bootstrap_mean(
+        let (win_rate, win_low, win_high) = flywheel_worker::openai::bootstrap_mean(
             &eval::win_scores(&cand_rewards, &gen_rewards),
             1000,
             p.seed,
@@ -513,10 +513,7 @@ impl BuiltinBackend {
             ("accuracy_gain".to_string(), accuracy - generator_accuracy),
             ("mean_reward".to_string(), mean(&cand_rewards)),
             ("generator_mean_reward".to_string(), mean(&gen_rewards)),
-            (
-                "win_rate".to_string(),
-                eval::win_rate(&cand_rewards, &gen_rewards),
-            ),
+            ("win_rate".to_string(), win_rate),
             ("win_rate_ci_low".to_string(), win_low),
             ("win_rate_ci_high".to_string(), win_high),
             ("prompts".to_string(), prompts.len() as f64),

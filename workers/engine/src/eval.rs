@@ -53,12 +53,6 @@ pub fn rewards(
         .collect())
 }
 
-/// Win rate of A over B on the same prompts: 1 per higher reward, ½ per tie.
-pub fn win_rate(rewards_a: &[f64], rewards_b: &[f64]) -> f64 {
-    let scores = win_scores(rewards_a, rewards_b);
-    scores.iter().sum::<f64>() / rewards_a.len().max(1) as f64
-}
-
 /// Per prompt: 1 where `a`'s reward is higher, 0.5 on a tie, 0 where lower (their mean is the
 /// win rate; a bootstrap over them gives its interval).
 pub fn win_scores(rewards_a: &[f64], rewards_b: &[f64]) -> Vec<f64> {
