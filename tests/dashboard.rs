@@ -472,6 +472,70 @@ async fn the_dashboard_shows_a_running_campaign_live_in_chromium() {
     );
     let lineage = css(&client, "#lineage").await.text().await.unwrap();
     assert!(lineage.contains("promoted after round 1"), "{lineage}");
+    // Flywheel analytics per round, each chart with its series.
+    for (title, series) in [
+        (
+            "Acceptance at each filter step",
+            "filter.sft_acceptance_rate",
+        ),
+        ("Reward distribution", "filter.reward_p50"),
+        ("Response length (characters)", "filter.response_chars_mean"),
+        ("Diversity", "filter.response_distinct_2"),
+        (
+            "Reward model agreement with checkers",
+            "filter.rm_checker_agreement",
+        ),
+        ("Win rate with its 95% interval", "evaluate.win_rate_ci_low"),
+        (
+            "Drift from the previous round: rewards and rates",
+            "filter.reward_mean_drift",
+        ),
+        (
+            "Drift from the previous round: length",
+            "filter.response_chars_mean_drift",
+        ),
+        (
+            "Cost per accepted sample (s)",
+            "round.worker_seconds_per_accepted",
+        ),
+    ] {
+        let chart = css(
+            &client,
+            &format!("#analytics .chart[data-title=\"{title}\"] .uplot"),
+        )
+        .await;
+        let legend = chart.text().await.unwrap();
+        assert!(legend.contains(series), "{title}: {legend}");
+    }
+    // The last finished round's data and model cards, and round 1's a click away.
+    let model = css(
+        &client,
+        "#round-cards .cards[data-round=\"1\"] .round-card[data-kind=\"model\"]",
+    )
+    .await;
+    assert!(
+        model
+            .text()
+            .await
+            .unwrap()
+            .contains("Model card: test-backend-two-rounds · round 2"),
+    );
+    css(&client, "#round-cards button[data-card-round=\"0\"]")
+        .await
+        .click()
+        .await
+        .unwrap();
+    let data = css(
+        &client,
+        "#round-cards .cards[data-round=\"0\"] .round-card[data-kind=\"data\"]",
+    )
+    .await;
+    let text = data.text().await.unwrap();
+    assert!(
+        text.contains("Data card: test-backend-two-rounds · round 1")
+            && text.contains("## Filter `filter`"),
+        "{text}"
+    );
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&dir).unwrap();
     let png = client.screenshot().await.unwrap();

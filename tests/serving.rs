@@ -531,3 +531,136 @@ async fn a_spec_naming_an_endpoint_it_does_not_serve_is_refused_at_submission() 
     // Nothing was stored.
     assert!(client.list_campaigns().await.unwrap().is_empty());
 }
+
+/// lm-evaluation-harness from PyPI (with its dependencies, in `target/lmeval-env`, which
+/// `scripts/test` creates) run by the `lm_eval` template against a served model, on a task
+/// defined here: its results JSON becomes stage metrics, and a gate reads them.
+#[tokio::test]
+async fn lm_eval_runs_for_real_against_a_served_model_and_its_results_gate_promotion() {
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/lmeval-env/bin");
+    assert!(
+        bin.join("lm_eval").exists(),
+        "no {}/lm_eval: scripts/test installs lm-eval there",
+        bin.display()
+    );
+    let mut c = Cluster::start().await;
+    let model = init_model(&c.dir, "gen", false);
+    // The model's greedy answers, asked as lm_eval asks them: half the targets are its own
+    // first lines, half are not, so exact_match must be 0.5.
+    let (_probe, base) = serve_model(&c.dir, &model, "probe").await;
+    let addr = base.trim_start_matches("http://").trim_end_matches("/v1");
+    let prompts = [
+        "add 1 2",
+        "upper abc",
+        "reverse abc",
+        "add 4 4",
+        "upper dog",
+        "sort cab",
+    ];
+    let mut rows = String::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let request = serde_json::json!({
+            "model": "probe", "messages": [{ "role": "user", "content": prompt }],
+            "max_tokens": 16, "temperature": 0.0,
+        });
+        let (status, body) = http(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            None,
+            Some(&request.to_string()),
+        );
+        assert_eq!(status, 200, "{body}");
+        let reply: Value = serde_json::from_str(&body).unwrap();
+        let text = reply["choices"][0]["message"]["content"].as_str().unwrap();
+        let first = text.split('\n').next().unwrap();
+        let target = if i % 2 == 0 {
+            first.to_string()
+        } else {
+            format!("{first} (not this)")
+        };
+        rows.push_str(&format!(
+            "{}\n",
+            serde_json::json!({ "prompt": prompt, "answer": target })
+        ));
+    }
+    let tasks = c.dir.join("lm-tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    let data = tasks.join("echo.jsonl");
+    std::fs::write(&data, rows).unwrap();
+    std::fs::write(
+        tasks.join("flywheel_echo.yaml"),
+        format!(
+            "task: flywheel_echo
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {}
+test_split: test
+output_type: generate_until
+doc_to_text: \"{{{{prompt}}}}\"
+doc_to_target: \"{{{{answer}}}}\"
+generation_kwargs:
+  until: [\"\\n\"]
+  max_gen_toks: 16
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    c.add_worker_with_env(
+        "gpu-0",
+        "gpu",
+        &["--backend", "external", "--slots", "3"],
+        &[("PATH", &path)],
+    );
+    let spec = format!(
+        "apiVersion: flywheel/v1
+name: lm-eval-for-real
+models:
+  generator: {{ name: tiny, uri: \"file://{m}\" }}
+  base: {{ name: base, uri: \"file://{m}\" }}
+  reward: {{ name: reward, uri: \"file://{m}\" }}
+rounds: 1
+defaults: {{ pool: gpu, backend: external, max_attempts: 1 }}
+recipe:
+  stages:
+    - {{ name: sft, kind: sft, needs: [], params: {{ command: [sh, -c, \"cp -r {m}/. {{output_dir}}/\"] }} }}
+    - {{ name: candidate, kind: serve, needs: [sft], params: {{ template: flywheel, model: candidate, startup_timeout_s: 60 }} }}
+    - name: harness
+      kind: evaluate
+      needs: [candidate]
+      params:
+        template: lm_eval
+        endpoint: candidate
+        tasks: [flywheel_echo]
+        include_path: {tasks}
+        concurrency: 2
+        env: {{ HF_DATASETS_OFFLINE: \"1\", HF_HUB_OFFLINE: \"1\" }}
+    - {{ name: promote, kind: promote, params: {{ require: {{ harness.flywheel_echo.exact_match: \">= 0.5\" }} }} }}
+",
+        m = model.display(),
+        tasks = tasks.display(),
+    );
+    let campaign = c.create(&spec).await;
+    c.wait_status(&campaign.id, "succeeded", Duration::from_secs(240))
+        .await;
+    let rounds = c.rounds(&campaign.id).await;
+    let m = &rounds[0].metrics;
+    assert_eq!(m["harness.flywheel_echo.exact_match"], 0.5, "{m:?}");
+    assert_eq!(
+        rounds[0].decision, "promoted",
+        "{}",
+        rounds[0].decision_reason
+    );
+}

@@ -216,6 +216,7 @@ async function renderCampaign(id) {
   const current = rounds[rounds.length - 1];
   section("dag", current ? `<h2>Round ${current.index + 1}: stages</h2>${dagSvg(current)}${stageTable(current, admin)}` : "");
   section("lineage", lineage(rounds, artifacts));
+  await renderCards(id, rounds);
   section(
     "events",
     `<h2>Events</h2><table><thead><tr><th>Time</th><th>Event</th><th>By</th><th>Message</th></tr></thead><tbody>${events
@@ -223,6 +224,26 @@ async function renderCampaign(id) {
       .reverse()
       .map((e) => `<tr><td>${time(e.created_at)}</td><td>${esc(e.kind)}</td><td>${esc(e.actor)}</td><td>${esc(e.message)}</td></tr>`)
       .join("")}</tbody></table>`,
+  );
+}
+
+// Each finished round's data card and model card (markdown, fetched once: they never change).
+async function renderCards(id, rounds) {
+  const done = rounds.filter((r) => r.status === "succeeded");
+  if (!done.length) return section("round-cards", "");
+  state.cards ??= {};
+  const chosen = done.some((r) => r.index === state.cardRound?.[id]) ? state.cardRound[id] : done[done.length - 1].index;
+  const key = `${id}/${chosen}`;
+  state.cards[key] ??= (await api(`/api/v1/campaigns/${id}/rounds/${chosen}/cards`)).cards || [];
+  const titles = { data: "Data card", model: "Model card" };
+  section(
+    "round-cards",
+    `<h2>Round ${chosen + 1}: data and model cards</h2><p class="actions">${done
+      .map((r) => `<button data-card-round="${r.index}" class="${r.index === chosen ? "active" : ""}">Round ${r.index + 1}</button>`)
+      .join("")}</p><div class="cards" data-round="${chosen}">${state.cards[key]
+      .map((c) => `<div class="card round-card" data-kind="${esc(c.kind)}"><h3>${titles[c.kind] || esc(c.kind)}</h3>
+        <pre>${esc(c.markdown)}</pre><p class="muted mono">sha256 ${esc(c.content_hash)}</p></div>`)
+      .join("")}</div>`,
   );
 }
 
@@ -241,18 +262,35 @@ function renderCharts(rounds) {
     { title: "Synthetic prompts by pipeline", keys: pick(/\.prompts_[a-z_]+$/) },
     { title: "Prompts removed", keys: pick(/\.(removed_exact|removed_near|removed_earlier_round|removed_contaminated|conversion_failures)$/) },
   ];
+  // The flywheel's own health, per round: what the filter accepted, how rewards, lengths and
+  // diversity move, whether the reward model still agrees with the checkers, what it cost.
+  const analytics = [
+    { title: "Acceptance at each filter step", keys: pick(/\.(verified_sample_rate|sft_verified_rate|sft_min_reward_rate|sft_acceptance_rate|pair_distinct_rate|pair_margin_rate|pair_acceptance_rate)$/) },
+    { title: "Reward distribution", keys: pick(/\.(reward_p10|reward_p50|reward_p90|reward_mean|reward_std|sft_reward_mean)$/) },
+    { title: "Response length (characters)", keys: pick(/\.(response_chars_mean|sft_response_chars_mean|chosen_chars_mean|rejected_chars_mean)$/) },
+    { title: "Diversity", keys: pick(/\.(prompt_distinct_2|response_distinct_1|response_distinct_2|prompt_near_duplicate_rate|response_repeat_rate)$/) },
+    { title: "Reward model agreement with checkers", keys: pick(/\.rm_checker_agreement$/) },
+    { title: "Win rate with its 95% interval", keys: pick(/\.win_rate(_ci_low|_ci_high)?$/) },
+    { title: "Drift from the previous round: rewards and rates", keys: pick(/\.(reward_[a-z0-9]+|rm_checker_agreement|sft_acceptance_rate|pair_acceptance_rate|response_distinct_2|prompt_distinct_2)_drift$/) },
+    { title: "Drift from the previous round: length", keys: pick(/\.response_(chars|words)_mean_drift$/) },
+    { title: "Cost per accepted sample (s)", keys: pick(/^round\.(worker|gpu)_seconds_per_accepted$/) },
+  ];
   const signature = JSON.stringify([settled.map((r) => [r.index, r.metrics]), rounds.map((r) => r.stages.map(stageSeconds))]);
   if (state.chartKey === signature) return;
   state.chartKey = signature;
-  const el = section("charts", `<h2>Per round</h2><div class="cards" id="chart-cards"></div>`);
-  const cards = $("#chart-cards", el);
-  cards.innerHTML = "";
   // Rounds count from 1 here as in the CLI and the demo's summary.
   const xs = settled.map((r) => r.index + 1);
-  for (const ch of charts) {
-    if (!ch.keys.length || !xs.length) continue;
-    plot(cards, ch.title, xs, ch.keys.map((k) => ({ label: k, values: settled.map((r) => r.metrics[k] ?? null) })), { log: ch.log });
-  }
+  const draw = (id, heading, list) => {
+    const el = section(id, `<h2>${heading}</h2><div class="cards"></div>`);
+    const cards = $(".cards", el);
+    cards.innerHTML = "";
+    for (const ch of list) {
+      if (!ch.keys.length || !xs.length) continue;
+      plot(cards, ch.title, xs, ch.keys.map((k) => ({ label: k, values: settled.map((r) => r.metrics[k] ?? null) })), { log: ch.log });
+    }
+    return cards;
+  };
+  const cards = draw("charts", "Per round", charts);
   const rx = rounds.map((r) => r.index + 1);
   plot(
     cards,
@@ -260,6 +298,7 @@ function renderCharts(rounds) {
     rx,
     stageNames.map((n) => ({ label: n, values: rounds.map((r) => { const s = r.stages.find((x) => x.name === n); return s ? stageSeconds(s) : null; }) })),
   );
+  draw("analytics", "Flywheel analytics", analytics);
 }
 
 // 20000 -> "20k", 1500000 -> "1.5M", 0.25 -> "0.25": short enough for the axis.
@@ -450,4 +489,9 @@ else showLogin("");
 document.addEventListener("click", (e) => {
   const row = e.target.closest("tr[data-href]");
   if (row) location.hash = row.dataset.href;
+  const card = e.target.closest("button[data-card-round]");
+  if (card) {
+    state.cardRound = { ...state.cardRound, [route().id]: Number(card.dataset.cardRound) };
+    refresh();
+  }
 });

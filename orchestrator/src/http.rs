@@ -74,6 +74,10 @@ pub(crate) fn router(ctl: Arc<Controller>) -> Router {
         .route("/api/v1/campaigns/{id}", get(get_campaign))
         .route("/api/v1/campaigns/{id}/artifacts", get(list_artifacts))
         .route("/api/v1/campaigns/{id}/endpoints", get(list_endpoints))
+        .route(
+            "/api/v1/campaigns/{id}/rounds/{round_index}/cards",
+            get(get_round_cards),
+        )
         .route("/api/v1/campaigns/{id}/events", get(list_events))
         .route("/api/v1/campaigns/{id}/retry-stage", post(retry_stage))
         .route("/api/v1/campaigns/{id}/extend", post(extend))
@@ -269,6 +273,21 @@ async fn list_endpoints(
 ) -> ApiResult<ListEndpointsResponse> {
     let req = grpc(&headers, CampaignRef { campaign_id });
     Ok(Json(s.api.list_endpoints(req).await?.into_inner()))
+}
+
+async fn get_round_cards(
+    State(s): State<Http>,
+    Path((campaign_id, round_index)): Path<(String, i32)>,
+    headers: HeaderMap,
+) -> ApiResult<RoundCards> {
+    let req = grpc(
+        &headers,
+        RoundRef {
+            campaign_id,
+            round_index,
+        },
+    );
+    Ok(Json(s.api.get_round_cards(req).await?.into_inner()))
 }
 
 #[derive(Deserialize)]

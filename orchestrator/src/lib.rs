@@ -4,7 +4,8 @@
 //! - [`spec`]: campaign specs (YAML) and their validation with field paths.
 //! - [`limits`]: what one request may carry, checked at the API edge.
 //! - [`store`]: all SQL, one module per table.
-//! - `planner`: round DAGs, promotion gates, settling rounds.
+//! - `planner`: round DAGs, promotion gates, settling rounds; `analytics`: the cost and drift
+//!   it adds to a finished round's metrics; `cards`: its data card and model card.
 //! - `dispatch`: connected workers, batched claims, the lease reaper.
 //! - `writer`: group commit of worker heartbeats, completions and failures.
 //! - `ops`: campaign operations (create, pause, resume, cancel, retry a stage, extend, change
@@ -26,7 +27,9 @@ pub mod spec;
 pub mod store;
 pub mod template;
 
+mod analytics;
 mod api;
+mod cards;
 mod controller;
 mod dispatch;
 mod error;

@@ -16,6 +16,7 @@ use crate::Controller;
 use crate::error::Result;
 use crate::spec::{CampaignSpec, Requirement, round_metrics};
 use crate::store::{self, events::NewEvent, tasks::NewTask};
+use crate::{analytics, cards};
 use flywheel_proto::state::{CampaignStatus, Decision, RoundStatus, TaskState};
 
 pub(crate) const SYSTEM_ACTOR: &str = "controller";
@@ -265,7 +266,40 @@ async fn finish_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
         tx.rollback().await?;
         return Ok(false);
     }
-    let metrics = Value::Object(metrics_of(&tasks));
+    let mut metrics = metrics_of(&tasks);
+    let usage = store::attempts::usage_for_round(&mut tx, round.id).await?;
+    let previous = if round.round_index > 0 {
+        store::rounds::find(&mut tx, campaign.id, round.round_index - 1).await?
+    } else {
+        None
+    };
+    analytics::add(
+        &mut metrics,
+        &tasks,
+        usage,
+        previous.as_ref().map(|r| &r.metrics),
+    );
+    let artifacts = store::artifacts::list(&mut tx, campaign.id, None).await?;
+    let facts = cards::RoundFacts {
+        campaign_name: &campaign.name,
+        campaign_id: campaign.id,
+        rounds_total: campaign.rounds_total,
+        round: &round,
+        tasks: &tasks,
+        artifacts: &artifacts,
+        metrics: &metrics,
+    };
+    for card in cards::render(&facts) {
+        store::round_cards::insert(
+            &mut tx,
+            round.id,
+            card.kind,
+            &card.markdown,
+            &card.content_hash,
+        )
+        .await?;
+    }
+    let metrics = Value::Object(metrics);
     store::rounds::finish(&mut tx, round.id, RoundStatus::Succeeded, &metrics).await?;
     let generator = match (round.decision.as_deref(), round.trained_model_id) {
         (Some(d), Some(model)) if d == Decision::Promoted.as_str() => model,

@@ -178,6 +178,19 @@ impl ControlClient {
         Ok(self.inner.list_rounds(req).await?.into_inner().rounds)
     }
 
+    /// The data card and model card of a finished round (`round_index` 0-based).
+    pub async fn round_cards(
+        &mut self,
+        campaign_id: String,
+        round_index: i32,
+    ) -> Result<Vec<RoundCard>, Status> {
+        let req = RoundRef {
+            campaign_id,
+            round_index,
+        };
+        Ok(self.inner.get_round_cards(req).await?.into_inner().cards)
+    }
+
     pub async fn list_workers(&mut self) -> Result<Vec<Worker>, Status> {
         let req = ListWorkersRequest {};
         Ok(self.inner.list_workers(req).await?.into_inner().workers)

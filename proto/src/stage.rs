@@ -481,6 +481,8 @@ params! {
         seed: Option<u64> = None, "", Rule::None;
         /// Sequences sampled together.
         batch_size: i64 = 128, "128", Rule::IntAtLeast(1);
+        /// The model sampled: generator (the round's) or model (the model of an sft or preference stage in needs: on-policy samples of the round's policy, for preference pairs).
+        policy: String = "generator".into(), "generator", Rule::OneOf(&["generator", "model"]);
     }
 }
 impl CrossChecks for BuiltinGenerate {}
@@ -554,6 +556,8 @@ params! {
         warmup: i64 = 20, "20", Rule::IntAtLeast(0);
         /// Seed of the batch order (default: derived from the campaign and stage).
         seed: Option<u64> = None, "", Rule::None;
+        /// The frozen reference: init (the starting policy) or generator (the round's generator, i.e. the previous round's model, as Nemotron's iterative RPO); recorded as a parent of the trained model.
+        reference: String = "init".into(), "init", Rule::OneOf(&["init", "generator"]);
     }
 }
 impl CrossChecks for BuiltinPreference {

@@ -39,3 +39,17 @@ ensure_test_python() {
     "$venv/bin/pip" install -q 'kubernetes-validate>=1.30' ||
         { echo "error: pip could not install kubernetes-validate from PyPI (the deploy/ manifests' test)" >&2; exit 1; }
 }
+
+# lm-evaluation-harness with its dependencies (and its API-model extra), in an environment of
+# its own: the lm_eval template's test runs it for real against a served model.
+ensure_lm_eval() {
+    local venv=target/lmeval-env
+    if [ -x "$venv/bin/lm_eval" ] && "$venv/bin/python" -c "import lm_eval, datasets, aiohttp" 2>/dev/null; then
+        return 0
+    fi
+    echo "creating $venv with lm-eval[api] from PyPI ..." >&2
+    [ -x "$venv/bin/pip" ] || python3 -m venv "$venv" ||
+        { echo "error: python3 -m venv failed (install Debian's python3-venv)" >&2; exit 1; }
+    "$venv/bin/pip" install -q 'lm-eval[api]>=0.4.8,<0.5' ||
+        { echo "error: pip could not install lm-eval[api] from PyPI (the lm_eval template's test)" >&2; exit 1; }
+}

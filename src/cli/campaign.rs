@@ -95,6 +95,18 @@ pub(super) enum CampaignCommand {
         #[command(flatten)]
         opts: ControlOpts,
     },
+    /// Print a finished round's data card and model card (markdown).
+    Cards {
+        id: String,
+        /// The round, counting from 1 as everywhere it is shown.
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+        round: i32,
+        /// Only this card: `data` or `model`.
+        #[arg(long, value_parser = ["data", "model"])]
+        kind: Option<String>,
+        #[command(flatten)]
+        opts: ControlOpts,
+    },
     /// Follow a campaign's events.
     Events {
         id: String,
@@ -224,6 +236,24 @@ pub(super) async fn run(command: CampaignCommand) -> Result<()> {
                     "  r{:<3} {:<8} {:<10} {:<10} {}",
                     round, a.kind, a.name, a.producer_stage, a.uri
                 );
+            }
+        }
+        CampaignCommand::Cards {
+            id,
+            round,
+            kind,
+            opts,
+        } => {
+            let mut c = ControlClient::connect(&opts.controller, &opts.token).await?;
+            let cards = c.round_cards(id, round - 1).await.map_err(status_error)?;
+            if cards.is_empty() {
+                anyhow::bail!("round {round} has no cards yet: they are written when it finishes");
+            }
+            for card in cards
+                .iter()
+                .filter(|c| kind.as_ref().is_none_or(|k| *k == c.kind))
+            {
+                println!("{}", card.markdown);
             }
         }
         CampaignCommand::Pause { id, reason, opts } => {

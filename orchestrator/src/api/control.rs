@@ -168,6 +168,37 @@ impl ControlService for ControlApi {
         }))
     }
 
+    async fn get_round_cards(
+        &self,
+        req: Request<RoundRef>,
+    ) -> Result<Response<RoundCards>, Status> {
+        self.ctl.auth.require(&req, Scope::Read).await?;
+        let r = req.get_ref();
+        let id = parse_id("campaign_id", &r.campaign_id)?;
+        ops::get(&self.ctl, id).await?;
+        let mut conn = self.ctl.pool.acquire().await.map_err(Error::from)?;
+        let round = store::rounds::find(&mut conn, id, r.round_index)
+            .await
+            .map_err(Error::from)?
+            .ok_or_else(|| Error::NotFound {
+                what: "round",
+                id: format!("index {} of campaign {id}", r.round_index),
+            })?;
+        let cards = store::round_cards::list_for_round(&mut conn, round.id)
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(RoundCards {
+            cards: cards
+                .into_iter()
+                .map(|c| RoundCard {
+                    kind: c.kind,
+                    markdown: c.markdown,
+                    content_hash: c.content_hash,
+                })
+                .collect(),
+        }))
+    }
+
     async fn list_workers(
         &self,
         req: Request<ListWorkersRequest>,

@@ -183,7 +183,10 @@ impl Validator {
         if let Some(metric) = &metric {
             match metric.split_once('.') {
                 Some((stage, name)) if !name.is_empty() => {
-                    if !stages.is_empty() && !stages.iter().any(|s| s.name == stage) {
+                    if stage != crate::analytics::ROUND
+                        && !stages.is_empty()
+                        && !stages.iter().any(|s| s.name == stage)
+                    {
                         self.problem(
                             "stop_when.metric",
                             format!("{metric:?}: the recipe has no stage {stage:?}"),
@@ -349,6 +352,12 @@ impl Validator {
             }
             if earlier.contains(n) {
                 self.problem(join(path, "name"), format!("duplicate stage name {n:?}"));
+            }
+            if n == crate::analytics::ROUND {
+                self.problem(
+                    join(path, "name"),
+                    "\"round\" is reserved for the round's own metrics (round.worker_seconds, ...)",
+                );
             }
         }
         let kind = self.string(m, "kind", path).and_then(|k| {
@@ -562,6 +571,16 @@ impl Validator {
 
     fn recipe_shape(&mut self, stages: &[StageSpec]) {
         self.round_size(stages);
+        // On-policy samples come from the model of a training stage the generate stage needs.
+        for (i, s) in stages.iter().enumerate() {
+            let on_policy = s.params.get("policy").and_then(Value::as_str) == Some("model");
+            if s.kind == StageKind::Generate && on_policy && !needs_a_training_stage(s, stages) {
+                self.problem(
+                    format!("recipe.stages[{i}].needs"),
+                    "policy: model samples the model of an sft or preference stage it needs; name one (e.g. needs: [sft, prompts])",
+                );
+            }
+        }
         // The builtin evaluation judges the model a training stage it needs produced.
         for (i, s) in stages.iter().enumerate() {
             if s.kind == StageKind::Evaluate

@@ -122,7 +122,39 @@ pub async fn insert_outputs(
          JOIN tasks t ON t.id = a.producer_task_id
          JOIN campaigns c ON c.id = t.campaign_id
          WHERE a.id = ANY($1) AND t.kind = 'sft' AND c.base_model_id IS NOT NULL
+         UNION
+         SELECT a.id, r.generator_id FROM artifacts a
+         JOIN tasks t ON t.id = a.producer_task_id
+         JOIN rounds r ON r.id = t.round_id
+         WHERE a.id = ANY($1) AND t.kind = 'preference' AND t.params->>'reference' = 'generator'
          ON CONFLICT DO NOTHING",
+    )
+    .bind(&ids)
+    .execute(&mut *conn)
+    .await?;
+    // On-policy samples (`policy: model`) came from the trained model the generate task
+    // sampled, not the round's generator; datasets made from them inherit it.
+    sqlx::query(
+        "UPDATE artifacts a SET generator_id = m.id
+         FROM tasks t
+         JOIN task_edges e ON e.task_id = t.id
+         JOIN tasks d ON d.id = e.depends_on AND d.kind IN ('sft', 'preference')
+         JOIN artifacts m ON m.producer_task_id = d.id AND m.producer_attempt = d.attempt
+                         AND m.name = 'model'
+         WHERE a.id = ANY($1) AND t.id = a.producer_task_id AND t.kind = 'generate'
+           AND t.params->>'policy' = 'model'",
+    )
+    .bind(&ids)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE artifacts a SET generator_id = p.generator_id
+         FROM artifact_parents ap
+         JOIN artifacts p ON p.id = ap.parent_id
+         JOIN tasks t ON t.id = p.producer_task_id
+         JOIN rounds r ON r.id = t.round_id
+         WHERE a.id = ANY($1) AND ap.artifact_id = a.id AND a.kind = 'dataset'
+           AND p.kind = 'dataset' AND p.generator_id IS DISTINCT FROM r.generator_id",
     )
     .bind(&ids)
     .execute(conn)

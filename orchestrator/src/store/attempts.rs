@@ -81,3 +81,24 @@ pub async fn list_for_task(
     .fetch_all(conn)
     .await
 }
+
+/// What a round's attempts cost: slot-seconds on workers, and GPU-seconds (each attempt's
+/// duration × its worker's GPUs per slot). Running attempts count up to now; `None` for GPU
+/// seconds when no attempt ran on a worker that declares GPUs.
+pub async fn usage_for_round(
+    conn: &mut PgConnection,
+    round_id: Uuid,
+) -> Result<(f64, Option<f64>), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT COALESCE(sum(d.seconds), 0)::float8,
+                sum(d.seconds * w.gpu_count / GREATEST(w.slots, 1)) FILTER (WHERE w.gpu_count > 0)::float8
+         FROM (SELECT a.worker_id,
+                      EXTRACT(EPOCH FROM COALESCE(a.finished_at, now()) - a.started_at)::float8 AS seconds
+               FROM attempts a JOIN tasks t ON t.id = a.task_id
+               WHERE t.round_id = $1) d
+         LEFT JOIN workers w ON w.id = d.worker_id",
+    )
+    .bind(round_id)
+    .fetch_one(conn)
+    .await
+}

@@ -11,6 +11,7 @@ pub mod controllers;
 pub mod endpoints;
 pub mod events;
 pub mod pools;
+pub mod round_cards;
 pub mod rounds;
 pub mod schedule_runs;
 pub mod schedules;

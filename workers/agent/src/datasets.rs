@@ -68,17 +68,13 @@ pub fn write_jsonl(
 /// `margin`. With `require_verified`, a sample a verifier rejected (`"verified": false`) is never
 /// an SFT record or a chosen response.
 ///
-/// Where a prompt carries verifiable instructions, their checkers judge first: a response that
-/// follows them ranks above every one that does not, whatever the rewards, and such a pair needs
-/// no reward margin. A prompt of the `sft` pool yields no pair, one of the `preference` pool no
-/// SFT record. A two-turn prompt (`messages`) yields a conversation: the SFT record has every
+/// The checkers judge first, the reward second: a response that follows the prompt's verifiable
+/// instructions ranks above every one that does not, then a correct one (not `"verified":
+/// false`) above an incorrect one, whatever the rewards; a pair decided by a checker needs no
+/// reward margin and records which (`judge`: `instructions` or `verifier`). A prompt of the
+/// `sft` pool yields no pair, one of the `preference` pool no SFT record. A two-turn prompt (`messages`) yields a conversation: the SFT record has every
 /// turn, the pair keeps the turns before the answer in `messages`.
-pub fn filter(
-    rows: &[Value],
-    margin: f64,
-    min_reward: f64,
-    require_verified: bool,
-) -> (Vec<Value>, Vec<Value>) {
+pub fn filter(rows: &[Value], margin: f64, min_reward: f64, require_verified: bool) -> Filtered {
     let mut by_prompt: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
     for r in rows {
         by_prompt
@@ -87,15 +83,26 @@ pub fn filter(
             .push(r);
     }
     let reward = |r: &Value| r["reward"].as_f64().unwrap_or(f64::NEG_INFINITY);
-    // Instruction checkers rank before the reward.
-    let checked = |r: &Value| r.get("instructions_followed").is_some();
-    let follows = |r: &Value| !checked(r) || r["verified"].as_bool() != Some(false);
+    // The checkers rank before the reward: instructions followed (strictly), then correct.
+    let follows = |r: &Value| {
+        r.get("instructions_followed").is_none_or(|v| {
+            v["strict"]
+                .as_array()
+                .is_some_and(|a| a.iter().all(|x| x == true))
+        })
+    };
+    let correct = |r: &Value| r["verified"].as_bool() != Some(false);
     let rank = |a: &&&Value, b: &&&Value| {
         follows(a)
             .cmp(&follows(b))
+            .then(correct(a).cmp(&correct(b)))
             .then(reward(a).total_cmp(&reward(b)))
     };
     let (mut sft, mut pairs) = (Vec::new(), Vec::new());
+    let mut funnel = Funnel {
+        prompts: by_prompt.len(),
+        ..Funnel::default()
+    };
     for samples in by_prompt.values() {
         let best = samples.iter().max_by(rank).expect("non-empty");
         let worst = samples.iter().min_by(rank).expect("non-empty");
@@ -105,18 +112,32 @@ pub fn filter(
             Some(m) => m.clone(),
             None => vec![json!({ "role": "user", "content": best["prompt"] })],
         };
-        if usable && reward(best) >= min_reward && pool != Some("preference") && follows(best) {
-            let mut messages = turns.clone();
-            messages.push(json!({ "role": "assistant", "content": best["response"] }));
-            sft.push(json!({ "messages": messages, "reward": reward(best) }));
+        if pool != Some("preference") {
+            funnel.sft_candidates += 1;
+            let verified = usable && follows(best);
+            funnel.sft_verified += verified as usize;
+            if verified && reward(best) >= min_reward {
+                funnel.sft_accepted += 1;
+                let mut messages = turns.clone();
+                messages.push(json!({ "role": "assistant", "content": best["response"] }));
+                sft.push(json!({ "messages": messages, "reward": reward(best) }));
+            }
         }
-        let decided_by_checker = follows(best) && !follows(worst);
-        if usable
-            && pool != Some("sft")
-            && samples.len() > 1
-            && (decided_by_checker || reward(best) - reward(worst) >= margin)
-            && best["response"] != worst["response"]
-        {
+        if pool == Some("sft") || samples.len() < 2 {
+            continue;
+        }
+        let decided_by = if follows(best) && !follows(worst) {
+            Some("instructions")
+        } else if correct(best) && !correct(worst) {
+            Some("verifier")
+        } else {
+            None
+        };
+        funnel.pair_candidates += 1;
+        let distinct = usable && best["response"] != worst["response"];
+        funnel.pair_distinct += distinct as usize;
+        if distinct && (decided_by.is_some() || reward(best) - reward(worst) >= margin) {
+            funnel.pair_accepted += 1;
             let mut pair = json!({
                 "prompt": best["prompt"], "chosen": best["response"], "rejected": worst["response"],
                 "chosen_reward": reward(best), "rejected_reward": reward(worst),
@@ -124,13 +145,36 @@ pub fn filter(
             if best["messages"].is_array() {
                 pair["messages"] = json!(turns);
             }
-            if decided_by_checker {
-                pair["judge"] = json!("instructions");
+            if let Some(checker) = decided_by {
+                pair["judge"] = json!(checker);
             }
             pairs.push(pair);
         }
     }
-    (sft, pairs)
+    Filtered { sft, pairs, funnel }
+}
+
+/// What [`filter`] made, and how many prompts passed each of its steps.
+#[derive(Debug, Clone, Default)]
+pub struct Filtered {
+    pub sft: Vec<Value>,
+    pub pairs: Vec<Value>,
+    pub funnel: Funnel,
+}
+
+/// Prompts at each step of the filter. SFT: candidates (prompts not of the preference pool) →
+/// best sample passed the verifier and the instruction checkers → reached `min_reward` (an SFT
+/// record). Pairs: candidates (prompts not of the sft pool, with two samples or more) → usable
+/// best and a worst that differs from it → margin met or decided by a checker (a pair).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Funnel {
+    pub prompts: usize,
+    pub sft_candidates: usize,
+    pub sft_verified: usize,
+    pub sft_accepted: usize,
+    pub pair_candidates: usize,
+    pub pair_distinct: usize,
+    pub pair_accepted: usize,
 }
 
 /// The `filter` stage, the same for every backend: reads the `scores` inputs and writes `sft`
@@ -138,18 +182,17 @@ pub fn filter(
 pub fn filter_stage(task: &Task) -> Result<TaskResult, TaskError> {
     let p: flywheel_proto::stage::BuiltinFilter = task.typed()?;
     let rows = read_jsonl(&task.inputs(Role::Scores))?;
-    let (sft, pairs) = filter(
+    let filtered = filter(
         &rows,
         p.margin,
         p.min_reward.unwrap_or(f64::NEG_INFINITY),
         p.require_verified,
     );
+    let metrics = crate::analytics::of_filter(&rows, &filtered)
+        .into_iter()
+        .collect();
+    let Filtered { sft, pairs, .. } = filtered;
     let prefix = task.assignment.output_prefix.as_str();
-    let metrics = [
-        ("sft_records".to_string(), sft.len() as f64),
-        ("pair_records".to_string(), pairs.len() as f64),
-    ]
-    .into();
     let mut outputs = vec![
         write_jsonl(prefix, Role::Sft, "trl.messages", &sft)?,
         write_jsonl(prefix, Role::Pairs, "trl.preference", &pairs)?,
@@ -230,19 +273,54 @@ mod tests {
             row("2", "x", 1.0),
             row("2", "y", 1.1),
         ];
-        let (sft, pairs) = filter(&rows, 0.5, 0.0, false);
+        let Filtered { sft, pairs, .. } = filter(&rows, 0.5, 0.0, false);
         assert_eq!(sft.len(), 2);
         assert_eq!(sft[0]["messages"][1]["content"], "b");
         assert_eq!(pairs.len(), 1, "prompt 2's gap is under the margin");
         assert_eq!(pairs[0]["chosen"], "b");
         assert_eq!(pairs[0]["rejected"], "a");
-        let (sft, _) = filter(&rows, 0.5, 2.0, false);
+        let Filtered { sft, .. } = filter(&rows, 0.5, 2.0, false);
         assert_eq!(sft.len(), 1, "prompt 2's best is under min_reward");
         let mut rows = rows;
         rows[1]["verified"] = json!(false);
-        let (sft, pairs) = filter(&rows, 0.5, 0.0, true);
-        assert_eq!(sft.len(), 1, "prompt 1's best was rejected by the verifier");
-        assert_eq!(pairs.len(), 0);
+        // The verifier ranks first: prompt 1's best correct sample is "c", and the answer it
+        // rejected is the pair's rejected one, with no margin needed.
+        let Filtered { sft, pairs, .. } = filter(&rows, 0.5, 0.0, true);
+        assert_eq!(sft.len(), 2);
+        assert_eq!(sft[0]["messages"][1]["content"], "c");
+        assert_eq!(pairs.len(), 1);
+        assert_eq!(
+            (
+                &pairs[0]["chosen"],
+                &pairs[0]["rejected"],
+                &pairs[0]["judge"]
+            ),
+            (&json!("c"), &json!("b"), &json!("verifier"))
+        );
+    }
+
+    #[test]
+    fn the_verifier_decides_before_the_reward() {
+        let row = |r: &str, w: f64, ok: bool| json!({ "prompt_id": "1", "prompt": "q", "response": r, "reward": w, "verified": ok });
+        // The reward model prefers the wrong answer; the verifier decides, with no margin.
+        let rows = vec![row("wrong", 3.0, false), row("right", 1.0, true)];
+        let Filtered { sft, pairs, funnel } = filter(&rows, 10.0, 0.0, false);
+        assert_eq!(sft[0]["messages"][1]["content"], "right");
+        assert_eq!(pairs[0]["chosen"], "right");
+        assert_eq!(pairs[0]["rejected"], "wrong");
+        assert_eq!(pairs[0]["judge"], "verifier");
+        assert_eq!(
+            funnel,
+            Funnel {
+                prompts: 1,
+                sft_candidates: 1,
+                sft_verified: 1,
+                sft_accepted: 1,
+                pair_candidates: 1,
+                pair_distinct: 1,
+                pair_accepted: 1,
+            }
+        );
     }
 
     #[test]
@@ -258,7 +336,7 @@ mod tests {
             row("1", "a", 1.0, true, "preference"),
             row("1", "b", 3.0, false, "preference"),
         ];
-        let (sft, pairs) = filter(&rows, 10.0, 0.0, false);
+        let Filtered { sft, pairs, .. } = filter(&rows, 10.0, 0.0, false);
         assert!(
             sft.is_empty(),
             "a preference-pool prompt yields no SFT record"
@@ -269,12 +347,12 @@ mod tests {
             row("1", "a", 1.0, true, "sft"),
             row("1", "b", 3.0, false, "sft"),
         ];
-        let (sft, pairs) = filter(&rows, 0.0, 0.0, false);
+        let Filtered { sft, pairs, .. } = filter(&rows, 0.0, 0.0, false);
         assert!(pairs.is_empty(), "an SFT-pool prompt yields no pair");
         assert_eq!(sft[0]["messages"][1]["content"], "a");
         // Nothing followed the instructions: no SFT record at all.
         let rows = vec![row("1", "a", 1.0, false, "sft")];
-        assert!(filter(&rows, 0.0, 0.0, false).0.is_empty());
+        assert!(filter(&rows, 0.0, 0.0, false).sft.is_empty());
         // A conversation stays one.
         let turns = json!([{ "role": "user", "content": "Hi" }, { "role": "assistant", "content": "Hello" }, { "role": "user", "content": "q" }]);
         let mut a = json!({ "prompt_id": "2", "prompt": "q", "response": "x", "reward": 2.0, "messages": turns });
@@ -283,10 +361,10 @@ mod tests {
         b["reward"] = json!(1.0);
         a["pool"] = json!("preference");
         b["pool"] = json!("preference");
-        let (_, pairs) = filter(&[a.clone(), b], 0.0, 0.0, false);
+        let Filtered { pairs, .. } = filter(&[a.clone(), b], 0.0, 0.0, false);
         assert_eq!(pairs[0]["messages"], turns);
         a["pool"] = json!("sft");
-        let (sft, _) = filter(&[a], 0.0, 0.0, false);
+        let Filtered { sft, .. } = filter(&[a], 0.0, 0.0, false);
         assert_eq!(sft[0]["messages"].as_array().unwrap().len(), 4);
     }
 }

@@ -7,6 +7,7 @@
 //! accepts or rejects them, never dropped on a transient error.
 
 mod agent;
+pub mod analytics;
 pub mod artifacts;
 mod backend;
 pub mod datasets;

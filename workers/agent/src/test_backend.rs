@@ -8,7 +8,7 @@
 //!
 //! Its params are the stage contract's: its knobs (`TestKnobs`: `sleep_ms`, `fail_attempts`,
 //! `fail_permanently`, `crash_attempts`) on every kind, and the builtin's params of the kind,
-//! which it uses where it can (`count`, `k`, `weights`, the filter's) and records in its
+//! which it uses where it can (`count`, `k`, `weights`, `verifier`, the filter's) and records in its
 //! outputs' metadata (`params`) where it cannot (sampling and training settings).
 
 use std::time::{Duration, Instant};
@@ -139,9 +139,9 @@ fn synthesize(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
 
 fn generate(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
     let a = &task.assignment;
-    let generator = task.input(Role::Generator)?;
-    let quality = model_quality(generator)?;
     let params: BuiltinGenerate = task.typed()?;
+    let generator = task.input(task.role_param("policy", &params.policy)?)?;
+    let quality = model_quality(generator)?;
     let k = params.k.max(1);
     let prompts = read_jsonl(&task.inputs(Role::Prompts))?;
     let mut rows = Vec::new();
@@ -186,6 +186,10 @@ fn score(task: &Task, prefix: &str) -> Result<TaskResult, TaskError> {
         let reward: f64 = attrs.iter().zip(&weights).map(|(a, w)| a * w).sum();
         r["attributes"] = json!({ "helpfulness": attrs[0], "correctness": attrs[1], "coherence": attrs[2], "complexity": attrs[3], "verbosity": attrs[4] });
         r["reward"] = json!(reward);
+        if params.verifier {
+            // A stand-in checker: a sample of a model of quality q passes with probability q.
+            r["verified"] = json!(unit_hash(&[&id, "verified"]) < q);
+        }
     }
     let mean = rows
         .iter()

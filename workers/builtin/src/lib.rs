@@ -94,7 +94,7 @@ fn mix(
 }
 
 /// The verifiable instructions (IFEval's catalog) a task-world prompt asks for.
-fn world_instructions(prompt: &str) -> Vec<Instruction> {
+pub fn world_instructions(prompt: &str) -> Vec<Instruction> {
     match world::Format::of(prompt).1 {
         world::Format::Quotes => vec![Instruction::Quotation],
         _ => Vec::new(),
@@ -186,6 +186,55 @@ fn instructions_check(row: &mut Value) -> Result<Option<bool>, TaskError> {
     flywheel_worker::sdg::instructions::check_row(row).map_err(TaskError::permanent)
 }
 
+/// Scores rows (`prompt`, `response`) in place with the reward model's five attributes and
+/// their weighted sum (`reward`), the task world's verifier overriding correctness where one
+/// exists (`verified`) and the instruction checkers after it (`instructions_followed`);
+/// `rm_reward` keeps the model's own verdict. Returns how many were verified correct and the
+/// sum of the rewards.
+pub fn score_rows(
+    rm: &flywheel_engine::model::Transformer,
+    rows: &mut [Value],
+    p: &BuiltinScore,
+) -> Result<(usize, f64), TaskError> {
+    let weights = reward_endpoint::weights(&p.weights);
+    let pairs: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["prompt"].as_str().unwrap_or_default().to_string(),
+                r["response"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(p, r)| (p.as_str(), r.as_str()))
+        .collect();
+    let scores = reward::score(rm, &refs, p.batch_size as usize).task()?;
+    let mut verified = 0usize;
+    let mut total = 0.0;
+    for ((row, (prompt, response)), mut attrs) in rows.iter_mut().zip(&pairs).zip(scores) {
+        // The reward model's own verdict, before the checkers override it (for analytics).
+        row["rm_reward"] = json!(reward::scalar(&attrs, &weights));
+        if p.verifier && world::answer(prompt).is_some() {
+            // Ground truth where a verifier exists, as the recipe does; the reward model elsewhere.
+            let ok = world::verify(prompt, response);
+            attrs[1] = if ok { 4.0 } else { 0.0 };
+            verified += ok as usize;
+            row["verified"] = json!(ok);
+        }
+        // Verifiable instructions are judged by their checkers, like the verifier.
+        if instructions_check(row)? == Some(false) {
+            attrs[1] = 0.0;
+        }
+        let scalar = reward::scalar(&attrs, &weights);
+        total += scalar;
+        row["attributes"] = reward_endpoint::attributes_json(attrs.map(f64::from));
+        row["reward"] = json!(scalar);
+    }
+    Ok((verified, total))
+}
+
 fn progress_reporter<'a>(
     ctx: &'a TaskContext,
     total: usize,
@@ -257,7 +306,9 @@ impl BuiltinBackend {
         prefix: &str,
     ) -> Result<TaskResult, TaskError> {
         let a = &task.assignment;
-        let generator = task.input(Role::Generator)?;
+        let p: BuiltinGenerate = task.typed()?;
+        // The round's generator, or (on-policy) the model of a training stage it needs.
+        let generator = task.input(task.role_param("policy", &p.policy)?)?;
         let model = checkpoint::load_frozen(&model_dir(generator)?, &self.device).task()?;
         let rows = read_jsonl(&task.inputs(Role::Prompts))?;
         let mine: Vec<&Value> = rows
@@ -270,7 +321,6 @@ impl BuiltinBackend {
             .iter()
             .map(|r| r["prompt"].as_str().unwrap_or_default().to_string())
             .collect();
-        let p: BuiltinGenerate = task.typed()?;
         let k = p.k as usize;
         let cfg = SampleConfig {
             temperature: p.temperature,
@@ -322,42 +372,8 @@ impl BuiltinBackend {
         let rm =
             checkpoint::load_frozen(&model_dir(task.input(Role::Reward)?)?, &self.device).task()?;
         let p: BuiltinScore = task.typed()?;
-        let weights = reward_endpoint::weights(&p.weights);
-        let use_verifier = p.verifier;
         let mut rows = read_jsonl(&task.inputs(Role::Responses))?;
-        let pairs: Vec<(String, String)> = rows
-            .iter()
-            .map(|r| {
-                (
-                    r["prompt"].as_str().unwrap_or_default().to_string(),
-                    r["response"].as_str().unwrap_or_default().to_string(),
-                )
-            })
-            .collect();
-        let refs: Vec<(&str, &str)> = pairs
-            .iter()
-            .map(|(p, r)| (p.as_str(), r.as_str()))
-            .collect();
-        let scores = reward::score(&rm, &refs, p.batch_size as usize).task()?;
-        let mut verified = 0usize;
-        let mut total = 0.0;
-        for ((row, (p, r)), mut attrs) in rows.iter_mut().zip(&pairs).zip(scores) {
-            if use_verifier && world::answer(p).is_some() {
-                // Ground truth where a verifier exists, as the recipe does; the reward model elsewhere.
-                let ok = world::verify(p, r);
-                attrs[1] = if ok { 4.0 } else { 0.0 };
-                verified += ok as usize;
-                row["verified"] = json!(ok);
-            }
-            // Verifiable instructions are judged by their checkers, like the verifier.
-            if instructions_check(row)? == Some(false) {
-                attrs[1] = 0.0;
-            }
-            let scalar = reward::scalar(&attrs, &weights);
-            total += scalar;
-            row["attributes"] = reward_endpoint::attributes_json(attrs.map(f64::from));
-            row["reward"] = json!(scalar);
-        }
+        let (verified, total) = score_rows(&rm, &mut rows, &p)?;
         let n = rows.len();
         let out = write_jsonl(prefix, Role::Scores, "flywheel.scores", &rows)?;
         Ok(TaskResult {
@@ -419,11 +435,15 @@ impl BuiltinBackend {
             }
         };
         let cfg = train_config(task, p.steps, p.batch_size, p.lr, p.warmup, p.seed);
-        // The reference is the starting policy itself, frozen.
+        // The reference, frozen: the starting policy itself, or the round's generator.
+        let reference = match p.reference.as_str() {
+            "generator" => task.input(Role::Generator)?,
+            _ => init,
+        };
         let t = jobs::fine_tune(
             &dir,
             jobs::Objective::Preference {
-                reference: &dir,
+                reference: &model_dir(reference)?,
                 pairs: &pairs,
                 objective: PreferenceObjective {
                     loss: loss_kind,
@@ -436,7 +456,10 @@ impl BuiltinBackend {
             &mut progress_reporter(ctx, cfg.steps, "preference"),
         )
         .task()?;
-        trained(prefix, &t, init, pairs.len(), cfg.steps)
+        let mut result = trained(prefix, &t, init, pairs.len(), cfg.steps)?;
+        result.outputs[0].metadata["reference"] =
+            json!({ "id": reference.id, "content_hash": reference.content_hash });
+        Ok(result)
     }
 
     fn evaluate(&self, task: &Task, ctx: &TaskContext) -> Result<TaskResult, TaskError> {

@@ -209,12 +209,16 @@ fn every_builtin_param_changes_what_its_stage_does() {
     );
     let prompts = by_role(&prompts, "prompts");
 
+    // A trained model of the round, for on-policy samples.
+    let mut policy = base.clone();
+    policy.role = "model".into();
     let responses = check::<BuiltinGenerate>(
         &mut w,
         "generate",
         json!({ "k": 2, "max_tokens": 6 }),
-        &[prompts.clone(), generator.clone()],
+        &[prompts.clone(), generator.clone(), policy],
         &[
+            ("policy", json!("model")),
             ("k", json!(3)),
             ("temperature", json!(0.3)),
             ("top_p", json!(0.3)),
@@ -270,8 +274,9 @@ fn every_builtin_param_changes_what_its_stage_does() {
         &mut w,
         "preference",
         json!({ "algorithm": "rpo", "steps": 2, "batch_size": 4, "warmup": 0 }),
-        &[pairs.clone(), trained.clone()],
+        &[pairs.clone(), trained.clone(), generator.clone()],
         &[
+            ("reference", json!("generator")),
             ("algorithm", json!("dpo")),
             ("beta", json!(0.5)),
             ("eta", json!(3.0)),
