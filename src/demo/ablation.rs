@@ -1,30 +1,62 @@
-//! `demo --ablation`: from the same round-1 data, SFT only vs SFT+DPO vs SFT+RPO.
+//! `demo --ablation`: SFT only, SFT+DPO and SFT+RPO on identical data, over three seeds, the
+//! preference step done as the recipe does it.
+//!
+//! Per seed: SFT from the round's generator on round 1's SFT data (the demo recipe's settings);
+//! preference pairs sampled from that SFT model (the current policy) on training prompts of
+//! which a share ask for the answer in quotes (IFEval's `startend:quotation`), scored like the
+//! builtin `score` stage and paired by the `filter` stage's own ranking: the checkers first
+//! (instruction followed, answer correct), the reward model second; DPO and RPO from the SFT
+//! model against a frozen reference. Every variant is evaluated on the same held-out prompts:
+//! accuracy (no instruction) and IFEval prompt-level strict accuracy (every prompt quoted).
 
 use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::Result;
 use candle_nn::VarMap;
+use flywheel_builtin::{score_rows, world_instructions};
+use flywheel_engine::sample::{SampleConfig, sample};
 use flywheel_engine::train::{self, Pair, PreferenceLoss, PreferenceObjective, TrainConfig};
-use flywheel_engine::world::{self, Split};
+use flywheel_engine::world::{self, Mix, Split};
 use flywheel_engine::{checkpoint, eval, model::Transformer};
+use flywheel_proto::stage::BuiltinScore;
+use flywheel_worker::sdg::instructions::Accuracy;
 use serde::Serialize;
+use serde_json::{Value, json};
+
+pub(crate) const SEEDS: [u64; 3] = [1, 2, 3];
+
+/// The preference data of the ablation: how many prompts, which share is quoted, K.
+const PREFERENCE_PROMPTS: usize = 800;
+const QUOTED_SHARE: f64 = 0.5;
+const K: usize = 8;
 
 #[derive(Debug, Serialize)]
-pub(crate) struct Variant {
-    name: &'static str,
+pub(crate) struct Measured {
     accuracy: f64,
+    instruction_following: f64,
     mean_reward: f64,
 }
 
 #[derive(Debug, Serialize)]
+pub(crate) struct Variant {
+    name: &'static str,
+    /// One per seed, in the order of [`SEEDS`].
+    runs: Vec<Measured>,
+}
+
+#[derive(Debug, Serialize)]
 pub(crate) struct Ablation {
+    seeds: Vec<u64>,
     sft_records: usize,
-    pairs: usize,
+    /// On-policy pairs per seed, and how many of them a checker decided.
+    pairs: Vec<usize>,
+    checker_pairs: Vec<usize>,
+    reference: &'static str,
     variants: Vec<Variant>,
 }
 
-fn read(uri: &str) -> Result<Vec<serde_json::Value>> {
+fn read(uri: &str) -> Result<Vec<Value>> {
     let text = std::fs::read_to_string(uri.trim_start_matches("file://"))?;
     Ok(text
         .lines()
@@ -33,115 +65,215 @@ fn read(uri: &str) -> Result<Vec<serde_json::Value>> {
         .collect::<Result<_, _>>()?)
 }
 
-fn evaluate(
-    name: &'static str,
-    model: &Transformer,
-    rm: &Transformer,
-    prompts: &[String],
-) -> Result<Variant> {
-    let answers = eval::answers(model, prompts)?;
+fn held_out(quotes: f64, count: usize) -> Vec<String> {
+    let mix = Mix {
+        quotes,
+        brackets: if quotes > 0.0 { 0.0 } else { 0.2 },
+        ..super::bootstrap::demo_mix(Split::HeldOut)
+    };
+    world::generate(1234, count, &mix, "e", &HashSet::new())
+        .into_iter()
+        .map(|p| p.prompt)
+        .collect()
+}
+
+struct Eval {
+    plain: Vec<String>,
+    quoted: Vec<String>,
+}
+
+fn evaluate(model: &Transformer, rm: &Transformer, e: &Eval) -> Result<Measured> {
+    let answers = eval::answers(model, &e.plain)?;
     let rewards = eval::rewards(
         rm,
-        prompts,
+        &e.plain,
         &answers,
         true,
         &flywheel_proto::stage::HELPSTEER2_WEIGHTS,
     )?;
-    Ok(Variant {
-        name,
-        accuracy: eval::accuracy(prompts, &answers),
+    let quoted = eval::answers(model, &e.quoted)?;
+    let instructions: Vec<_> = e.quoted.iter().map(|p| world_instructions(p)).collect();
+    let following = Accuracy::metrics_of(&instructions, &quoted, "")
+        .into_iter()
+        .find(|(k, _)| k == "ifeval_prompt_strict")
+        .map_or(0.0, |(_, v)| v);
+    Ok(Measured {
+        accuracy: eval::accuracy(&e.plain, &answers),
+        instruction_following: following,
         mean_reward: rewards.iter().sum::<f64>() / rewards.len().max(1) as f64,
     })
+}
+
+/// Pairs from `policy`'s own samples, ranked checkers first (the filter stage's ranking).
+fn on_policy_pairs(policy: &Transformer, rm: &Transformer, seed: u64) -> Result<Vec<Value>> {
+    let mix = Mix {
+        quotes: QUOTED_SHARE,
+        brackets: 0.1,
+        ..super::bootstrap::demo_mix(Split::Train)
+    };
+    let prompts: Vec<String> = world::generate(
+        seed ^ 0x5EED,
+        PREFERENCE_PROMPTS,
+        &mix,
+        "p",
+        &HashSet::new(),
+    )
+    .into_iter()
+    .map(|p| p.prompt)
+    .collect();
+    let cfg = SampleConfig {
+        temperature: 1.0,
+        max_tokens: 16,
+        seed,
+        batch_size: 128,
+        ..SampleConfig::greedy(16)
+    };
+    let samples = sample(policy, &prompts, K, &cfg, &mut |_, _| true)?;
+    let mut rows = Vec::new();
+    for (i, (prompt, responses)) in prompts.iter().zip(samples).enumerate() {
+        for response in responses {
+            let mut row = json!({ "prompt_id": i, "prompt": prompt, "response": response });
+            let instructions = world_instructions(prompt);
+            if !instructions.is_empty() {
+                row["instructions"] = json!(instructions);
+            }
+            rows.push(row);
+        }
+    }
+    let score: BuiltinScore = serde_json::from_value(json!({}))?;
+    score_rows(rm, &mut rows, &score).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // The demo recipe's filter: margin 1.0 where no checker decides.
+    Ok(flywheel_worker::datasets::filter(&rows, 1.0, f64::NEG_INFINITY, false).pairs)
 }
 
 pub(crate) fn run(
     generator: &Path,
     reward: &Path,
     sft_uri: &str,
-    pairs_uri: &str,
+    log: &dyn Fn(&str),
 ) -> Result<Ablation> {
     let dev = candle_core::Device::Cpu;
     let sft: Vec<(String, String)> = read(sft_uri)?
         .iter()
         .filter_map(flywheel_worker::datasets::sft_example)
         .collect();
-    let pairs: Vec<Pair> = read(pairs_uri)?.iter().filter_map(Pair::from_row).collect();
     let rm = checkpoint::load_frozen(reward, &dev)?;
-    let prompts: Vec<String> = world::generate(
-        1234,
-        200,
-        &super::bootstrap::demo_mix(Split::HeldOut),
-        "e",
-        &HashSet::new(),
-    )
-    .into_iter()
-    .map(|p| p.prompt)
-    .collect();
+    let evals = Eval {
+        plain: held_out(0.0, 200),
+        quoted: held_out(1.0, 100),
+    };
     let config = checkpoint::read_config(generator)?;
-
-    // The same settings as the demo recipe's sft and rpo stages.
-    let varmap = VarMap::new();
-    let model = checkpoint::load_trainable(generator, config.clone(), &varmap, &dev)?;
-    train::sft(
-        &model,
-        &varmap,
-        &sft,
-        &TrainConfig {
-            steps: 900,
-            lr: 3e-3,
-            ..TrainConfig::default()
-        },
-        &mut |_, _| true,
-    )?;
-    let sft_dir = std::env::temp_dir().join(format!("flywheel-ablation-{}", std::process::id()));
-    checkpoint::save(&sft_dir, &config, &varmap)?;
-    let mut variants = vec![evaluate("sft", &model, &rm, &prompts)?];
-    for (name, loss) in [
-        ("sft+dpo", PreferenceLoss::Dpo),
-        ("sft+rpo", PreferenceLoss::Rpo { eta: 1.0 }),
-    ] {
+    let names = ["sft", "sft+dpo", "sft+rpo"];
+    let mut variants: Vec<Variant> = names
+        .iter()
+        .map(|&name| Variant { name, runs: vec![] })
+        .collect();
+    let (mut pairs_per_seed, mut checker_pairs) = (vec![], vec![]);
+    for seed in SEEDS {
+        // The demo recipe's sft stage.
         let varmap = VarMap::new();
-        let policy = checkpoint::load_trainable(&sft_dir, config.clone(), &varmap, &dev)?;
-        let reference = checkpoint::load_frozen(&sft_dir, &dev)?;
-        let cfg = TrainConfig {
-            steps: 40,
-            lr: 5e-4,
-            ..TrainConfig::default()
-        };
-        train::preference(
-            &policy,
+        let model = checkpoint::load_trainable(generator, config.clone(), &varmap, &dev)?;
+        train::sft(
+            &model,
             &varmap,
-            &reference,
-            &pairs,
-            PreferenceObjective {
-                loss,
-                beta: 0.1,
-                sft_weight: 0.1,
+            &sft,
+            &TrainConfig {
+                steps: 900,
+                lr: 3e-3,
+                seed,
+                ..TrainConfig::default()
             },
-            &cfg,
             &mut |_, _| true,
         )?;
-        variants.push(evaluate(name, &policy, &rm, &prompts)?);
+        let sft_dir =
+            std::env::temp_dir().join(format!("flywheel-ablation-{}-{seed}", std::process::id()));
+        checkpoint::save(&sft_dir, &config, &varmap)?;
+        variants[0].runs.push(evaluate(&model, &rm, &evals)?);
+        let rows = on_policy_pairs(&model, &rm, seed)?;
+        pairs_per_seed.push(rows.len());
+        checker_pairs.push(rows.iter().filter(|p| p["judge"].is_string()).count());
+        let pairs: Vec<Pair> = rows.iter().filter_map(Pair::from_row).collect();
+        for (i, loss) in [PreferenceLoss::Dpo, PreferenceLoss::Rpo { eta: 1.0 }]
+            .into_iter()
+            .enumerate()
+        {
+            let varmap = VarMap::new();
+            let policy = checkpoint::load_trainable(&sft_dir, config.clone(), &varmap, &dev)?;
+            let reference = checkpoint::load_frozen(&sft_dir, &dev)?;
+            train::preference(
+                &policy,
+                &varmap,
+                &reference,
+                &pairs,
+                PreferenceObjective {
+                    loss,
+                    beta: 0.1,
+                    sft_weight: 0.1,
+                },
+                &TrainConfig {
+                    steps: 40,
+                    lr: 5e-4,
+                    seed,
+                    ..TrainConfig::default()
+                },
+                &mut |_, _| true,
+            )?;
+            variants[i + 1].runs.push(evaluate(&policy, &rm, &evals)?);
+        }
+        let _ = std::fs::remove_dir_all(&sft_dir);
+        let line: Vec<String> = variants
+            .iter()
+            .map(|v| {
+                let r = v.runs.last().expect("a run per seed");
+                format!(
+                    "{} {:.1}% / IF {:.1}%",
+                    v.name,
+                    r.accuracy * 100.0,
+                    r.instruction_following * 100.0
+                )
+            })
+            .collect();
+        log(&format!("ablation seed {seed}: {}", line.join(", ")));
     }
-    let _ = std::fs::remove_dir_all(&sft_dir);
     Ok(Ablation {
+        seeds: SEEDS.to_vec(),
         sft_records: sft.len(),
-        pairs: pairs.len(),
+        pairs: pairs_per_seed,
+        checker_pairs,
+        reference: "sft",
         variants,
     })
 }
 
+/// Mean and (sample) standard deviation.
+fn mean_sd(xs: impl Iterator<Item = f64>) -> (f64, f64) {
+    let xs: Vec<f64> = xs.collect();
+    let n = xs.len().max(1) as f64;
+    let mean = xs.iter().sum::<f64>() / n;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0);
+    (mean, var.sqrt())
+}
+
 pub(crate) fn print(a: &Ablation) {
     println!(
-        "{:<8} {:>9} {:>11}   (from {} SFT records, {} pairs)",
-        "variant", "accuracy", "mean reward", a.sft_records, a.pairs
+        "{:<8} {:>16} {:>22} {:>14}   (seeds {:?}; {} SFT records; on-policy pairs {:?}, checker-decided {:?}; reference: {})",
+        "variant",
+        "accuracy",
+        "instruction following",
+        "mean reward",
+        a.seeds,
+        a.sft_records,
+        a.pairs,
+        a.checker_pairs,
+        a.reference
     );
     for v in &a.variants {
+        let (acc, acc_sd) = mean_sd(v.runs.iter().map(|r| r.accuracy * 100.0));
+        let (ifo, if_sd) = mean_sd(v.runs.iter().map(|r| r.instruction_following * 100.0));
+        let (rew, rew_sd) = mean_sd(v.runs.iter().map(|r| r.mean_reward));
         println!(
-            "{:<8} {:>8.1}% {:>11.2}",
-            v.name,
-            v.accuracy * 100.0,
-            v.mean_reward
+            "{:<8} {:>8.1}% ± {:>4.1} {:>14.1}% ± {:>4.1} {:>8.2} ± {:.2}",
+            v.name, acc, acc_sd, ifo, if_sd, rew, rew_sd
         );
     }
 }

@@ -23,6 +23,9 @@ pub(crate) struct Models {
     pub(crate) generator_accuracy: f64,
 }
 
+/// One seed example in this many asks for its answer in quotes.
+const SEED_QUOTED_EVERY: usize = 6;
+
 pub(crate) fn demo_mix(split: Split) -> Mix {
     Mix {
         subtopics: ["add", "upper", "reverse", "count"]
@@ -80,7 +83,13 @@ struct Budget {
     reward_steps: usize,
 }
 
-pub(crate) fn run(dir: &Path, seed: u64, tiny: bool, log: &dyn Fn(&str)) -> Result<Models> {
+pub(crate) fn run(
+    dir: &Path,
+    seed: u64,
+    tiny: bool,
+    quoted_seeds: bool,
+    log: &dyn Fn(&str),
+) -> Result<Models> {
     let dev = candle_core::Device::Cpu;
     let b = if tiny {
         Budget {
@@ -133,14 +142,26 @@ pub(crate) fn run(dir: &Path, seed: u64, tiny: bool, log: &dyn Fn(&str)) -> Resu
     log("bootstrap: tuning the weak initial generator on a small seed set");
     let varmap = VarMap::new();
     let generator = checkpoint::load_trainable(&base_dir, config.clone(), &varmap, &dev)?;
+    // With `quoted_seeds`, a few seed examples answer in quotes (IFEval's startend:quotation):
+    // the weak generator then follows the instruction now and then, as a real starting model
+    // does, so that samples of later policies can show it for the checkers to reward.
     let seed_set: Vec<(String, String)> = train_prompts
         .iter()
         .take(b.seed_examples)
-        .map(|p| {
-            (
-                p.prompt.clone(),
-                world::answer(&p.prompt).unwrap_or_default(),
-            )
+        .enumerate()
+        .map(|(i, p)| {
+            let quoted = format!("{} in quotes", p.prompt);
+            let prompt = if quoted_seeds
+                && i % SEED_QUOTED_EVERY == 0
+                && world::Format::of(&p.prompt).1 == world::Format::Plain
+                && Split::Train.contains(&quoted)
+            {
+                quoted
+            } else {
+                p.prompt.clone()
+            };
+            let answer = world::answer(&prompt).unwrap_or_default();
+            (prompt, answer)
         })
         .collect();
     let cfg = TrainConfig {
