@@ -141,7 +141,7 @@ fn on_policy_pairs(policy: &Transformer, rm: &Transformer, seed: u64) -> Result<
         }
     }
     let score: BuiltinScore = serde_json::from_value(json!({}))?;
-    score_rows(rm, &mut rows, &score).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    score_rows(rm, &mut rows, &score)?;
     // The demo recipe's filter: margin 1.0 where no checker decides.
     Ok(flywheel_worker::datasets::filter(&rows, 1.0, f64::NEG_INFINITY, false).pairs)
 }

@@ -8,8 +8,9 @@
 //!
 //! Its params are the stage contract's: its knobs (`TestKnobs`: `sleep_ms`, `fail_attempts`,
 //! `fail_permanently`, `crash_attempts`) on every kind, and the builtin's params of the kind,
-//! which it uses where it can (`count`, `k`, `weights`, `verifier`, the filter's) and records in its
-//! outputs' metadata (`params`) where it cannot (sampling and training settings).
+//! which it uses where it can (`count`, `k`, `policy`, `weights`, `verifier`, the filter's)
+//! and records in its outputs' metadata (`params`) where it cannot (sampling and training
+//! settings).
 
 use std::time::{Duration, Instant};
 
