@@ -10,6 +10,9 @@ const state = {
   busy: false,
   again: false,
   view: null,
+  // Round cards never change once written: fetched once, by campaign and round.
+  cards: {},
+  cardRound: {},
 };
 
 const $ = (sel, el = document) => el.querySelector(sel);
@@ -231,8 +234,7 @@ async function renderCampaign(id) {
 async function renderCards(id, rounds) {
   const done = rounds.filter((r) => r.status === "succeeded");
   if (!done.length) return section("round-cards", "");
-  state.cards ??= {};
-  const chosen = done.some((r) => r.index === state.cardRound?.[id]) ? state.cardRound[id] : done[done.length - 1].index;
+  const chosen = done.some((r) => r.index === state.cardRound[id]) ? state.cardRound[id] : done[done.length - 1].index;
   const key = `${id}/${chosen}`;
   state.cards[key] ??= (await api(`/api/v1/campaigns/${id}/rounds/${chosen}/cards`)).cards || [];
   const titles = { data: "Data card", model: "Model card" };
@@ -491,7 +493,7 @@ document.addEventListener("click", (e) => {
   if (row) location.hash = row.dataset.href;
   const card = e.target.closest("button[data-card-round]");
   if (card) {
-    state.cardRound = { ...state.cardRound, [route().id]: Number(card.dataset.cardRound) };
+    state.cardRound[route().id] = Number(card.dataset.cardRound);
     refresh();
   }
 });

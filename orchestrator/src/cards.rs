@@ -48,25 +48,24 @@ impl Card {
 
 /// The data card and the model card of the round.
 pub(crate) fn render(f: &RoundFacts) -> [Card; 2] {
+    // One task per stage (its first shard), in recipe order.
+    let mut stages: Vec<&TaskRow> = f.tasks.iter().filter(|t| t.shard_index == 0).collect();
+    stages.sort_by_key(|t| t.stage_order);
     [
-        Card::new("data", data_card(f)),
-        Card::new("model", model_card(f)),
+        Card::new("data", data_card(f, &stages)),
+        Card::new("model", model_card(f, &stages)),
     ]
 }
 
-/// One task per stage (its first shard), in recipe order.
-fn stages<'a>(f: &RoundFacts<'a>) -> Vec<&'a TaskRow> {
-    let mut first: Vec<&TaskRow> = f.tasks.iter().filter(|t| t.shard_index == 0).collect();
-    first.sort_by_key(|t| t.stage_order);
-    first
+fn of_kind<'a>(stages: &[&'a TaskRow], kind: StageKind) -> impl Iterator<Item = &'a TaskRow> {
+    stages
+        .iter()
+        .copied()
+        .filter(move |t| t.kind == kind.as_str())
 }
 
-fn stage_names<'a>(f: &RoundFacts<'a>, kind: StageKind) -> Vec<&'a str> {
-    stages(f)
-        .into_iter()
-        .filter(|t| t.kind == kind.as_str())
-        .map(|t| t.stage.as_str())
-        .collect()
+fn stage_names<'a>(stages: &[&'a TaskRow], kind: StageKind) -> Vec<&'a str> {
+    of_kind(stages, kind).map(|t| t.stage.as_str()).collect()
 }
 
 fn artifact<'a>(f: &RoundFacts<'a>, id: Uuid) -> Option<&'a ArtifactRow> {
@@ -121,7 +120,7 @@ fn heading(f: &RoundFacts, what: &str) -> String {
     s
 }
 
-fn data_card(f: &RoundFacts) -> String {
+fn data_card(f: &RoundFacts, stages: &[&TaskRow]) -> String {
     let mut s = heading(f, "Data card");
     s.push_str(
         "## Sources\n\n| stage | kind | backend | shards | params |\n|---|---|---|---|---|\n",
@@ -132,8 +131,8 @@ fn data_card(f: &RoundFacts) -> String {
         StageKind::Score,
         StageKind::Filter,
     ];
-    for t in stages(f)
-        .into_iter()
+    for t in stages
+        .iter()
         .filter(|t| data_kinds.iter().any(|k| k.as_str() == t.kind))
     {
         let _ = writeln!(
@@ -173,10 +172,7 @@ fn data_card(f: &RoundFacts) -> String {
             a.uri
         );
     }
-    for t in stages(f)
-        .into_iter()
-        .filter(|t| t.kind == StageKind::Filter.as_str())
-    {
+    for t in of_kind(stages, StageKind::Filter) {
         let m = &t.metrics;
         let get = |k: &str| m.get(k).map_or("-".to_string(), number);
         let _ = write!(
@@ -203,7 +199,7 @@ fn data_card(f: &RoundFacts) -> String {
         );
     }
     // The filters' metrics are the round's analytics; `round.*` is its cost.
-    let filters = stage_names(f, StageKind::Filter);
+    let filters = stage_names(stages, StageKind::Filter);
     s.push_str(
         "\n## Analytics\n\n| metric | value | drift from the previous round |\n|---|---|---|\n",
     );
@@ -225,7 +221,7 @@ fn data_card(f: &RoundFacts) -> String {
     s
 }
 
-fn model_card(f: &RoundFacts) -> String {
+fn model_card(f: &RoundFacts, stages: &[&TaskRow]) -> String {
     let mut s = heading(f, "Model card");
     let Some(model) = f.round.trained_model_id else {
         s.push_str("This round trained no model.\n");
@@ -278,8 +274,8 @@ fn model_card(f: &RoundFacts) -> String {
         frontier.extend(a.parent_ids.iter().copied());
     }
     s.push_str("\n## Training\n\n| stage | kind | backend | params |\n|---|---|---|---|\n");
-    for t in stages(f)
-        .into_iter()
+    for t in stages
+        .iter()
         .filter(|t| StageKind::parse(&t.kind).is_some_and(StageKind::trains))
     {
         let _ = writeln!(
@@ -289,7 +285,7 @@ fn model_card(f: &RoundFacts) -> String {
         );
     }
     s.push_str("\n## Evaluation\n\n| metric | value |\n|---|---|\n");
-    let evaluations = stage_names(f, StageKind::Evaluate);
+    let evaluations = stage_names(stages, StageKind::Evaluate);
     for (k, v) in f.metrics {
         if k.split_once('.')
             .is_some_and(|(stage, _)| evaluations.contains(&stage))
@@ -297,10 +293,7 @@ fn model_card(f: &RoundFacts) -> String {
             let _ = writeln!(s, "| {k} | {} |", number(v));
         }
     }
-    for t in stages(f)
-        .into_iter()
-        .filter(|t| t.kind == StageKind::Promote.as_str())
-    {
+    for t in of_kind(stages, StageKind::Promote) {
         let _ = writeln!(s, "\n## Gate `{}`\n\n`{}`", t.stage, t.params);
     }
     s

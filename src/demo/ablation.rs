@@ -93,10 +93,13 @@ fn evaluate(model: &Transformer, rm: &Transformer, e: &Eval) -> Result<Measured>
     )?;
     let quoted = eval::answers(model, &e.quoted)?;
     let instructions: Vec<_> = e.quoted.iter().map(|p| world_instructions(p)).collect();
-    let following = Accuracy::metrics_of(&instructions, &quoted, "")
-        .into_iter()
-        .find(|(k, _)| k == "ifeval_prompt_strict")
-        .map_or(0.0, |(_, v)| v);
+    let following = Accuracy::of(
+        instructions
+            .iter()
+            .zip(&quoted)
+            .map(|(i, a)| (i.as_slice(), a.as_str())),
+    )
+    .map_or(0.0, |a| a.prompt_strict);
     Ok(Measured {
         accuracy: eval::accuracy(&e.plain, &answers),
         instruction_following: following,
@@ -140,8 +143,7 @@ fn on_policy_pairs(policy: &Transformer, rm: &Transformer, seed: u64) -> Result<
             rows.push(row);
         }
     }
-    let score: BuiltinScore = serde_json::from_value(json!({}))?;
-    score_rows(rm, &mut rows, &score)?;
+    score_rows(rm, &mut rows, &BuiltinScore::default())?;
     // The demo recipe's filter: margin 1.0 where no checker decides.
     Ok(flywheel_worker::datasets::filter(&rows, 1.0, f64::NEG_INFINITY, false).pairs)
 }

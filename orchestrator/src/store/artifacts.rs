@@ -93,12 +93,27 @@ pub async fn insert_outputs(
         "INSERT INTO artifacts (id, campaign_id, round_index, kind, name, uri, content_hash,
              config_hash, producer_task_id, producer_attempt, generator_id, judge_id, metadata)
          SELECT u.id, t.campaign_id, t.round_index, u.kind, u.name, u.uri, u.hash, t.config_hash,
-                t.id, u.attempt, r.generator_id, c.reward_model_id, u.meta
+                t.id, u.attempt, COALESCE(g.id, r.generator_id), c.reward_model_id, u.meta
          FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[], $7::text[], $8::jsonb[])
               AS u(id, task, attempt, kind, name, uri, hash, meta)
          JOIN tasks t ON t.id = u.task
          JOIN rounds r ON r.id = t.round_id
-         JOIN campaigns c ON c.id = t.campaign_id",
+         JOIN campaigns c ON c.id = t.campaign_id
+         -- Whose samples the output holds where that is not the round's generator: the trained
+         -- model an on-policy generate task (`policy: model`) sampled, or, for a dataset, the
+         -- generator the datasets it was made from name.
+         LEFT JOIN LATERAL (
+             SELECT CASE WHEN p.kind = 'model' THEN p.id ELSE p.generator_id END AS id
+             FROM task_edges e
+             JOIN tasks d ON d.id = e.depends_on
+             JOIN artifacts p ON p.producer_task_id = d.id AND p.producer_attempt = d.attempt
+             WHERE e.task_id = t.id
+               AND ((t.kind = 'generate' AND t.params->>'policy' = 'model'
+                     AND d.kind IN ('sft', 'preference') AND p.name = 'model')
+                    OR (u.kind = 'dataset' AND p.kind = 'dataset'
+                        AND p.generator_id IS DISTINCT FROM r.generator_id))
+             LIMIT 1
+         ) g ON true",
     )
     .bind(&ids)
     .bind(task)
@@ -128,33 +143,6 @@ pub async fn insert_outputs(
          JOIN rounds r ON r.id = t.round_id
          WHERE a.id = ANY($1) AND t.kind = 'preference' AND t.params->>'reference' = 'generator'
          ON CONFLICT DO NOTHING",
-    )
-    .bind(&ids)
-    .execute(&mut *conn)
-    .await?;
-    // On-policy samples (`policy: model`) came from the trained model the generate task
-    // sampled, not the round's generator; datasets made from them inherit it.
-    sqlx::query(
-        "UPDATE artifacts a SET generator_id = m.id
-         FROM tasks t
-         JOIN task_edges e ON e.task_id = t.id
-         JOIN tasks d ON d.id = e.depends_on AND d.kind IN ('sft', 'preference')
-         JOIN artifacts m ON m.producer_task_id = d.id AND m.producer_attempt = d.attempt
-                         AND m.name = 'model'
-         WHERE a.id = ANY($1) AND t.id = a.producer_task_id AND t.kind = 'generate'
-           AND t.params->>'policy' = 'model'",
-    )
-    .bind(&ids)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query(
-        "UPDATE artifacts a SET generator_id = p.generator_id
-         FROM artifact_parents ap
-         JOIN artifacts p ON p.id = ap.parent_id
-         JOIN tasks t ON t.id = p.producer_task_id
-         JOIN rounds r ON r.id = t.round_id
-         WHERE a.id = ANY($1) AND ap.artifact_id = a.id AND a.kind = 'dataset'
-           AND p.kind = 'dataset' AND p.generator_id IS DISTINCT FROM r.generator_id",
     )
     .bind(&ids)
     .execute(conn)
