@@ -1,6 +1,7 @@
 //! Dispatch benchmark: N workers, each a real gRPC client on its own connection, drain M no-op
-//! tasks through the full lifecycle (claim → assignment over the stream → heartbeat → complete)
-//! against a controller on loopback and the local Postgres.
+//! tasks through the full lifecycle (claim → assignment over the stream → heartbeat → complete,
+//! reported as the worker agent reports: one `Report` at a time per worker, carrying all that
+//! finished meanwhile) against a controller on loopback and the local Postgres.
 //!
 //! Prints tasks/s, dispatch latency (claim → assignment received, under load; task committed →
 //! assignment received, at low load), stage handoff latency (a stage's last shard committed →
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use flywheel_orchestrator::{ControllerConfig, auth, store};
 use flywheel_proto::v1::{
-    Capabilities, CompleteTaskRequest, HeartbeatRequest, RegisterRequest, TaskProgress,
+    Capabilities, RegisterRequest, ReportRequest, TaskCompletion, TaskProgress,
 };
 use flywheel_proto::{ControlClient, WorkerClient, connect_channel};
 use sqlx::{Connection, PgConnection};
@@ -119,6 +120,55 @@ async fn worker(
         .await
         .unwrap();
     let mut stream = client.stream_assignments(id.clone()).await.unwrap();
+    // Reports go as the worker agent sends them: one Report in flight at a time, carrying
+    // everything that happened meanwhile. Each task's heartbeat goes in one report and its
+    // completion in the next, so that both are written.
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, i32)>();
+    let reporter_id = id.clone();
+    let reporter = tokio::spawn(async move {
+        let mut arrived = Vec::new();
+        let mut beaten: Vec<(String, i32)> = Vec::new();
+        loop {
+            if beaten.is_empty() {
+                if done_rx.recv_many(&mut arrived, 1024).await == 0 {
+                    return;
+                }
+            } else {
+                while arrived.len() < 1024 {
+                    match done_rx.try_recv() {
+                        Ok(a) => arrived.push(a),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let request = ReportRequest {
+                worker_id: reporter_id.clone(),
+                heartbeats: arrived
+                    .iter()
+                    .map(|(task_id, attempt)| TaskProgress {
+                        task_id: task_id.clone(),
+                        attempt: *attempt,
+                        progress: 0.5,
+                        ..Default::default()
+                    })
+                    .collect(),
+                completions: beaten
+                    .drain(..)
+                    .map(|(task_id, attempt)| TaskCompletion {
+                        task_id,
+                        attempt,
+                        ..Default::default()
+                    })
+                    .collect(),
+                failures: vec![],
+            };
+            // Errors only happen when the benchmark shuts the controller down.
+            if client.report(request).await.is_err() {
+                return;
+            }
+            beaten = std::mem::take(&mut arrived);
+        }
+    });
     loop {
         let a = match stream.message().await {
             Ok(Some(a)) => a,
@@ -130,28 +180,10 @@ async fn worker(
             .lock()
             .unwrap()
             .push((a.task_id.clone(), SystemTime::now()));
-        let mut c = client.clone();
-        let id = id.clone();
-        tokio::spawn(async move {
-            let beat = HeartbeatRequest {
-                worker_id: id.clone(),
-                tasks: vec![TaskProgress {
-                    task_id: a.task_id.clone(),
-                    attempt: a.attempt,
-                    progress: 0.5,
-                    ..Default::default()
-                }],
-            };
-            let _ = c.heartbeat(beat).await;
-            let done = CompleteTaskRequest {
-                worker_id: id,
-                task_id: a.task_id,
-                attempt: a.attempt,
-                ..Default::default()
-            };
-            // Errors only happen when the benchmark shuts the controller down.
-            let _ = c.complete_task(done).await;
-        });
+        if done_tx.send((a.task_id, a.attempt)).is_err() {
+            reporter.abort();
+            return;
+        }
     }
 }
 
@@ -210,7 +242,8 @@ async fn wait_succeeded(control: &mut ControlClient, id: &str) {
         if c.status == "succeeded" {
             return;
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        // GetCampaign reads every task of the campaign: polled faster, it is a load of its own.
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

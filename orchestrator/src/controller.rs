@@ -49,6 +49,11 @@ pub(crate) struct Controller {
     pub(crate) planner_wake: Notify,
     /// New leases (claims), or the database back: the reaper recomputes when to look next.
     pub(crate) reaper_wake: Notify,
+    /// Whether the reaper is waiting for a lease to expire. A new lease expires after every
+    /// lease it already waits for (all are one TTL long), so a claim wakes it only when this is
+    /// false. It is cleared before the reaper looks, so a claim committed during a look that
+    /// missed it still wakes it.
+    pub(crate) reaper_watching: std::sync::atomic::AtomicBool,
     /// A schedule or a campaign changed: the scheduler recomputes its next firing.
     pub(crate) schedules_wake: Notify,
     /// When tasks put back with a backoff become claimable (this process's retries only; the

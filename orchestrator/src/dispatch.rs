@@ -302,29 +302,52 @@ fn next_retry(ctl: &Controller) -> Option<chrono::DateTime<chrono::Utc>> {
 }
 
 async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
-    let groups = ctl.registry.idle_groups();
+    let mut groups: Vec<_> = ctl.registry.idle_groups().into_iter().collect();
     if groups.is_empty() {
         return Ok(DispatchOutcome::Drained(None));
     }
-    let wanted: usize = groups.values().map(Vec::len).sum();
+    // Smallest groups first, each in its own transaction: a few free slots of one pool (the
+    // next stage of a chain, on its own worker) are not held behind a big claim for another.
+    groups.sort_by_key(|(_, slots)| slots.len());
+    let mut saturated = true;
+    let mut claimed_any = false;
+    let mut next: Option<chrono::DateTime<chrono::Utc>> = None;
+    for (caps, slots) in &groups {
+        let (claimed, group_next) = claim_group(ctl, caps, slots).await?;
+        saturated &= claimed >= slots.len();
+        claimed_any |= claimed > 0;
+        next = next.into_iter().chain(group_next).min();
+    }
+    Ok(if saturated {
+        DispatchOutcome::Saturated
+    } else if claimed_any {
+        DispatchOutcome::Drained(None)
+    } else {
+        DispatchOutcome::Drained(next)
+    })
+}
+
+/// Claims queued tasks for one capability group's free slots and sends them. Returns how many
+/// it claimed, and when none: when the group's pool next has a task coming out of its backoff.
+async fn claim_group(
+    ctl: &Controller,
+    caps: &Capabilities,
+    slots: &[Uuid],
+) -> Result<(usize, Option<chrono::DateTime<chrono::Utc>>)> {
     let claim_began = std::time::Instant::now();
     let mut tx = ctl.pool.begin().await?;
-    let mut claimed = Vec::new();
-    for (caps, slots) in &groups {
-        let group = ClaimGroup {
-            pool: &caps.pool,
-            backends: &caps.backends,
-            gpu_kind: &caps.gpu_kind,
-            gpu_count: caps.gpu_count,
-            slots,
-        };
-        claimed.extend(store::tasks::claim(&mut tx, &group, ctl.config.lease_ttl_ms as i64).await?);
-    }
+    let group = ClaimGroup {
+        pool: &caps.pool,
+        backends: &caps.backends,
+        gpu_kind: &caps.gpu_kind,
+        gpu_count: caps.gpu_count,
+        slots,
+    };
+    let claimed = store::tasks::claim(&mut tx, &group, ctl.config.lease_ttl_ms as i64).await?;
     if claimed.is_empty() {
-        let pools: Vec<&str> = groups.keys().map(|c| c.pool.as_str()).collect();
-        let next = store::tasks::next_claimable(&mut tx, &pools).await?;
+        let next = store::tasks::next_claimable(&mut tx, &[caps.pool.as_str()]).await?;
         tx.rollback().await?;
-        return Ok(DispatchOutcome::Drained(next));
+        return Ok((0, next));
     }
     let ids: Vec<Uuid> = claimed.iter().map(|c| c.id).collect();
     let mut inputs: HashMap<Uuid, Vec<ArtifactRef>> = HashMap::new();
@@ -352,8 +375,13 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
             });
     }
     tx.commit().await?;
-    // New leases (committed): the reaper may have to look earlier than it planned.
-    ctl.reaper_wake.notify_one();
+    // New leases (committed): a reaper waiting for none must now look when they expire.
+    if !ctl
+        .reaper_watching
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        ctl.reaper_wake.notify_one();
+    }
 
     let mut undeliverable = Vec::new();
     let mut started = Vec::with_capacity(claimed.len());
@@ -376,7 +404,7 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
             kind: c.kind.clone(),
             shard_index: c.shard_index,
             shard_count: c.shard_count,
-            params_json: c.params.to_string(),
+            params_json: c.params.clone(),
             inputs: inputs.remove(&c.id).unwrap_or_default(),
             output_prefix: prefix.to_string(),
             backend: c.backend.clone(),
@@ -421,11 +449,7 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
         ctl.registry
             .release(undeliverable.iter().map(|(t, a, w)| (Some(*w), *t, *a)));
     }
-    Ok(if claimed.len() >= wanted {
-        DispatchOutcome::Saturated
-    } else {
-        DispatchOutcome::Drained(None)
-    })
+    Ok((claimed.len(), None))
 }
 
 /// Reclaims expired leases as they expire: the attempt is closed as `lease_expired` and the
@@ -436,8 +460,12 @@ pub(crate) async fn run_reaper(ctl: Arc<Controller>, mut shutdown: watch::Receiv
     /// Past the expiry, so that the lease has expired by the database's clock too.
     const SLACK: chrono::TimeDelta = chrono::TimeDelta::milliseconds(20);
     loop {
+        ctl.reaper_watching
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let wait = match reap_once(&ctl).await {
             Ok(next) => {
+                ctl.reaper_watching
+                    .store(next.is_some(), std::sync::atomic::Ordering::SeqCst);
                 ctl.db_up
                     .send_if_modified(|was| !std::mem::replace(was, true));
                 crate::wake::until(next.map(|at| at + SLACK))

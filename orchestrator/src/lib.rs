@@ -146,6 +146,7 @@ pub async fn serve_with_http(
         dispatch_wake: Notify::new(),
         planner_wake: Notify::new(),
         reaper_wake: Notify::new(),
+        reaper_watching: Default::default(),
         schedules_wake: Notify::new(),
         retries: Default::default(),
         events,

@@ -174,6 +174,16 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
     let ttl = ctl.config.lease_ttl_ms as i64;
     let mut events = Vec::new();
 
+    // A beat of an attempt that completes or fails in this same batch is not written: the
+    // report that ends the attempt says more. It is answered as that report is.
+    let ending: HashSet<(Uuid, i32, Uuid)> = completions
+        .iter()
+        .map(|c| (c.0, c.1, c.2))
+        .chain(failures.iter().map(|f| (f.0, f.1, f.2)))
+        .collect();
+    let (elided, beats): (Vec<&Beat>, Vec<&Beat>) = beats
+        .into_iter()
+        .partition(|b| ending.contains(&(b.id, b.attempt, b.worker_id)));
     let alive = store::tasks::heartbeat(&mut tx, &beats, ttl).await?;
     // Endpoints of serve attempts that are current: readiness releases their consumers.
     let current: HashSet<(Uuid, i32)> = alive.iter().map(|a| (a.0, a.1)).collect();
@@ -304,20 +314,28 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
         .map(|c| (c.worker_id, c.id, c.attempt))
         .collect();
     released.extend(failed.iter().map(|f| (f.worker_id, f.id, f.attempt)));
+    let mut alive: HashMap<(Uuid, i32), Directive> = alive
+        .into_iter()
+        .map(|(id, a, cancel, stop)| {
+            let d = if cancel {
+                Directive::Cancel
+            } else if stop {
+                Directive::Stop
+            } else {
+                Directive::Continue
+            };
+            ((id, a), d)
+        })
+        .collect();
+    let failed_here: HashSet<(Uuid, i32)> = failed.iter().map(|f| (f.id, f.attempt)).collect();
+    for b in elided {
+        let key = (b.id, b.attempt);
+        if accepted.contains(&key) || failed_here.contains(&key) {
+            alive.insert(key, Directive::Continue);
+        }
+    }
     Ok(Committed {
-        alive: alive
-            .into_iter()
-            .map(|(id, a, cancel, stop)| {
-                let d = if cancel {
-                    Directive::Cancel
-                } else if stop {
-                    Directive::Stop
-                } else {
-                    Directive::Continue
-                };
-                ((id, a), d)
-            })
-            .collect(),
+        alive,
         completed: accepted,
         failed: failed
             .iter()
@@ -404,10 +422,28 @@ pub(crate) async fn submit<T>(
     ctl: &Controller,
     make: impl FnOnce(oneshot::Sender<Result<T, Rejected>>) -> Report,
 ) -> Result<Result<T, Rejected>> {
+    enqueue(ctl, make).await?.settled().await
+}
+
+/// A report queued for the writer; awaiting it waits for the batch it lands in to commit.
+pub(crate) struct Pending<T>(oneshot::Receiver<Result<T, Rejected>>);
+
+impl<T> Pending<T> {
+    pub(crate) async fn settled(self) -> Result<Result<T, Rejected>> {
+        self.0.await.map_err(|_| Error::ShuttingDown)
+    }
+}
+
+/// Queues a report without waiting for it: reports queued back to back (a worker's whole
+/// `Report`) land in the same transaction or in consecutive ones, in order.
+pub(crate) async fn enqueue<T>(
+    ctl: &Controller,
+    make: impl FnOnce(oneshot::Sender<Result<T, Rejected>>) -> Report,
+) -> Result<Pending<T>> {
     let (tx, rx) = oneshot::channel();
     ctl.writer
         .send(make(tx))
         .await
         .map_err(|_| Error::ShuttingDown)?;
-    rx.await.map_err(|_| Error::ShuttingDown)
+    Ok(Pending(rx))
 }

@@ -110,6 +110,11 @@ impl WorkerClient {
     pub async fn fail_task(&mut self, req: FailTaskRequest) -> Result<FailTaskResponse, Status> {
         Ok(self.inner.fail_task(req).await?.into_inner())
     }
+
+    /// Heartbeats, completions and failures in one call; see `Report` in `worker.proto`.
+    pub async fn report(&mut self, req: ReportRequest) -> Result<ReportResponse, Status> {
+        Ok(self.inner.report(req).await?.into_inner())
+    }
 }
 
 /// Client of the control API, one method per RPC.

@@ -79,6 +79,151 @@ fn check_content_hash(hash: &str) -> Result<(), Error> {
     }
 }
 
+/// The field names a list of heartbeats is checked under: `tasks` of a Heartbeat, `heartbeats`
+/// of a Report.
+struct BeatFields {
+    task_id: &'static str,
+    message: &'static str,
+    external_job: &'static str,
+    metrics: &'static str,
+    url: &'static str,
+    served_name: &'static str,
+    content_hash: &'static str,
+    model_id: &'static str,
+}
+
+const HEARTBEAT_FIELDS: BeatFields = BeatFields {
+    task_id: "tasks[].task_id",
+    message: "tasks[].message",
+    external_job: "tasks[].external_job",
+    metrics: "tasks[].metrics",
+    url: "tasks[].endpoint.url",
+    served_name: "tasks[].endpoint.served_name",
+    content_hash: "tasks[].endpoint.content_hash",
+    model_id: "tasks[].endpoint.model_id",
+};
+
+const REPORT_FIELDS: BeatFields = BeatFields {
+    task_id: "heartbeats[].task_id",
+    message: "heartbeats[].message",
+    external_job: "heartbeats[].external_job",
+    metrics: "heartbeats[].metrics",
+    url: "heartbeats[].endpoint.url",
+    served_name: "heartbeats[].endpoint.served_name",
+    content_hash: "heartbeats[].endpoint.content_hash",
+    model_id: "heartbeats[].endpoint.model_id",
+};
+
+/// A worker's heartbeats, checked (any bad one refuses them all, naming its field).
+fn beats(worker_id: Uuid, tasks: Vec<TaskProgress>, f: &BeatFields) -> Result<Vec<Beat>, Status> {
+    let mut beats = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        limits::text(f.message, &t.message, MAX_TEXT_BYTES)?;
+        limits::text(f.external_job, &t.external_job, MAX_TEXT_BYTES)?;
+        let id = parse_id(f.task_id, &t.task_id)?;
+        let endpoint = match t.endpoint {
+            None => None,
+            Some(e) => {
+                limits::text(f.url, &e.url, MAX_TEXT_BYTES)?;
+                limits::text(f.served_name, &e.served_name, MAX_TEXT_BYTES)?;
+                limits::text(f.content_hash, &e.content_hash, MAX_TEXT_BYTES)?;
+                if !(e.url.starts_with("http://") || e.url.starts_with("https://")) {
+                    return Err(Error::invalid(
+                        f.url,
+                        format!("must be an http(s) URL, got {}", limits::excerpt(&e.url)),
+                    )
+                    .into());
+                }
+                let model_id = if e.model_id.is_empty() {
+                    None
+                } else {
+                    Some(parse_id(f.model_id, &e.model_id)?)
+                };
+                Some(NewEndpoint {
+                    task_id: id,
+                    attempt: t.attempt,
+                    url: e.url,
+                    served_name: e.served_name,
+                    model_id,
+                    content_hash: e.content_hash,
+                })
+            }
+        };
+        beats.push(Beat {
+            worker_id,
+            id,
+            endpoint,
+            external_job: (!t.external_job.is_empty()).then_some(t.external_job),
+            attempt: t.attempt,
+            progress: if t.progress.is_finite() {
+                t.progress.clamp(0.0, 1.0)
+            } else {
+                0.0
+            },
+            message: t.message,
+            metrics: metrics_json(f.metrics, &t.metrics)?,
+        });
+    }
+    Ok(beats)
+}
+
+fn task_directives(directives: writer::Directives) -> Vec<TaskDirective> {
+    directives
+        .into_iter()
+        .map(|(id, attempt, d)| TaskDirective {
+            task_id: id.to_string(),
+            attempt,
+            directive: d as i32,
+        })
+        .collect()
+}
+
+/// A failure's error as stored: within the limit (else refused), and never empty.
+fn failure_error(error: String) -> Result<String, Error> {
+    limits::text("error", &error, MAX_TEXT_BYTES)?;
+    Ok(if error.trim().is_empty() {
+        "worker reported a failure without a message".to_string()
+    } else {
+        error
+    })
+}
+
+/// A refusal of item `i` of a Report's list: a bad field is named with the item's place.
+fn item_status(refused: Status, list: &str, i: usize) -> Status {
+    if refused.code() == tonic::Code::InvalidArgument {
+        Status::invalid_argument(format!("{list}[{i}].{}", refused.message()))
+    } else {
+        refused
+    }
+}
+
+fn accepted(task_id: String, attempt: i32, will_retry: bool) -> ReportOutcome {
+    ReportOutcome {
+        task_id,
+        attempt,
+        outcome: Outcome::Accepted as i32,
+        error: String::new(),
+        will_retry,
+    }
+}
+
+/// What a Report says of a completion or failure that was refused (by its checks or by the
+/// writer).
+fn outcome_of(task_id: String, attempt: i32, refused: Status) -> ReportOutcome {
+    let outcome = match refused.code() {
+        tonic::Code::FailedPrecondition => Outcome::Stale,
+        tonic::Code::Unavailable => Outcome::Unavailable,
+        _ => Outcome::Invalid,
+    };
+    ReportOutcome {
+        task_id,
+        attempt,
+        outcome: outcome as i32,
+        error: refused.message().to_string(),
+        will_retry: false,
+    }
+}
+
 impl WorkerApi {
     /// Checks that `worker_id` was registered by the caller's token: another token may neither
     /// report for a worker nor take its assignment stream.
@@ -142,6 +287,76 @@ impl WorkerApi {
                 attempt,
             )
             .into())
+    }
+
+    /// A completion checked against the attempt it names (running on this worker, outputs
+    /// under its prefix): its outputs and metrics, ready for the writer.
+    async fn check_completion(
+        &self,
+        worker_id: Uuid,
+        task_id: Uuid,
+        attempt: i32,
+        outputs: Vec<OutputArtifact>,
+        metrics: &std::collections::HashMap<String, f64>,
+    ) -> Result<(Vec<NewOutput>, Value), Status> {
+        limits::entries("outputs", outputs.len())?;
+        let prefix = self.output_prefix(worker_id, task_id, attempt).await?;
+        let mut checked = Vec::with_capacity(outputs.len());
+        let mut names = std::collections::HashSet::new();
+        for o in outputs {
+            if o.kind != "dataset" && o.kind != "model" {
+                return Err(Error::invalid(
+                    "outputs[].kind",
+                    format!(
+                        "{} must be \"dataset\" or \"model\"",
+                        limits::excerpt(&o.kind)
+                    ),
+                )
+                .into());
+            }
+            limits::name("outputs[].name", &o.name)?;
+            if !names.insert(o.name.clone()) {
+                return Err(Error::invalid(
+                    "outputs[].name",
+                    format!("{:?} appears twice; output names are unique", o.name),
+                )
+                .into());
+            }
+            check_content_hash(&o.content_hash)?;
+            check_output_uri(&o.uri, &prefix)?;
+            limits::text("outputs[].metadata_json", &o.metadata_json, MAX_TEXT_BYTES)?;
+            let metadata = if o.metadata_json.trim().is_empty() {
+                Value::Object(Default::default())
+            } else {
+                serde_json::from_str(&o.metadata_json).map_err(|e| {
+                    Error::invalid(
+                        "outputs[].metadata_json",
+                        format!("output {:?}: not valid JSON: {e}", o.name),
+                    )
+                })?
+            };
+            if !limits::nul_paths(&metadata, "").is_empty() {
+                return Err(Error::invalid(
+                    "outputs[].metadata_json",
+                    format!(
+                        "output {:?}: contains a NUL character, which cannot be stored",
+                        o.name
+                    ),
+                )
+                .into());
+            }
+            checked.push(NewOutput {
+                task_id,
+                attempt,
+                kind: o.kind,
+                name: o.name,
+                uri: o.uri,
+                content_hash: o.content_hash,
+                metadata,
+            });
+        }
+        let metrics = metrics_json("metrics", metrics)?;
+        Ok((checked, metrics))
     }
 }
 
@@ -321,10 +536,6 @@ impl WorkerService for WorkerApi {
         let r = req.into_inner();
         let worker_id = parse_id("worker_id", &r.worker_id)?;
         limits::entries("tasks", r.tasks.len())?;
-        for t in &r.tasks {
-            limits::text("tasks[].message", &t.message, MAX_TEXT_BYTES)?;
-            limits::text("tasks[].external_job", &t.external_job, MAX_TEXT_BYTES)?;
-        }
         self.check_owner(worker_id, &who).await?;
         // Liveness stays in memory; only what a beat says about tasks goes to Postgres, so an
         // idle worker's heartbeat writes nothing.
@@ -332,59 +543,7 @@ impl WorkerService for WorkerApi {
         if r.tasks.is_empty() {
             return Ok(Response::new(HeartbeatResponse { tasks: Vec::new() }));
         }
-        let mut beats = Vec::with_capacity(r.tasks.len());
-        for t in r.tasks {
-            let id = parse_id("tasks[].task_id", &t.task_id)?;
-            let endpoint = match t.endpoint {
-                None => None,
-                Some(e) => {
-                    limits::text("tasks[].endpoint.url", &e.url, MAX_TEXT_BYTES)?;
-                    limits::text(
-                        "tasks[].endpoint.served_name",
-                        &e.served_name,
-                        MAX_TEXT_BYTES,
-                    )?;
-                    limits::text(
-                        "tasks[].endpoint.content_hash",
-                        &e.content_hash,
-                        MAX_TEXT_BYTES,
-                    )?;
-                    if !(e.url.starts_with("http://") || e.url.starts_with("https://")) {
-                        return Err(Status::invalid_argument(format!(
-                            "tasks[].endpoint.url must be an http(s) URL, got {:?}",
-                            e.url
-                        )));
-                    }
-                    let model_id = if e.model_id.is_empty() {
-                        None
-                    } else {
-                        Some(parse_id("tasks[].endpoint.model_id", &e.model_id)?)
-                    };
-                    Some(NewEndpoint {
-                        task_id: id,
-                        attempt: t.attempt,
-                        url: e.url,
-                        served_name: e.served_name,
-                        model_id,
-                        content_hash: e.content_hash,
-                    })
-                }
-            };
-            beats.push(Beat {
-                worker_id,
-                id,
-                endpoint,
-                external_job: (!t.external_job.is_empty()).then_some(t.external_job),
-                attempt: t.attempt,
-                progress: if t.progress.is_finite() {
-                    t.progress.clamp(0.0, 1.0)
-                } else {
-                    0.0
-                },
-                message: t.message,
-                metrics: metrics_json("tasks[].metrics", &t.metrics)?,
-            });
-        }
+        let beats = beats(worker_id, r.tasks, &HEARTBEAT_FIELDS)?;
         let result = writer::submit(&self.ctl, |reply| Report::Heartbeat {
             worker_id,
             beats,
@@ -393,14 +552,7 @@ impl WorkerService for WorkerApi {
         .await?;
         let directives = result.map_err(|e| rejected(e, "", 0))?;
         Ok(Response::new(HeartbeatResponse {
-            tasks: directives
-                .into_iter()
-                .map(|(id, attempt, d)| TaskDirective {
-                    task_id: id.to_string(),
-                    attempt,
-                    directive: d as i32,
-                })
-                .collect(),
+            tasks: task_directives(directives),
         }))
     }
 
@@ -412,64 +564,10 @@ impl WorkerService for WorkerApi {
         let r = req.into_inner();
         let worker_id = parse_id("worker_id", &r.worker_id)?;
         let task_id = parse_id("task_id", &r.task_id)?;
-        limits::entries("outputs", r.outputs.len())?;
         self.check_owner(worker_id, &who).await?;
-        let prefix = self.output_prefix(worker_id, task_id, r.attempt).await?;
-        let mut outputs = Vec::with_capacity(r.outputs.len());
-        let mut names = std::collections::HashSet::new();
-        for o in r.outputs {
-            if o.kind != "dataset" && o.kind != "model" {
-                return Err(Error::invalid(
-                    "outputs[].kind",
-                    format!(
-                        "{} must be \"dataset\" or \"model\"",
-                        limits::excerpt(&o.kind)
-                    ),
-                )
-                .into());
-            }
-            limits::name("outputs[].name", &o.name)?;
-            if !names.insert(o.name.clone()) {
-                return Err(Error::invalid(
-                    "outputs[].name",
-                    format!("{:?} appears twice; output names are unique", o.name),
-                )
-                .into());
-            }
-            check_content_hash(&o.content_hash)?;
-            check_output_uri(&o.uri, &prefix)?;
-            limits::text("outputs[].metadata_json", &o.metadata_json, MAX_TEXT_BYTES)?;
-            let metadata = if o.metadata_json.trim().is_empty() {
-                Value::Object(Default::default())
-            } else {
-                serde_json::from_str(&o.metadata_json).map_err(|e| {
-                    Error::invalid(
-                        "outputs[].metadata_json",
-                        format!("output {:?}: not valid JSON: {e}", o.name),
-                    )
-                })?
-            };
-            if !limits::nul_paths(&metadata, "").is_empty() {
-                return Err(Error::invalid(
-                    "outputs[].metadata_json",
-                    format!(
-                        "output {:?}: contains a NUL character, which cannot be stored",
-                        o.name
-                    ),
-                )
-                .into());
-            }
-            outputs.push(NewOutput {
-                task_id,
-                attempt: r.attempt,
-                kind: o.kind,
-                name: o.name,
-                uri: o.uri,
-                content_hash: o.content_hash,
-                metadata,
-            });
-        }
-        let metrics = metrics_json("metrics", &r.metrics)?;
+        let (outputs, metrics) = self
+            .check_completion(worker_id, task_id, r.attempt, r.outputs, &r.metrics)
+            .await?;
         let attempt = r.attempt;
         let result = writer::submit(&self.ctl, |reply| Report::Complete {
             worker_id,
@@ -492,14 +590,9 @@ impl WorkerService for WorkerApi {
         let r = req.into_inner();
         let worker_id = parse_id("worker_id", &r.worker_id)?;
         let task_id = parse_id("task_id", &r.task_id)?;
-        limits::text("error", &r.error, MAX_TEXT_BYTES)?;
+        let error = failure_error(r.error)?;
         self.check_owner(worker_id, &who).await?;
         let attempt = r.attempt;
-        let error = if r.error.trim().is_empty() {
-            "worker reported a failure without a message".to_string()
-        } else {
-            r.error
-        };
         let retryable = r.retryable;
         let result = writer::submit(&self.ctl, |reply| Report::Fail {
             worker_id,
@@ -512,5 +605,118 @@ impl WorkerService for WorkerApi {
         .await?;
         let will_retry = result.map_err(|e| rejected(e, &r.task_id, attempt))?;
         Ok(Response::new(FailTaskResponse { will_retry }))
+    }
+
+    async fn report(
+        &self,
+        req: Request<ReportRequest>,
+    ) -> Result<Response<ReportResponse>, Status> {
+        let who = self.ctl.auth.require(&req, Scope::Worker).await?;
+        let r = req.into_inner();
+        let worker_id = parse_id("worker_id", &r.worker_id)?;
+        limits::entries("heartbeats", r.heartbeats.len())?;
+        limits::entries("completions", r.completions.len())?;
+        limits::entries("failures", r.failures.len())?;
+        self.check_owner(worker_id, &who).await?;
+        self.ctl.registry.touch(worker_id);
+        let beats = beats(worker_id, r.heartbeats, &REPORT_FIELDS)?;
+
+        // Everything goes to the writer back to back, heartbeats first, so that it lands in
+        // one transaction (or consecutive ones, in this order); each item is fenced there on
+        // its own.
+        let beaten = if beats.is_empty() {
+            None
+        } else {
+            Some(
+                writer::enqueue(&self.ctl, |reply| Report::Heartbeat {
+                    worker_id,
+                    beats,
+                    reply,
+                })
+                .await?,
+            )
+        };
+        let mut completions = Vec::with_capacity(r.completions.len());
+        for (i, c) in r.completions.into_iter().enumerate() {
+            let attempt = c.attempt;
+            let checked = match parse_id("task_id", &c.task_id) {
+                Ok(task_id) => self
+                    .check_completion(worker_id, task_id, attempt, c.outputs, &c.metrics)
+                    .await
+                    .map(|(outputs, metrics)| (task_id, outputs, metrics)),
+                Err(e) => Err(e.into()),
+            };
+            let queued = match checked {
+                Ok((task_id, outputs, metrics)) => {
+                    Ok(writer::enqueue(&self.ctl, |reply| Report::Complete {
+                        worker_id,
+                        task_id,
+                        attempt,
+                        outputs,
+                        metrics,
+                        reply,
+                    })
+                    .await?)
+                }
+                Err(refused) => Err(item_status(refused, "completions", i)),
+            };
+            completions.push((c.task_id, attempt, queued));
+        }
+        let mut failures = Vec::with_capacity(r.failures.len());
+        for (i, f) in r.failures.into_iter().enumerate() {
+            let attempt = f.attempt;
+            let checked = parse_id("task_id", &f.task_id)
+                .and_then(|task_id| Ok((task_id, failure_error(f.error)?)));
+            let queued = match checked {
+                Ok((task_id, error)) => Ok(writer::enqueue(&self.ctl, |reply| Report::Fail {
+                    worker_id,
+                    task_id,
+                    attempt,
+                    error,
+                    retryable: f.retryable,
+                    reply,
+                })
+                .await?),
+                Err(e) => Err(item_status(e.into(), "failures", i)),
+            };
+            failures.push((f.task_id, attempt, queued));
+        }
+
+        let directives = match beaten {
+            None => Vec::new(),
+            Some(p) => task_directives(p.settled().await?.map_err(|e| rejected(e, "", 0))?),
+        };
+        let mut response = ReportResponse {
+            directives,
+            completions: Vec::with_capacity(completions.len()),
+            failures: Vec::with_capacity(failures.len()),
+        };
+        for (task_id, attempt, queued) in completions {
+            let settled = match queued {
+                Ok(p) => p
+                    .settled()
+                    .await?
+                    .map_err(|e| rejected(e, &task_id, attempt)),
+                Err(refused) => Err(refused),
+            };
+            response.completions.push(match settled {
+                Ok(()) => accepted(task_id, attempt, false),
+                Err(refused) => outcome_of(task_id, attempt, refused),
+            });
+        }
+        for (task_id, attempt, queued) in failures {
+            let settled = match queued {
+                Ok(p) => p
+                    .settled()
+                    .await?
+                    .map_err(|e| rejected(e, &task_id, attempt)),
+                Err(refused) => Err(refused),
+            };
+            response.failures.push(match settled {
+                Ok(will_retry) => accepted(task_id, attempt, will_retry),
+                Err(refused) => outcome_of(task_id, attempt, refused),
+            });
+        }
+        Ok(Response::new(response))
     }
 }

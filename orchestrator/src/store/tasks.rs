@@ -81,7 +81,8 @@ pub struct ClaimedRow {
     pub kind: String,
     pub shard_index: i32,
     pub shard_count: i32,
-    pub params: Value,
+    /// As stored, JSON text: it goes to the worker as is, never decoded here.
+    pub params: String,
     pub backend: String,
     pub pool: String,
     /// How long the task had been claimable when this claim took it.
@@ -189,7 +190,7 @@ pub async fn claim(
              FROM picked p JOIN slots s ON s.n = p.n
              WHERE t.id = p.id
              RETURNING t.id, t.attempt, s.w AS worker_id, t.campaign_id, t.round_index, t.stage,
-                       t.kind, t.shard_index, t.shard_count, t.params, t.backend, t.pool,
+                       t.kind, t.shard_index, t.shard_count, t.params::text AS params, t.backend, t.pool,
                        extract(epoch FROM now() - greatest(t.next_run_at, t.queued_at, t.created_at))::float8 AS waited_s
          ),
          opened AS (

@@ -4,12 +4,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use flywheel_proto::limits::{MAX_ENTRIES, MAX_TEXT_BYTES, fit_text};
 use flywheel_proto::v1::{
-    Assignment, Capabilities, CompleteTaskRequest, Directive, FailTaskRequest, HeartbeatRequest,
-    OutputArtifact, RegisterRequest, RunningTask, TaskProgress,
+    Assignment, Capabilities, Directive, Outcome, OutputArtifact, RegisterRequest, ReportRequest,
+    RunningTask, TaskCompletion, TaskFailure, TaskProgress,
 };
 use flywheel_proto::{WorkerClient, connect_channel};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Code;
 use uuid::Uuid;
 
@@ -47,6 +48,23 @@ struct Running {
 /// own entry until its own thread ends.
 type RunningMap = Arc<Mutex<HashMap<(String, i32), Running>>>;
 
+/// The open session's client and how often the controller wants heartbeats: present only
+/// while the assignment stream is open (no stream, no heartbeats).
+#[derive(Clone)]
+struct Connected {
+    client: WorkerClient,
+    beat_every: Duration,
+}
+
+/// A finished attempt's result, queued for the reporter; `settled` fires once the controller
+/// has accepted or refused it for good.
+struct Finished {
+    task_id: String,
+    attempt: i32,
+    result: Result<TaskResult, TaskError>,
+    settled: oneshot::Sender<()>,
+}
+
 /// Runs the worker until `shutdown` resolves. Reconnects whenever the stream breaks.
 pub async fn run(
     config: WorkerConfig,
@@ -59,8 +77,16 @@ pub async fn run(
     let worker_id = Uuid::new_v4().to_string();
     let running: RunningMap = Arc::default();
     let beat_now = Arc::new(tokio::sync::Notify::new());
-    // The current client, replaced at every reconnect; reporters wait on it.
-    let (client_tx, client_rx) = watch::channel::<Option<WorkerClient>>(None);
+    // The current session, replaced at every reconnect; the reporter waits on it.
+    let (client_tx, client_rx) = watch::channel::<Option<Connected>>(None);
+    let (finished_tx, finished_rx) = mpsc::unbounded_channel();
+    let reporter = AbortOnDrop(tokio::spawn(reporter(
+        worker_id.clone(),
+        running.clone(),
+        client_rx,
+        finished_rx,
+        beat_now.clone(),
+    )));
     let backends: Arc<HashMap<String, Arc<dyn Backend>>> = Arc::new(
         backends
             .into_iter()
@@ -71,7 +97,13 @@ pub async fn run(
     let mut backoff = Duration::from_millis(100);
     loop {
         let session = session(
-            &config, &worker_id, &running, &client_tx, &client_rx, &backends, &beat_now,
+            &config,
+            &worker_id,
+            &running,
+            &client_tx,
+            &finished_tx,
+            &backends,
+            &beat_now,
         );
         tokio::select! {
             r = session => {
@@ -81,14 +113,25 @@ pub async fn run(
                     Err(SessionError::Transient(msg)) => tracing::warn!(error = %msg, "controller unreachable; reconnecting"),
                 }
             }
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => break,
         }
         client_tx.send_replace(None);
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => break,
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+    drop(reporter);
+    Ok(())
+}
+
+/// Aborts the task when dropped, so that no path out of [`run`] leaves the reporter behind.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -111,8 +154,8 @@ async fn session(
     config: &WorkerConfig,
     worker_id: &str,
     running: &RunningMap,
-    client_tx: &watch::Sender<Option<WorkerClient>>,
-    client_rx: &watch::Receiver<Option<WorkerClient>>,
+    client_tx: &watch::Sender<Option<Connected>>,
+    finished: &mpsc::UnboundedSender<Finished>,
     backends: &Arc<HashMap<String, Arc<dyn Backend>>>,
     beat_now: &Arc<tokio::sync::Notify>,
 ) -> Result<(), SessionError> {
@@ -146,120 +189,26 @@ async fn session(
         .await
         .map_err(classify)?;
     tracing::info!(worker_id, controller = %config.controller, "connected");
-    client_tx.send_replace(Some(client.clone()));
-
-    let heartbeats = tokio::spawn(heartbeat_loop(
-        client.clone(),
-        worker_id.to_string(),
-        running.clone(),
-        Duration::from_millis(reg.heartbeat_interval_ms.max(50) as u64),
-        beat_now.clone(),
-    ));
+    client_tx.send_replace(Some(Connected {
+        client,
+        beat_every: Duration::from_millis(reg.heartbeat_interval_ms.max(50) as u64),
+    }));
     let result = loop {
         match stream.message().await {
-            Ok(Some(assignment)) => start_task(
-                assignment, worker_id, running, client_rx, backends, beat_now,
-            ),
+            Ok(Some(assignment)) => start_task(assignment, running, finished, backends, beat_now),
             Ok(None) => break Ok(()),
             Err(status) => break Err(SessionError::Transient(status.to_string())),
         }
     };
     // No stream, no heartbeats: the controller must not think a deaf worker is alive.
-    heartbeats.abort();
+    client_tx.send_replace(None);
     result
-}
-
-async fn heartbeat_loop(
-    mut client: WorkerClient,
-    worker_id: String,
-    running: RunningMap,
-    every: Duration,
-    beat_now: Arc<tokio::sync::Notify>,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = beat_now.notified() => {}
-        }
-        let tasks: Vec<TaskProgress> = running
-            .lock()
-            .expect("running")
-            .iter()
-            .filter(|(_, r)| !r.abandoned.load(Ordering::Relaxed))
-            .map(|((id, attempt), r)| {
-                let p = r.ctx.progress.lock().expect("progress").clone();
-                TaskProgress {
-                    task_id: id.clone(),
-                    attempt: *attempt,
-                    progress: p.fraction,
-                    message: p.message,
-                    metrics: p.metrics,
-                    endpoint: r.ctx.endpoint.lock().expect("endpoint").clone(),
-                    external_job: r
-                        .ctx
-                        .external_job
-                        .0
-                        .lock()
-                        .expect("external job")
-                        .id
-                        .clone()
-                        .unwrap_or_default(),
-                }
-            })
-            .collect();
-        let sent_jobs: Vec<(String, i32, String)> = tasks
-            .iter()
-            .filter(|t| !t.external_job.is_empty())
-            .map(|t| (t.task_id.clone(), t.attempt, t.external_job.clone()))
-            .collect();
-        let reply = match client
-            .heartbeat(HeartbeatRequest {
-                worker_id: worker_id.clone(),
-                tasks,
-            })
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "heartbeat failed");
-                continue;
-            }
-        };
-        let map = running.lock().expect("running");
-        // The reply comes after the beat's commit: the jobs it carried are in Postgres.
-        for (id, attempt, job) in sent_jobs {
-            if let Some(r) = map.get(&(id, attempt)) {
-                r.ctx.external_job_recorded(Some(job));
-            }
-        }
-        for d in reply.tasks {
-            let Some(r) = map.get(&(d.task_id.clone(), d.attempt)) else {
-                continue;
-            };
-            match Directive::try_from(d.directive) {
-                Ok(Directive::Cancel) => {
-                    tracing::info!(task_id = %d.task_id, "cancelled by the controller");
-                    r.ctx.stop.store(true, Ordering::Relaxed);
-                }
-                Ok(Directive::Stop) if !r.ctx.finish.swap(true, Ordering::Relaxed) => {
-                    tracing::info!(task_id = %d.task_id, "consumers finished; stopping");
-                }
-                Ok(Directive::Abandon) => {
-                    tracing::warn!(task_id = %d.task_id, attempt = d.attempt, "attempt is stale; abandoning it");
-                    r.abandoned.store(true, Ordering::Relaxed);
-                    r.ctx.stop.store(true, Ordering::Relaxed);
-                }
-                _ => {}
-            }
-        }
-    }
 }
 
 fn start_task(
     assignment: Assignment,
-    worker_id: &str,
     running: &RunningMap,
-    client_rx: &watch::Receiver<Option<WorkerClient>>,
+    finished: &mpsc::UnboundedSender<Finished>,
     backends: &Arc<HashMap<String, Arc<dyn Backend>>>,
     beat_now: &Arc<tokio::sync::Notify>,
 ) {
@@ -279,9 +228,8 @@ fn start_task(
     );
     tracing::info!(task_id = %task_id, attempt, stage = %assignment.stage, shard = assignment.shard_index, "task started");
     let backend = backends.get(&assignment.backend).cloned();
-    let worker_id = worker_id.to_string();
     let running = running.clone();
-    let client_rx = client_rx.clone();
+    let finished = finished.clone();
     tokio::spawn(async move {
         let result = match backend {
             None => Err(TaskError::permanent(format!(
@@ -299,83 +247,255 @@ fn start_task(
             }
         };
         if !abandoned.load(Ordering::Relaxed) {
-            report(client_rx, &worker_id, &task_id, attempt, result).await;
+            let (settled, reported) = oneshot::channel();
+            let queued = finished.send(Finished {
+                task_id: task_id.clone(),
+                attempt,
+                result,
+                settled,
+            });
+            // The reporter is gone only when the worker is shutting down.
+            if queued.is_ok() {
+                let _ = reported.await;
+            }
         }
         running.lock().expect("running").remove(&(task_id, attempt));
     });
 }
 
-/// Reports a result until the controller accepts or rejects it. Transient failures (controller
-/// down, database unavailable) are retried, across reconnects.
-async fn report(
-    mut client_rx: watch::Receiver<Option<WorkerClient>>,
-    worker_id: &str,
-    task_id: &str,
-    attempt: i32,
-    result: Result<TaskResult, TaskError>,
+/// Reports for the whole worker: one `Report` at a time carries every result finished since
+/// the last one, and the running attempts' heartbeats when they are due (every `beat_every`,
+/// or at once when a task asks). Results the controller could not record (unavailable, or no
+/// session) are kept and sent again, across reconnects; a result is dropped only once the
+/// controller has accepted it or refused it for good (stale, invalid).
+async fn reporter(
+    worker_id: String,
+    running: RunningMap,
+    mut session: watch::Receiver<Option<Connected>>,
+    mut finished: mpsc::UnboundedReceiver<Finished>,
+    beat_now: Arc<tokio::sync::Notify>,
 ) {
+    let mut pending: Vec<Finished> = Vec::new();
+    let mut next_beat = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(50);
     loop {
-        let client = client_rx.borrow_and_update().clone();
-        let Some(mut client) = client else {
-            let _ = client_rx.changed().await;
+        let connected = session.borrow_and_update().clone();
+        let Some(Connected {
+            mut client,
+            beat_every,
+        }) = connected
+        else {
+            tokio::select! {
+                _ = session.changed() => {}
+                f = finished.recv() => match f {
+                    Some(f) => pending.push(f),
+                    None => return,
+                },
+            }
             continue;
         };
-        let sent = match &result {
-            Ok(r) => {
-                client
-                    .complete_task(CompleteTaskRequest {
-                        worker_id: worker_id.to_string(),
-                        task_id: task_id.to_string(),
-                        attempt,
-                        outputs: r
-                            .outputs
-                            .iter()
-                            .map(|o| OutputArtifact {
-                                name: o.name.clone(),
-                                kind: o.kind.to_string(),
-                                uri: o.uri.clone(),
-                                content_hash: o.content_hash.clone(),
-                                metadata_json: o.metadata.to_string(),
-                            })
-                            .collect(),
-                        metrics: r.metrics.clone(),
-                    })
-                    .await
+        if pending.is_empty() {
+            tokio::select! {
+                f = finished.recv() => match f {
+                    Some(f) => pending.push(f),
+                    None => return,
+                },
+                _ = beat_now.notified() => next_beat = tokio::time::Instant::now(),
+                _ = tokio::time::sleep_until(next_beat) => {}
+                _ = session.changed() => continue,
             }
-            Err(e) => client
-                .fail_task(FailTaskRequest {
-                    worker_id: worker_id.to_string(),
-                    task_id: task_id.to_string(),
-                    attempt,
-                    error: flywheel_proto::limits::fit_text(
-                        &e.message,
-                        flywheel_proto::limits::MAX_TEXT_BYTES,
-                    ),
-                    retryable: e.retryable,
-                })
-                .await
-                .map(|_| ()),
+        }
+        while pending.len() < MAX_ENTRIES {
+            match finished.try_recv() {
+                Ok(f) => pending.push(f),
+                Err(_) => break,
+            }
+        }
+        let batch = pending.len().min(MAX_ENTRIES);
+        let beat = tokio::time::Instant::now() >= next_beat;
+        let reporting: std::collections::HashSet<(&str, i32)> = pending[..batch]
+            .iter()
+            .map(|f| (f.task_id.as_str(), f.attempt))
+            .collect();
+        let heartbeats = if beat {
+            next_beat = tokio::time::Instant::now() + beat_every;
+            heartbeats(&running, &reporting)
+        } else {
+            Vec::new()
         };
-        match sent {
-            Ok(()) => {
-                tracing::info!(task_id, attempt, ok = result.is_ok(), "task reported");
-                return;
+        let sent_jobs: Vec<(String, i32, String)> = heartbeats
+            .iter()
+            .filter(|t| !t.external_job.is_empty())
+            .map(|t| (t.task_id.clone(), t.attempt, t.external_job.clone()))
+            .collect();
+        let mut request = ReportRequest {
+            worker_id: worker_id.clone(),
+            heartbeats,
+            ..Default::default()
+        };
+        for f in &pending[..batch] {
+            match &f.result {
+                Ok(r) => request.completions.push(completion(f, r)),
+                Err(e) => request.failures.push(TaskFailure {
+                    task_id: f.task_id.clone(),
+                    attempt: f.attempt,
+                    error: fit_text(&e.message, MAX_TEXT_BYTES),
+                    retryable: e.retryable,
+                }),
             }
-            Err(s)
-                if matches!(
-                    s.code(),
-                    Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-                ) =>
-            {
-                tracing::warn!(task_id, error = %s, "report failed; retrying");
+        }
+        let reply = match client.report(request).await {
+            Ok(reply) => reply,
+            Err(s) if transient(s.code()) => {
+                tracing::warn!(error = %s, results = batch, "report failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            // A refused heartbeat refuses the whole report: the results go again without it.
+            Err(s) if beat => {
+                tracing::warn!(error = %s, "heartbeat refused");
+                continue;
             }
             Err(s) => {
-                tracing::warn!(task_id, attempt, error = %s, "report rejected");
-                return;
+                for f in pending.drain(..batch) {
+                    tracing::warn!(task_id = %f.task_id, attempt = f.attempt, error = %s, "report rejected");
+                    let _ = f.settled.send(());
+                }
+                continue;
             }
+        };
+        backoff = Duration::from_millis(50);
+        apply_directives(&running, sent_jobs, &reply.directives);
+        let outcomes: HashMap<(&str, i32), (Outcome, &str)> = reply
+            .completions
+            .iter()
+            .chain(&reply.failures)
+            .map(|o| {
+                let outcome = Outcome::try_from(o.outcome).unwrap_or(Outcome::Unspecified);
+                ((o.task_id.as_str(), o.attempt), (outcome, o.error.as_str()))
+            })
+            .collect();
+        let mut kept = Vec::new();
+        for f in pending.drain(..batch) {
+            match outcomes.get(&(f.task_id.as_str(), f.attempt)) {
+                Some((Outcome::Accepted, _)) => {
+                    tracing::info!(task_id = %f.task_id, attempt = f.attempt, ok = f.result.is_ok(), "task reported");
+                    let _ = f.settled.send(());
+                }
+                Some((Outcome::Stale | Outcome::Invalid, error)) => {
+                    tracing::warn!(task_id = %f.task_id, attempt = f.attempt, error, "report rejected");
+                    let _ = f.settled.send(());
+                }
+                other => {
+                    let error = other.map_or("no outcome in the reply", |(_, e)| e);
+                    tracing::warn!(task_id = %f.task_id, error, "result not recorded; retrying");
+                    kept.push(f);
+                }
+            }
+        }
+        if !kept.is_empty() {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        kept.append(&mut pending);
+        pending = kept;
+    }
+}
+
+fn transient(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+    )
+}
+
+fn completion(f: &Finished, r: &TaskResult) -> TaskCompletion {
+    TaskCompletion {
+        task_id: f.task_id.clone(),
+        attempt: f.attempt,
+        outputs: r
+            .outputs
+            .iter()
+            .map(|o| OutputArtifact {
+                name: o.name.clone(),
+                kind: o.kind.to_string(),
+                uri: o.uri.clone(),
+                content_hash: o.content_hash.clone(),
+                metadata_json: o.metadata.to_string(),
+            })
+            .collect(),
+        metrics: r.metrics.clone(),
+    }
+}
+
+/// Progress of the running attempts, but for abandoned ones and those whose result is in
+/// the same report.
+fn heartbeats(
+    running: &RunningMap,
+    reporting: &std::collections::HashSet<(&str, i32)>,
+) -> Vec<TaskProgress> {
+    running
+        .lock()
+        .expect("running")
+        .iter()
+        .filter(|((id, attempt), r)| {
+            !r.abandoned.load(Ordering::Relaxed) && !reporting.contains(&(id.as_str(), *attempt))
+        })
+        .map(|((id, attempt), r)| {
+            let p = r.ctx.progress.lock().expect("progress").clone();
+            TaskProgress {
+                task_id: id.clone(),
+                attempt: *attempt,
+                progress: p.fraction,
+                message: p.message,
+                metrics: p.metrics,
+                endpoint: r.ctx.endpoint.lock().expect("endpoint").clone(),
+                external_job: r
+                    .ctx
+                    .external_job
+                    .0
+                    .lock()
+                    .expect("external job")
+                    .id
+                    .clone()
+                    .unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// Acts on what the controller said of the heartbeats (committed: the cluster jobs they
+/// carried are in Postgres).
+fn apply_directives(
+    running: &RunningMap,
+    sent_jobs: Vec<(String, i32, String)>,
+    directives: &[flywheel_proto::v1::TaskDirective],
+) {
+    let map = running.lock().expect("running");
+    for (id, attempt, job) in sent_jobs {
+        if let Some(r) = map.get(&(id, attempt)) {
+            r.ctx.external_job_recorded(Some(job));
+        }
+    }
+    for d in directives {
+        let Some(r) = map.get(&(d.task_id.clone(), d.attempt)) else {
+            continue;
+        };
+        match Directive::try_from(d.directive) {
+            Ok(Directive::Cancel) => {
+                tracing::info!(task_id = %d.task_id, "cancelled by the controller");
+                r.ctx.stop.store(true, Ordering::Relaxed);
+            }
+            Ok(Directive::Stop) if !r.ctx.finish.swap(true, Ordering::Relaxed) => {
+                tracing::info!(task_id = %d.task_id, "consumers finished; stopping");
+            }
+            Ok(Directive::Abandon) => {
+                tracing::warn!(task_id = %d.task_id, attempt = d.attempt, "attempt is stale; abandoning it");
+                r.abandoned.store(true, Ordering::Relaxed);
+                r.ctx.stop.store(true, Ordering::Relaxed);
+            }
+            _ => {}
         }
     }
 }
