@@ -19,6 +19,9 @@ use crate::error::Result;
 use crate::store::attempts::AttemptState;
 use crate::store::{self, events::NewEvent, tasks::ClaimGroup};
 
+/// Most tasks one claim transaction takes.
+const MAX_CLAIM: usize = 128;
+
 pub(crate) type AssignmentSender = mpsc::Sender<Result<Assignment, Status>>;
 
 /// What a worker can run, as it registered.
@@ -310,6 +313,11 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
     // next stage of a chain, on its own worker) are not held behind a big claim for another.
     groups.sort_by_key(|(_, slots)| slots.len());
     let mut saturated = true;
+    // Claims are cut to a bounded size (the rest follow at once, `Saturated`), so that what
+    // arrives meanwhile (a chain's next stage) waits for one short claim at most.
+    for (_, slots) in &mut groups {
+        slots.truncate(MAX_CLAIM);
+    }
     let mut claimed_any = false;
     let mut next: Option<chrono::DateTime<chrono::Utc>> = None;
     for (caps, slots) in &groups {

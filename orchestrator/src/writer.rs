@@ -16,8 +16,9 @@ use crate::error::{Error, Result};
 use crate::store::{self, artifacts::NewOutput, events::NewEvent, tasks::Beat};
 use crate::store::{attempts::AttemptState, tasks::TaskState};
 
-/// Most reports written in one transaction.
-const MAX_BATCH: usize = 2048;
+/// Most reports written in one transaction: large enough that the cost per report is low,
+/// small enough that a transaction (which a stage handoff may wait behind) stays short.
+const MAX_BATCH: usize = 512;
 
 /// Why a report changed nothing.
 #[derive(Debug)]
