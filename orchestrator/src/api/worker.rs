@@ -197,14 +197,30 @@ fn item_status(refused: Status, list: &str, i: usize) -> Status {
     }
 }
 
-fn accepted(task_id: String, attempt: i32, will_retry: bool) -> ReportOutcome {
-    ReportOutcome {
-        task_id,
-        attempt,
-        outcome: Outcome::Accepted as i32,
-        error: String::new(),
-        will_retry,
-    }
+/// What became of one item of a Report: refused by its checks, or settled by the writer.
+async fn settle_item<T>(
+    task_id: String,
+    attempt: i32,
+    queued: Result<writer::Pending<T>, Status>,
+    will_retry: impl FnOnce(T) -> bool,
+) -> Result<ReportOutcome, Status> {
+    let settled = match queued {
+        Ok(p) => p
+            .settled()
+            .await?
+            .map_err(|e| rejected(e, &task_id, attempt)),
+        Err(refused) => Err(refused),
+    };
+    Ok(match settled {
+        Ok(v) => ReportOutcome {
+            task_id,
+            attempt,
+            outcome: Outcome::Accepted as i32,
+            error: String::new(),
+            will_retry: will_retry(v),
+        },
+        Err(refused) => outcome_of(task_id, attempt, refused),
+    })
 }
 
 /// What a Report says of a completion or failure that was refused (by its checks or by the
@@ -692,30 +708,12 @@ impl WorkerService for WorkerApi {
             failures: Vec::with_capacity(failures.len()),
         };
         for (task_id, attempt, queued) in completions {
-            let settled = match queued {
-                Ok(p) => p
-                    .settled()
-                    .await?
-                    .map_err(|e| rejected(e, &task_id, attempt)),
-                Err(refused) => Err(refused),
-            };
-            response.completions.push(match settled {
-                Ok(()) => accepted(task_id, attempt, false),
-                Err(refused) => outcome_of(task_id, attempt, refused),
-            });
+            let o = settle_item(task_id, attempt, queued, |()| false).await?;
+            response.completions.push(o);
         }
         for (task_id, attempt, queued) in failures {
-            let settled = match queued {
-                Ok(p) => p
-                    .settled()
-                    .await?
-                    .map_err(|e| rejected(e, &task_id, attempt)),
-                Err(refused) => Err(refused),
-            };
-            response.failures.push(match settled {
-                Ok(will_retry) => accepted(task_id, attempt, will_retry),
-                Err(refused) => outcome_of(task_id, attempt, refused),
-            });
+            let o = settle_item(task_id, attempt, queued, |will_retry| will_retry).await?;
+            response.failures.push(o);
         }
         Ok(Response::new(response))
     }
