@@ -1,7 +1,14 @@
 //! Engine benchmark at the demo model size (`ModelConfig::small`): training tokens/s for SFT and
 //! DPO, batched KV-cached sampling tokens/s, and reward-model scoring records/s.
 //!
-//! `cargo bench -p flywheel-engine --bench engine`
+//! With `--peer torch`, it then runs the PyTorch twin (`benches/torch_twin.py`, the same
+//! architecture loaded from this engine's safetensors, trained on this engine's batches with
+//! its optimiser) against the engine on the same batches, `--runs R` interleaved pairs (default
+//! 2), checks that both have the same parameter count and the same loss on the first batch, and
+//! prints both speeds and the ratio. PyTorch is installed from PyPI into `target/bench-torch/`
+//! on first use (only for this benchmark).
+//!
+//! `cargo bench -p flywheel-engine --bench engine [-- --peer torch [--runs R]]`
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -22,6 +29,18 @@ fn tokens(data: &[(String, String)]) -> f64 {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    if let Some(peer) = value("--peer") {
+        assert_eq!(peer, "torch", "--peer takes torch");
+        let runs = value("--runs").map_or(2, |r| r.parse().expect("--runs takes a number"));
+        return twin::compare(runs);
+    }
     let dev = candle_core::Device::Cpu;
     let config = ModelConfig::small();
     let prompts = world::generate(1, 2000, &Mix::default(), "b", &HashSet::new());
@@ -125,4 +144,315 @@ fn main() {
         "  reward scoring: {:.0} records/s (batch 256)",
         rows.len() as f64 / t.elapsed().as_secs_f64()
     );
+}
+
+/// The engine against its PyTorch twin on the same weights and batches.
+mod twin {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+    use std::time::Instant;
+
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarMap;
+    use flywheel_engine::model::{ModelConfig, Transformer};
+    use flywheel_engine::rng::Rng;
+    use flywheel_engine::tokenizer::PAD;
+    use flywheel_engine::train::{self, Batch, TrainConfig};
+    use flywheel_engine::world::{self, Mix};
+
+    const SFT_STEPS: usize = 60;
+    const DPO_STEPS: usize = 30;
+    const BATCH: usize = 32;
+    const BETA: f64 = 0.1;
+    const SFT_WEIGHT: f64 = 0.1;
+
+    fn root() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
+    /// A Python with torch and safetensors, installed into `target/bench-torch/` on first use.
+    fn python() -> PathBuf {
+        let venv = root().join("target/bench-torch");
+        let python = venv.join("bin/python");
+        let ready = |p: &Path| {
+            Command::new(p)
+                .args(["-c", "import torch, safetensors"])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if ready(&python) {
+            return python;
+        }
+        eprintln!(
+            "installing torch and safetensors from PyPI into {} ...",
+            venv.display()
+        );
+        let venv_ok = python.exists()
+            || Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .expect("python3 is missing (the torch peer needs it)")
+                .success();
+        assert!(
+            venv_ok,
+            "python3 -m venv failed (install Debian's python3-venv)"
+        );
+        let pip = Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "torch", "safetensors", "numpy"])
+            .status()
+            .expect("pip");
+        assert!(
+            pip.success() && ready(&python),
+            "pip could not install torch and safetensors from PyPI"
+        );
+        python
+    }
+
+    fn sampled_batches(
+        rows: &[(String, String)],
+        steps: usize,
+        size: usize,
+        seed: u64,
+        config: &ModelConfig,
+        dev: &Device,
+    ) -> Vec<Batch> {
+        let mut rng = Rng::new(seed);
+        (0..steps)
+            .map(|_| {
+                let picked: Vec<(&str, &str)> = (0..size)
+                    .map(|_| {
+                        let (p, r) = &rows[rng.below(rows.len() as u64) as usize];
+                        (p.as_str(), r.as_str())
+                    })
+                    .collect();
+                train::batch(&picked, config.max_seq, dev).unwrap()
+            })
+            .collect()
+    }
+
+    /// DPO batches: 32 chosen rows, then the same prompts' rejected rows.
+    fn pair_batches(
+        data: &[(String, String)],
+        steps: usize,
+        seed: u64,
+        config: &ModelConfig,
+        dev: &Device,
+    ) -> Vec<Batch> {
+        let mut rng = Rng::new(seed);
+        (0..steps)
+            .map(|_| {
+                let picked: Vec<&(String, String)> = (0..BATCH)
+                    .map(|_| &data[rng.below(data.len() as u64) as usize])
+                    .collect();
+                let rejected: Vec<String> = picked.iter().map(|(_, r)| format!("{r}x")).collect();
+                let mut rows: Vec<(&str, &str)> = picked
+                    .iter()
+                    .map(|(p, r)| (p.as_str(), r.as_str()))
+                    .collect();
+                rows.extend(
+                    picked
+                        .iter()
+                        .zip(&rejected)
+                        .map(|((p, _), r)| (p.as_str(), r.as_str())),
+                );
+                train::batch(&rows, config.max_seq, dev).unwrap()
+            })
+            .collect()
+    }
+
+    fn real_tokens(batches: &[Batch]) -> f64 {
+        batches
+            .iter()
+            .map(|b| {
+                let ids: Vec<u32> = b.inputs.flatten_all().unwrap().to_vec1().unwrap();
+                ids.iter().filter(|&&t| t != PAD).count() as f64
+            })
+            .sum()
+    }
+
+    fn save_batches(out: &mut HashMap<String, Tensor>, prefix: &str, batches: &[Batch]) {
+        for (i, b) in batches.iter().enumerate() {
+            out.insert(
+                format!("{prefix}.{i}.inputs"),
+                b.inputs.to_dtype(DType::I64).unwrap(),
+            );
+            out.insert(
+                format!("{prefix}.{i}.targets"),
+                b.targets.to_dtype(DType::I64).unwrap(),
+            );
+            out.insert(format!("{prefix}.{i}.mask"), b.mask.clone());
+        }
+    }
+
+    /// Trains a fresh seed-1 model over `batches` with the engine's loop; returns the first
+    /// step's loss and the seconds all steps took.
+    fn engine_run(
+        config: &ModelConfig,
+        cfg: &TrainConfig,
+        dev: &Device,
+        loss: impl Fn(&Transformer, &Transformer, &Batch) -> candle_core::Result<Tensor>,
+        batches: &[Batch],
+    ) -> (f64, f64) {
+        let varmap = VarMap::new();
+        let policy = Transformer::fresh(config.clone(), &varmap, dev, 1).unwrap();
+        let reference = Transformer::fresh(config.clone(), &VarMap::new(), dev, 1).unwrap();
+        let mut first = None;
+        let began = Instant::now();
+        train::train_loop(
+            &varmap,
+            cfg,
+            &mut |step, l| {
+                if step == 0 {
+                    first = Some(l);
+                }
+                true
+            },
+            |step, _| Ok(loss(&policy, &reference, &batches[step])?),
+        )
+        .unwrap();
+        (first.unwrap(), began.elapsed().as_secs_f64())
+    }
+
+    fn sft_loss(policy: &Transformer, _: &Transformer, b: &Batch) -> candle_core::Result<Tensor> {
+        let lp = train::token_logprobs(policy, b).map_err(candle_core::Error::wrap)?;
+        train::sft_loss(&lp, &b.mask).map_err(candle_core::Error::wrap)
+    }
+
+    fn dpo_loss(
+        policy: &Transformer,
+        reference: &Transformer,
+        b: &Batch,
+    ) -> candle_core::Result<Tensor> {
+        let wrap = candle_core::Error::wrap;
+        let n = b.inputs.dim(0)? / 2;
+        let lp = train::token_logprobs(policy, b).map_err(wrap)?;
+        let seq = train::sequence_logprob(&lp, &b.mask).map_err(wrap)?;
+        let reference =
+            train::sequence_logprob(&train::token_logprobs(reference, b).map_err(wrap)?, &b.mask)
+                .map_err(wrap)?
+                .detach();
+        let pref = train::dpo_loss(
+            &seq.narrow(0, 0, n)?,
+            &seq.narrow(0, n, n)?,
+            &reference.narrow(0, 0, n)?,
+            &reference.narrow(0, n, n)?,
+            BETA,
+        )
+        .map_err(wrap)?;
+        let sft = train::sft_loss(&lp.narrow(0, 0, n)?, &b.mask.narrow(0, 0, n)?).map_err(wrap)?;
+        pref + (sft * SFT_WEIGHT)?
+    }
+
+    pub(super) fn compare(runs: usize) {
+        let dev = Device::Cpu;
+        let config = ModelConfig::small();
+        let prompts = world::generate(1, 2000, &Mix::default(), "b", &Default::default());
+        let data: Vec<(String, String)> = prompts
+            .iter()
+            .map(|p| (p.prompt.clone(), world::answer(&p.prompt).unwrap()))
+            .collect();
+        let sft_batches = sampled_batches(&data, SFT_STEPS, BATCH, 7, &config, &dev);
+        let dpo_batches = pair_batches(&data, DPO_STEPS, 8, &config, &dev);
+
+        let work = root().join("target/bench-peer/torch-twin");
+        std::fs::create_dir_all(&work).unwrap();
+        let varmap = VarMap::new();
+        Transformer::fresh(config.clone(), &varmap, &dev, 1).unwrap();
+        let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
+        varmap.save(work.join("model.safetensors")).unwrap();
+        let mut tensors = HashMap::new();
+        save_batches(&mut tensors, "sft", &sft_batches);
+        save_batches(&mut tensors, "dpo", &dpo_batches);
+        candle_core::safetensors::save(&tensors, work.join("batches.safetensors")).unwrap();
+        let cfg = TrainConfig::default();
+        let meta = serde_json::json!({
+            "model": config,
+            "train": { "lr": cfg.lr, "warmup": cfg.warmup, "weight_decay": cfg.weight_decay,
+                       "grad_clip": cfg.grad_clip },
+            "sft_steps": SFT_STEPS, "dpo_steps": DPO_STEPS, "beta": BETA, "sft_weight": SFT_WEIGHT,
+        });
+        std::fs::write(work.join("meta.json"), meta.to_string()).unwrap();
+        let python = python();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/torch_twin.py");
+        let (sft_tokens, dpo_tokens) = (real_tokens(&sft_batches), real_tokens(&dpo_batches));
+        println!(
+            "engine vs PyTorch twin: {params} parameters, SFT {SFT_STEPS} steps x {BATCH} rows, DPO {DPO_STEPS} steps x {BATCH} pairs, {threads} threads, {runs} interleaved run(s)"
+        );
+        let mut ratios: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        for run in 1..=runs {
+            let sft_cfg = TrainConfig {
+                steps: SFT_STEPS,
+                ..cfg.clone()
+            };
+            let dpo_cfg = TrainConfig {
+                steps: DPO_STEPS,
+                ..cfg.clone()
+            };
+            let (sft_first, sft_s) = engine_run(&config, &sft_cfg, &dev, sft_loss, &sft_batches);
+            let (dpo_first, dpo_s) = engine_run(&config, &dpo_cfg, &dev, dpo_loss, &dpo_batches);
+            let out = Command::new(&python)
+                .arg(&script)
+                .arg(&work)
+                .arg(threads.to_string())
+                .output()
+                .expect("run the torch twin");
+            assert!(
+                out.status.success(),
+                "torch twin failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let line = String::from_utf8_lossy(&out.stdout);
+            let t: serde_json::Value = serde_json::from_str(line.trim().lines().last().unwrap())
+                .unwrap_or_else(|e| panic!("torch twin printed {line:?}: {e}"));
+            let f = |k: &str| t[k].as_f64().unwrap_or_else(|| panic!("no {k} in {t}"));
+            // The same computation: same size, same loss from the same weights on the same batch.
+            assert_eq!(
+                t["params"].as_u64(),
+                Some(params as u64),
+                "parameter counts differ"
+            );
+            for (what, ours, theirs) in [
+                ("sft", sft_first, f("sft_first_loss")),
+                ("dpo", dpo_first, f("dpo_first_loss")),
+            ] {
+                assert!(
+                    (ours - theirs).abs() <= 1e-4 * ours.abs().max(1.0),
+                    "{what} first-batch loss: engine {ours}, torch {theirs}"
+                );
+            }
+            println!(
+                "run {run} (torch {}, {} threads): first-batch loss sft {sft_first:.6} / {:.6}, dpo {dpo_first:.6} / {:.6}",
+                t["torch"].as_str().unwrap_or("?"),
+                t["threads"],
+                f("sft_first_loss"),
+                f("dpo_first_loss")
+            );
+            for (i, (what, tokens, ours, theirs)) in [
+                ("sft", sft_tokens, sft_s, f("sft_seconds")),
+                ("dpo", dpo_tokens, dpo_s, f("dpo_seconds")),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let ratio = theirs / ours;
+                ratios[i].push(ratio);
+                println!(
+                    "  {what}: engine {:.0} training tokens/s, torch {:.0}  ->  engine / torch = {ratio:.2}x",
+                    tokens / ours,
+                    tokens / theirs
+                );
+            }
+        }
+        for (what, r) in ["sft", "dpo"].iter().zip(&mut ratios) {
+            r.sort_by(f64::total_cmp);
+            println!(
+                "{what} ratio over {runs} run(s): min {:.2}x, max {:.2}x",
+                r[0],
+                r[r.len() - 1]
+            );
+        }
+    }
 }
