@@ -21,6 +21,25 @@ pub mod tokenizer;
 pub mod train;
 pub mod world;
 
+/// Makes glibc's malloc keep freed memory for reuse instead of returning it to the system, for
+/// the whole process, once. Every tensor op allocates its output; with glibc's defaults the
+/// larger ones are fresh `mmap`s, so each training step page-faults its way through them
+/// (a profile of one SFT step: ~15% in page faults and page clearing). Measured on the demo
+/// model: SFT 7.3k → 9.2k and DPO 5.0k → 8.0k training tokens/s. Called by [`model::Transformer::new`].
+pub fn keep_freed_memory() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        #[allow(unsafe_code)]
+        // SAFETY: mallopt only changes allocator parameters; it takes plain integers and is
+        // safe to call at any time from any thread.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        }
+    });
+}
+
 /// The GPU when built with `cuda` and one is present, else the CPU.
 pub fn default_device() -> candle_core::Device {
     #[cfg(feature = "cuda")]

@@ -161,6 +161,7 @@ impl Transformer {
     /// Builds the model's variables through `vb` (fresh or loaded).
     pub fn new(config: ModelConfig, vb: VarBuilder) -> Result<Self, EngineError> {
         config.validate()?;
+        crate::keep_freed_memory();
         let c = &config;
         let dh = c.head_dim();
         let init = candle_nn::init::Init::Randn {
