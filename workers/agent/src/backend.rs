@@ -162,7 +162,7 @@ pub struct TaskContext {
     /// Set by `DIRECTIVE_STOP`: a serve task's consumers are done.
     pub(crate) finish: Arc<AtomicBool>,
     pub(crate) endpoint: Arc<Mutex<Option<Endpoint>>>,
-    /// Wakes the heartbeat loop for an immediate beat.
+    /// Wakes the reporter for an immediate heartbeat.
     pub(crate) beat_now: Arc<tokio::sync::Notify>,
     /// The cluster job the attempt runs in, and whether the controller has recorded it.
     pub(crate) external_job: Arc<(Mutex<ExternalJob>, std::sync::Condvar)>,

@@ -1,5 +1,6 @@
 //! Flywheel's worker agent: registers with the controller, receives assignments over a server
-//! stream, runs them on a [`Backend`], heartbeats while they run and reports how they ended.
+//! stream, runs them on a [`Backend`], and reports heartbeats and results in batched `Report`
+//! calls, one at a time per worker.
 //!
 //! Invariants: heartbeats are sent only while the assignment stream is open (a worker that
 //! cannot hear the controller must not look alive); a task the controller abandons or cancels

@@ -210,33 +210,13 @@ mod twin {
         python
     }
 
-    fn sampled_batches(
-        rows: &[(String, String)],
-        steps: usize,
-        size: usize,
-        seed: u64,
-        config: &ModelConfig,
-        dev: &Device,
-    ) -> Vec<Batch> {
-        let mut rng = Rng::new(seed);
-        (0..steps)
-            .map(|_| {
-                let picked: Vec<(&str, &str)> = (0..size)
-                    .map(|_| {
-                        let (p, r) = &rows[rng.below(rows.len() as u64) as usize];
-                        (p.as_str(), r.as_str())
-                    })
-                    .collect();
-                train::batch(&picked, config.max_seq, dev).unwrap()
-            })
-            .collect()
-    }
-
-    /// DPO batches: 32 chosen rows, then the same prompts' rejected rows.
-    fn pair_batches(
+    /// `steps` batches of `BATCH` rows drawn from `data`; with `pairs`, the same prompts follow
+    /// with rejected responses (the response and an `x`), as a DPO batch is laid out.
+    fn batches(
         data: &[(String, String)],
         steps: usize,
         seed: u64,
+        pairs: bool,
         config: &ModelConfig,
         dev: &Device,
     ) -> Vec<Batch> {
@@ -246,17 +226,19 @@ mod twin {
                 let picked: Vec<&(String, String)> = (0..BATCH)
                     .map(|_| &data[rng.below(data.len() as u64) as usize])
                     .collect();
-                let rejected: Vec<String> = picked.iter().map(|(_, r)| format!("{r}x")).collect();
+                let rejected: Vec<(&str, String)> = if pairs {
+                    picked
+                        .iter()
+                        .map(|(p, r)| (p.as_str(), format!("{r}x")))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 let mut rows: Vec<(&str, &str)> = picked
                     .iter()
                     .map(|(p, r)| (p.as_str(), r.as_str()))
                     .collect();
-                rows.extend(
-                    picked
-                        .iter()
-                        .zip(&rejected)
-                        .map(|((p, _), r)| (p.as_str(), r.as_str())),
-                );
+                rows.extend(rejected.iter().map(|(p, r)| (*p, r.as_str())));
                 train::batch(&rows, config.max_seq, dev).unwrap()
             })
             .collect()
@@ -353,8 +335,8 @@ mod twin {
             .iter()
             .map(|p| (p.prompt.clone(), world::answer(&p.prompt).unwrap()))
             .collect();
-        let sft_batches = sampled_batches(&data, SFT_STEPS, BATCH, 7, &config, &dev);
-        let dpo_batches = pair_batches(&data, DPO_STEPS, 8, &config, &dev);
+        let sft_batches = batches(&data, SFT_STEPS, 7, false, &config, &dev);
+        let dpo_batches = batches(&data, DPO_STEPS, 8, true, &config, &dev);
 
         let work = root().join("target/bench-peer/torch-twin");
         std::fs::create_dir_all(&work).unwrap();
