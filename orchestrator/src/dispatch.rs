@@ -1,8 +1,9 @@
 //! Task dispatch: the registry of connected workers and the loop that claims queued tasks for
 //! their free slots and pushes them down each worker's assignment stream.
 //!
-//! One claim transaction serves every idle slot at once (one statement per capability group,
-//! `FOR UPDATE SKIP LOCKED`), so the cost per task falls as load rises. Leases are reclaimed by
+//! One claim transaction serves all the idle slots of a capability group at once (up to
+//! [`MAX_CLAIM`], `FOR UPDATE SKIP LOCKED`), so the cost per task falls as load rises; the
+//! smallest groups are claimed first. Leases are reclaimed by
 //! [`run_reaper`]; any report on a task is fenced by its attempt number in the store.
 
 use std::collections::{BTreeMap, HashMap};
@@ -312,12 +313,12 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
     // Smallest groups first, each in its own transaction: a few free slots of one pool (the
     // next stage of a chain, on its own worker) are not held behind a big claim for another.
     groups.sort_by_key(|(_, slots)| slots.len());
-    let mut saturated = true;
     // Claims are cut to a bounded size (the rest follow at once, `Saturated`), so that what
     // arrives meanwhile (a chain's next stage) waits for one short claim at most.
     for (_, slots) in &mut groups {
         slots.truncate(MAX_CLAIM);
     }
+    let mut saturated = true;
     let mut claimed_any = false;
     let mut next: Option<chrono::DateTime<chrono::Utc>> = None;
     for (caps, slots) in &groups {
