@@ -328,23 +328,23 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
             ((id, a), d)
         })
         .collect();
-    let failed_here: HashSet<(Uuid, i32)> = failed.iter().map(|f| (f.id, f.attempt)).collect();
+    let settled_failures: HashMap<(Uuid, i32), bool> = failed
+        .iter()
+        .map(|f| {
+            let retrying = matches!(f.state, TaskState::Queued | TaskState::Blocked);
+            ((f.id, f.attempt), retrying)
+        })
+        .collect();
     for b in elided {
         let key = (b.id, b.attempt);
-        if accepted.contains(&key) || failed_here.contains(&key) {
+        if accepted.contains(&key) || settled_failures.contains_key(&key) {
             alive.insert(key, Directive::Continue);
         }
     }
     Ok(Committed {
         alive,
         completed: accepted,
-        failed: failed
-            .iter()
-            .map(|f| {
-                let retrying = matches!(f.state, TaskState::Queued | TaskState::Blocked);
-                ((f.id, f.attempt), retrying)
-            })
-            .collect(),
+        failed: settled_failures,
         released,
         wake_dispatch: !unblocked.is_empty() || !failed.is_empty() || !completed.is_empty(),
         wake_planner: !completed.is_empty() || failed.iter().any(|f| f.state != TaskState::Queued),

@@ -92,27 +92,24 @@ struct BeatFields {
     model_id: &'static str,
 }
 
-const HEARTBEAT_FIELDS: BeatFields = BeatFields {
-    task_id: "tasks[].task_id",
-    message: "tasks[].message",
-    external_job: "tasks[].external_job",
-    metrics: "tasks[].metrics",
-    url: "tasks[].endpoint.url",
-    served_name: "tasks[].endpoint.served_name",
-    content_hash: "tasks[].endpoint.content_hash",
-    model_id: "tasks[].endpoint.model_id",
-};
+/// The field names of a list of heartbeats called `$list`.
+macro_rules! beat_fields {
+    ($list:literal) => {
+        BeatFields {
+            task_id: concat!($list, "[].task_id"),
+            message: concat!($list, "[].message"),
+            external_job: concat!($list, "[].external_job"),
+            metrics: concat!($list, "[].metrics"),
+            url: concat!($list, "[].endpoint.url"),
+            served_name: concat!($list, "[].endpoint.served_name"),
+            content_hash: concat!($list, "[].endpoint.content_hash"),
+            model_id: concat!($list, "[].endpoint.model_id"),
+        }
+    };
+}
 
-const REPORT_FIELDS: BeatFields = BeatFields {
-    task_id: "heartbeats[].task_id",
-    message: "heartbeats[].message",
-    external_job: "heartbeats[].external_job",
-    metrics: "heartbeats[].metrics",
-    url: "heartbeats[].endpoint.url",
-    served_name: "heartbeats[].endpoint.served_name",
-    content_hash: "heartbeats[].endpoint.content_hash",
-    model_id: "heartbeats[].endpoint.model_id",
-};
+const HEARTBEAT_FIELDS: BeatFields = beat_fields!("tasks");
+const REPORT_FIELDS: BeatFields = beat_fields!("heartbeats");
 
 /// A worker's heartbeats, checked (any bad one refuses them all, naming its field).
 fn beats(worker_id: Uuid, tasks: Vec<TaskProgress>, f: &BeatFields) -> Result<Vec<Beat>, Status> {

@@ -313,12 +313,12 @@ async fn reporter(
         }
         let batch = pending.len().min(MAX_ENTRIES);
         let beat = tokio::time::Instant::now() >= next_beat;
-        let reporting: std::collections::HashSet<(&str, i32)> = pending[..batch]
-            .iter()
-            .map(|f| (f.task_id.as_str(), f.attempt))
-            .collect();
         let heartbeats = if beat {
             next_beat = tokio::time::Instant::now() + beat_every;
+            let reporting: std::collections::HashSet<(&str, i32)> = pending[..batch]
+                .iter()
+                .map(|f| (f.task_id.as_str(), f.attempt))
+                .collect();
             heartbeats(&running, &reporting)
         } else {
             Vec::new()
@@ -348,8 +348,7 @@ async fn reporter(
             Ok(reply) => reply,
             Err(s) if transient(s.code()) => {
                 tracing::warn!(error = %s, results = batch, "report failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+                back_off(&mut backoff).await;
                 continue;
             }
             // A refused heartbeat refuses the whole report: the results go again without it.
@@ -395,12 +394,17 @@ async fn reporter(
             }
         }
         if !kept.is_empty() {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            back_off(&mut backoff).await;
         }
         kept.append(&mut pending);
         pending = kept;
     }
+}
+
+/// Waits `backoff`, then doubles it (up to 2 s) for the next failure.
+async fn back_off(backoff: &mut Duration) {
+    tokio::time::sleep(*backoff).await;
+    *backoff = (*backoff * 2).min(Duration::from_secs(2));
 }
 
 fn transient(code: Code) -> bool {

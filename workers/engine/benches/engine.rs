@@ -28,6 +28,16 @@ fn tokens(data: &[(String, String)]) -> f64 {
         / data.len() as f64
 }
 
+/// 2,000 task-world prompts and their correct answers.
+fn task_data() -> (Vec<world::Prompt>, Vec<(String, String)>) {
+    let prompts = world::generate(1, 2000, &Mix::default(), "b", &HashSet::new());
+    let data = prompts
+        .iter()
+        .map(|p| (p.prompt.clone(), world::answer(&p.prompt).unwrap()))
+        .collect();
+    (prompts, data)
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let value = |flag: &str| {
@@ -43,11 +53,7 @@ fn main() {
     }
     let dev = candle_core::Device::Cpu;
     let config = ModelConfig::small();
-    let prompts = world::generate(1, 2000, &Mix::default(), "b", &HashSet::new());
-    let data: Vec<(String, String)> = prompts
-        .iter()
-        .map(|p| (p.prompt.clone(), world::answer(&p.prompt).unwrap()))
-        .collect();
+    let (prompts, data) = task_data();
     let per_example = tokens(&data);
     let varmap = VarMap::new();
     let model = Transformer::fresh(config.clone(), &varmap, &dev, 1).unwrap();
@@ -155,11 +161,11 @@ mod twin {
 
     use candle_core::{DType, Device, Tensor};
     use candle_nn::VarMap;
+    use flywheel_engine::EngineError;
     use flywheel_engine::model::{ModelConfig, Transformer};
     use flywheel_engine::rng::Rng;
     use flywheel_engine::tokenizer::PAD;
-    use flywheel_engine::train::{self, Batch, TrainConfig};
-    use flywheel_engine::world::{self, Mix};
+    use flywheel_engine::train::{self, Batch, PreferenceLoss, PreferenceObjective, TrainConfig};
 
     const SFT_STEPS: usize = 60;
     const DPO_STEPS: usize = 30;
@@ -274,7 +280,7 @@ mod twin {
         config: &ModelConfig,
         cfg: &TrainConfig,
         dev: &Device,
-        loss: impl Fn(&Transformer, &Transformer, &Batch) -> candle_core::Result<Tensor>,
+        loss: impl Fn(&Transformer, &Transformer, &Batch) -> Result<Tensor, EngineError>,
         batches: &[Batch],
     ) -> (f64, f64) {
         let varmap = VarMap::new();
@@ -291,50 +297,16 @@ mod twin {
                 }
                 true
             },
-            |step, _| Ok(loss(&policy, &reference, &batches[step])?),
+            |step, _| loss(&policy, &reference, &batches[step]),
         )
         .unwrap();
         (first.unwrap(), began.elapsed().as_secs_f64())
     }
 
-    fn sft_loss(policy: &Transformer, _: &Transformer, b: &Batch) -> candle_core::Result<Tensor> {
-        let lp = train::token_logprobs(policy, b).map_err(candle_core::Error::wrap)?;
-        train::sft_loss(&lp, &b.mask).map_err(candle_core::Error::wrap)
-    }
-
-    fn dpo_loss(
-        policy: &Transformer,
-        reference: &Transformer,
-        b: &Batch,
-    ) -> candle_core::Result<Tensor> {
-        let wrap = candle_core::Error::wrap;
-        let n = b.inputs.dim(0)? / 2;
-        let lp = train::token_logprobs(policy, b).map_err(wrap)?;
-        let seq = train::sequence_logprob(&lp, &b.mask).map_err(wrap)?;
-        let reference =
-            train::sequence_logprob(&train::token_logprobs(reference, b).map_err(wrap)?, &b.mask)
-                .map_err(wrap)?
-                .detach();
-        let pref = train::dpo_loss(
-            &seq.narrow(0, 0, n)?,
-            &seq.narrow(0, n, n)?,
-            &reference.narrow(0, 0, n)?,
-            &reference.narrow(0, n, n)?,
-            BETA,
-        )
-        .map_err(wrap)?;
-        let sft = train::sft_loss(&lp.narrow(0, 0, n)?, &b.mask.narrow(0, 0, n)?).map_err(wrap)?;
-        pref + (sft * SFT_WEIGHT)?
-    }
-
     pub(super) fn compare(runs: usize) {
         let dev = Device::Cpu;
         let config = ModelConfig::small();
-        let prompts = world::generate(1, 2000, &Mix::default(), "b", &Default::default());
-        let data: Vec<(String, String)> = prompts
-            .iter()
-            .map(|p| (p.prompt.clone(), world::answer(&p.prompt).unwrap()))
-            .collect();
+        let (_, data) = super::task_data();
         let sft_batches = batches(&data, SFT_STEPS, 7, false, &config, &dev);
         let dpo_batches = batches(&data, DPO_STEPS, 8, true, &config, &dev);
 
@@ -373,8 +345,17 @@ mod twin {
                 steps: DPO_STEPS,
                 ..cfg.clone()
             };
-            let (sft_first, sft_s) = engine_run(&config, &sft_cfg, &dev, sft_loss, &sft_batches);
-            let (dpo_first, dpo_s) = engine_run(&config, &dpo_cfg, &dev, dpo_loss, &dpo_batches);
+            let sft = |p: &Transformer, _: &Transformer, b: &Batch| train::sft_batch_loss(p, b);
+            let dpo = |p: &Transformer, r: &Transformer, b: &Batch| {
+                let objective = PreferenceObjective {
+                    loss: PreferenceLoss::Dpo,
+                    beta: BETA,
+                    sft_weight: SFT_WEIGHT,
+                };
+                train::preference_batch_loss(p, r, b, objective, &[])
+            };
+            let (sft_first, sft_s) = engine_run(&config, &sft_cfg, &dev, sft, &sft_batches);
+            let (dpo_first, dpo_s) = engine_run(&config, &dpo_cfg, &dev, dpo, &dpo_batches);
             let out = Command::new(&python)
                 .arg(&script)
                 .arg(&work)

@@ -99,6 +99,11 @@ pub fn token_logprobs(model: &Transformer, b: &Batch) -> Result<Tensor, EngineEr
         .squeeze(D::Minus1)?)
 }
 
+/// The SFT loss of one batch.
+pub fn sft_batch_loss(model: &Transformer, b: &Batch) -> Result<Tensor, EngineError> {
+    sft_loss(&token_logprobs(model, b)?, &b.mask)
+}
+
 /// Mean negative log-likelihood over masked (response) tokens.
 pub fn sft_loss(logp: &Tensor, mask: &Tensor) -> Result<Tensor, EngineError> {
     let total = (logp * mask)?.sum_all()?;
@@ -239,8 +244,7 @@ pub fn sft(
             .into_iter()
             .map(|(p, r)| (p.as_str(), r.as_str()))
             .collect();
-        let b = batch(&rows, model.config.max_seq, model.device())?;
-        sft_loss(&token_logprobs(model, &b)?, &b.mask)
+        sft_batch_loss(model, &batch(&rows, model.config.max_seq, model.device())?)
     })
 }
 
@@ -283,6 +287,49 @@ pub struct PreferenceObjective {
     pub sft_weight: f64,
 }
 
+/// The preference loss of one batch laid out as `n` chosen rows, then the same prompts' `n`
+/// rejected rows: `objective.loss` against the frozen `reference`, plus `objective.sft_weight` ×
+/// SFT loss on the chosen rows. `rewards` are the reward model's (chosen, rejected) scores of
+/// each pair, which only RPO reads.
+pub fn preference_batch_loss(
+    policy: &Transformer,
+    reference: &Transformer,
+    b: &Batch,
+    objective: PreferenceObjective,
+    rewards: &[(f64, f64)],
+) -> Result<Tensor, EngineError> {
+    let PreferenceObjective {
+        loss,
+        beta,
+        sft_weight,
+    } = objective;
+    let n = b.inputs.dim(0)? / 2;
+    let lp = token_logprobs(policy, b)?;
+    let seq = sequence_logprob(&lp, &b.mask)?;
+    let reference_seq = sequence_logprob(&token_logprobs(reference, b)?, &b.mask)?.detach();
+    let (pc, pr) = (seq.narrow(0, 0, n)?, seq.narrow(0, n, n)?);
+    let (rc, rr) = (
+        reference_seq.narrow(0, 0, n)?,
+        reference_seq.narrow(0, n, n)?,
+    );
+    let pref = match loss {
+        PreferenceLoss::Dpo => dpo_loss(&pc, &pr, &rc, &rr, beta)?,
+        PreferenceLoss::Rpo { eta } => {
+            let dev = policy.device();
+            let rw_c = Tensor::from_vec(rewards.iter().map(|r| r.0 as f32).collect(), n, dev)?;
+            let rw_r = Tensor::from_vec(rewards.iter().map(|r| r.1 as f32).collect(), n, dev)?;
+            rpo_loss(&pc, &pr, &rc, &rr, &rw_c, &rw_r, beta, eta)?
+        }
+    };
+    if sft_weight > 0.0 {
+        let chosen_lp = lp.narrow(0, 0, n)?;
+        let chosen_mask = b.mask.narrow(0, 0, n)?;
+        Ok((pref + (sft_loss(&chosen_lp, &chosen_mask)? * sft_weight)?)?)
+    } else {
+        Ok(pref)
+    }
+}
+
 /// DPO or RPO against a frozen reference, plus the SFT term on the chosen responses.
 pub fn preference(
     policy: &Transformer,
@@ -293,18 +340,11 @@ pub fn preference(
     cfg: &TrainConfig,
     progress: Progress<'_>,
 ) -> Result<f64, EngineError> {
-    let PreferenceObjective {
-        loss,
-        beta,
-        sft_weight,
-    } = objective;
     if pairs.is_empty() {
         return Err(EngineError::NoData("preference"));
     }
-    let dev = policy.device().clone();
     train_loop(varmap, cfg, progress, |_, rng| {
         let chosen = pick(pairs, cfg.batch_size, rng);
-        let n = chosen.len();
         let mut rows: Vec<(&str, &str)> = chosen
             .iter()
             .map(|p| (p.prompt.as_str(), p.chosen.as_str()))
@@ -314,38 +354,12 @@ pub fn preference(
                 .iter()
                 .map(|p| (p.prompt.as_str(), p.rejected.as_str())),
         );
-        let b = batch(&rows, policy.config.max_seq, &dev)?;
-        let lp = token_logprobs(policy, &b)?;
-        let seq = sequence_logprob(&lp, &b.mask)?;
-        let reference_seq = sequence_logprob(&token_logprobs(reference, &b)?, &b.mask)?.detach();
-        let (pc, pr) = (seq.narrow(0, 0, n)?, seq.narrow(0, n, n)?);
-        let (rc, rr) = (
-            reference_seq.narrow(0, 0, n)?,
-            reference_seq.narrow(0, n, n)?,
-        );
-        let pref = match loss {
-            PreferenceLoss::Dpo => dpo_loss(&pc, &pr, &rc, &rr, beta)?,
-            PreferenceLoss::Rpo { eta } => {
-                let rw_c = Tensor::from_vec(
-                    chosen.iter().map(|p| p.chosen_reward as f32).collect(),
-                    n,
-                    &dev,
-                )?;
-                let rw_r = Tensor::from_vec(
-                    chosen.iter().map(|p| p.rejected_reward as f32).collect(),
-                    n,
-                    &dev,
-                )?;
-                rpo_loss(&pc, &pr, &rc, &rr, &rw_c, &rw_r, beta, eta)?
-            }
-        };
-        if sft_weight > 0.0 {
-            let chosen_lp = lp.narrow(0, 0, n)?;
-            let chosen_mask = b.mask.narrow(0, 0, n)?;
-            Ok((pref + (sft_loss(&chosen_lp, &chosen_mask)? * sft_weight)?)?)
-        } else {
-            Ok(pref)
-        }
+        let b = batch(&rows, policy.config.max_seq, policy.device())?;
+        let rewards: Vec<(f64, f64)> = chosen
+            .iter()
+            .map(|p| (p.chosen_reward, p.rejected_reward))
+            .collect();
+        preference_batch_loss(policy, reference, &b, objective, &rewards)
     })
 }
 
