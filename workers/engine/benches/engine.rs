@@ -161,7 +161,7 @@ mod twin {
 
     use candle_core::{DType, Device, Tensor};
     use candle_nn::VarMap;
-    use flywheel_engine::EngineError;
+    use flywheel_engine::fused::{self, HostModel, Objective, Seq};
     use flywheel_engine::model::{ModelConfig, Transformer};
     use flywheel_engine::rng::Rng;
     use flywheel_engine::tokenizer::PAD;
@@ -217,7 +217,9 @@ mod twin {
     }
 
     /// `steps` batches of `BATCH` rows drawn from `data`; with `pairs`, the same prompts follow
-    /// with rejected responses (the response and an `x`), as a DPO batch is laid out.
+    /// with rejected responses (the response and an `x`), as a DPO batch is laid out. Each batch
+    /// comes padded (what the twin reads) and packed (what the engine's fused step reads): the
+    /// same rows.
     fn batches(
         data: &[(String, String)],
         steps: usize,
@@ -225,7 +227,7 @@ mod twin {
         pairs: bool,
         config: &ModelConfig,
         dev: &Device,
-    ) -> Vec<Batch> {
+    ) -> Vec<(Batch, Vec<Seq>)> {
         let mut rng = Rng::new(seed);
         (0..steps)
             .map(|_| {
@@ -245,23 +247,31 @@ mod twin {
                     .map(|(p, r)| (p.as_str(), r.as_str()))
                     .collect();
                 rows.extend(rejected.iter().map(|(p, r)| (*p, r.as_str())));
-                train::batch(&rows, config.max_seq, dev).unwrap()
+                let seqs = rows
+                    .iter()
+                    .map(|(p, r)| Seq::new(p, r, config.max_seq))
+                    .collect();
+                (train::batch(&rows, config.max_seq, dev).unwrap(), seqs)
             })
             .collect()
     }
 
-    fn real_tokens(batches: &[Batch]) -> f64 {
+    fn real_tokens(batches: &[(Batch, Vec<Seq>)]) -> f64 {
         batches
             .iter()
-            .map(|b| {
+            .map(|(b, _)| {
                 let ids: Vec<u32> = b.inputs.flatten_all().unwrap().to_vec1().unwrap();
                 ids.iter().filter(|&&t| t != PAD).count() as f64
             })
             .sum()
     }
 
-    fn save_batches(out: &mut HashMap<String, Tensor>, prefix: &str, batches: &[Batch]) {
-        for (i, b) in batches.iter().enumerate() {
+    fn save_batches(
+        out: &mut HashMap<String, Tensor>,
+        prefix: &str,
+        batches: &[(Batch, Vec<Seq>)],
+    ) {
+        for (i, (b, _)) in batches.iter().enumerate() {
             out.insert(
                 format!("{prefix}.{i}.inputs"),
                 b.inputs.to_dtype(DType::I64).unwrap(),
@@ -274,21 +284,32 @@ mod twin {
         }
     }
 
-    /// Trains a fresh seed-1 model over `batches` with the engine's loop; returns the first
-    /// step's loss and the seconds all steps took.
+    /// Trains a fresh seed-1 model over `batches` with the engine's CPU training loop (the
+    /// fused step): SFT, or `preference` against the seed-1 reference; returns the first step's
+    /// loss and the seconds all steps took.
     fn engine_run(
         config: &ModelConfig,
         cfg: &TrainConfig,
         dev: &Device,
-        loss: impl Fn(&Transformer, &Transformer, &Batch) -> Result<Tensor, EngineError>,
-        batches: &[Batch],
+        preference: Option<PreferenceObjective>,
+        batches: &[(Batch, Vec<Seq>)],
     ) -> (f64, f64) {
         let varmap = VarMap::new();
         let policy = Transformer::fresh(config.clone(), &varmap, dev, 1).unwrap();
         let reference = Transformer::fresh(config.clone(), &VarMap::new(), dev, 1).unwrap();
+        let reference = HostModel::of(&reference).unwrap();
+        let objective = match preference {
+            None => Objective::Sft,
+            Some(objective) => Objective::Preference {
+                reference: &reference,
+                objective,
+                rewards: &[],
+            },
+        };
         let mut first = None;
         let began = Instant::now();
-        train::train_loop(
+        fused::train_loop(
+            &mut HostModel::of(&policy).unwrap(),
             &varmap,
             cfg,
             &mut |step, l| {
@@ -297,7 +318,9 @@ mod twin {
                 }
                 true
             },
-            |step, _| loss(&policy, &reference, &batches[step]),
+            |step, _, model, grads| {
+                fused::loss_and_grads(model, &batches[step].1, &objective, grads, fused::threads())
+            },
         )
         .unwrap();
         (first.unwrap(), began.elapsed().as_secs_f64())
@@ -332,6 +355,16 @@ mod twin {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/torch_twin.py");
         let (sft_tokens, dpo_tokens) = (real_tokens(&sft_batches), real_tokens(&dpo_batches));
+        let padded: f64 = sft_batches
+            .iter()
+            .chain(&dpo_batches)
+            .map(|(b, _)| b.inputs.elem_count() as f64)
+            .sum();
+        // Both count real tokens; the twin also computes the pad positions, the engine packs rows.
+        println!(
+            "batches: {:.0}% of padded positions are pads (the twin computes them, the engine's packed rows skip them)",
+            100.0 * (1.0 - (sft_tokens + dpo_tokens) / padded)
+        );
         println!(
             "engine vs PyTorch twin: {params} parameters, SFT {SFT_STEPS} steps x {BATCH} rows, DPO {DPO_STEPS} steps x {BATCH} pairs, {threads} threads, {runs} interleaved run(s)"
         );
@@ -345,16 +378,12 @@ mod twin {
                 steps: DPO_STEPS,
                 ..cfg.clone()
             };
-            let sft = |p: &Transformer, _: &Transformer, b: &Batch| train::sft_batch_loss(p, b);
-            let dpo = |p: &Transformer, r: &Transformer, b: &Batch| {
-                let objective = PreferenceObjective {
-                    loss: PreferenceLoss::Dpo,
-                    beta: BETA,
-                    sft_weight: SFT_WEIGHT,
-                };
-                train::preference_batch_loss(p, r, b, objective, &[])
-            };
-            let (sft_first, sft_s) = engine_run(&config, &sft_cfg, &dev, sft, &sft_batches);
+            let dpo = Some(PreferenceObjective {
+                loss: PreferenceLoss::Dpo,
+                beta: BETA,
+                sft_weight: SFT_WEIGHT,
+            });
+            let (sft_first, sft_s) = engine_run(&config, &sft_cfg, &dev, None, &sft_batches);
             let (dpo_first, dpo_s) = engine_run(&config, &dpo_cfg, &dev, dpo, &dpo_batches);
             let out = Command::new(&python)
                 .arg(&script)

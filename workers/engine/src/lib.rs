@@ -12,6 +12,7 @@
 
 pub mod checkpoint;
 pub mod eval;
+pub mod fused;
 pub mod jobs;
 pub mod model;
 pub mod reward;

@@ -262,6 +262,32 @@ impl Transformer {
         &self.device
     }
 
+    /// Every weight with its variable name (`embed`, `layers.0.wq`, …), as checkpoints name them.
+    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut out = vec![("embed".to_string(), &self.embed)];
+        for (i, l) in self.layers.iter().enumerate() {
+            for (name, t) in [
+                ("attn_norm", &l.attn_norm),
+                ("wq", &l.wq),
+                ("wk", &l.wk),
+                ("wv", &l.wv),
+                ("wo", &l.wo),
+                ("mlp_norm", &l.mlp_norm),
+                ("w_gate", &l.w_gate),
+                ("w_up", &l.w_up),
+                ("w_down", &l.w_down),
+            ] {
+                out.push((format!("layers.{i}.{name}"), t));
+            }
+        }
+        out.push(("final_norm".into(), &self.final_norm));
+        out.push(("lm_head".into(), &self.lm_head));
+        if let Some(head) = &self.reward_head {
+            out.push(("reward_head".into(), head));
+        }
+        out
+    }
+
     fn causal_mask(&self, t: usize, past: usize) -> candle_core::Result<Tensor> {
         let total = past + t;
         let mask: Vec<f32> = (0..t)

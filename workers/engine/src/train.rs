@@ -2,11 +2,16 @@
 //! (backward-KL distance between the policy's implicit reward gap and the reward model's gap),
 //! and the reward model's attribute regression. AdamW, linear warm-up then linear decay to 10%,
 //! global-norm gradient clipping, seeded batch order.
+//!
+//! On the CPU, [`sft`], [`preference`] and [`reward_model`] run the hand-written step of
+//! [`crate::fused`]; elsewhere (CUDA) they run the candle graph below, which is also the
+//! reference the fused step is tested against.
 
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
 
 use crate::EngineError;
+use crate::fused::{self, HostModel, Seq};
 use crate::model::Transformer;
 use crate::rng::Rng;
 use crate::tokenizer::{PAD, encode_prompt, encode_response};
@@ -155,7 +160,7 @@ pub fn rpo_loss(
     Ok(d.mean_all()?)
 }
 
-fn schedule(cfg: &TrainConfig, step: usize) -> f64 {
+pub(crate) fn schedule(cfg: &TrainConfig, step: usize) -> f64 {
     if step < cfg.warmup {
         return cfg.lr * (step + 1) as f64 / cfg.warmup as f64;
     }
@@ -238,6 +243,22 @@ pub fn sft(
 ) -> Result<f64, EngineError> {
     if data.is_empty() {
         return Err(EngineError::NoData("sft"));
+    }
+    if model.device().is_cpu() {
+        let max_seq = model.config.max_seq;
+        return fused::train_loop(
+            &mut HostModel::of(model)?,
+            varmap,
+            cfg,
+            progress,
+            |_, rng, m, grads| {
+                let rows: Vec<Seq> = pick(data, cfg.batch_size, rng)
+                    .into_iter()
+                    .map(|(p, r)| Seq::new(p, r, max_seq))
+                    .collect();
+                fused::loss_and_grads(m, &rows, &fused::Objective::Sft, grads, fused::threads())
+            },
+        );
     }
     train_loop(varmap, cfg, progress, |_, rng| {
         let rows: Vec<(&str, &str)> = pick(data, cfg.batch_size, rng)
@@ -343,6 +364,38 @@ pub fn preference(
     if pairs.is_empty() {
         return Err(EngineError::NoData("preference"));
     }
+    if policy.device().is_cpu() {
+        let reference = HostModel::of(reference)?;
+        let max_seq = policy.config.max_seq;
+        return fused::train_loop(
+            &mut HostModel::of(policy)?,
+            varmap,
+            cfg,
+            progress,
+            |_, rng, m, grads| {
+                let chosen = pick(pairs, cfg.batch_size, rng);
+                let mut rows: Vec<Seq> = chosen
+                    .iter()
+                    .map(|p| Seq::new(&p.prompt, &p.chosen, max_seq))
+                    .collect();
+                rows.extend(
+                    chosen
+                        .iter()
+                        .map(|p| Seq::new(&p.prompt, &p.rejected, max_seq)),
+                );
+                let rewards: Vec<(f64, f64)> = chosen
+                    .iter()
+                    .map(|p| (p.chosen_reward, p.rejected_reward))
+                    .collect();
+                let objective = fused::Objective::Preference {
+                    reference: &reference,
+                    objective,
+                    rewards: &rewards,
+                };
+                fused::loss_and_grads(m, &rows, &objective, grads, fused::threads())
+            },
+        );
+    }
     train_loop(varmap, cfg, progress, |_, rng| {
         let chosen = pick(pairs, cfg.batch_size, rng);
         let mut rows: Vec<(&str, &str)> = chosen
@@ -373,6 +426,30 @@ pub fn reward_model(
 ) -> Result<f64, EngineError> {
     if data.is_empty() {
         return Err(EngineError::NoData("reward model"));
+    }
+    if model.device().is_cpu() {
+        let max_seq = model.config.max_seq;
+        return fused::train_loop(
+            &mut HostModel::of(model)?,
+            varmap,
+            cfg,
+            progress,
+            |_, rng, m, grads| {
+                let picked = pick(data, cfg.batch_size, rng);
+                let rows: Vec<Seq> = picked
+                    .iter()
+                    .map(|(p, r, _)| Seq::new(p, r, max_seq))
+                    .collect();
+                let labels: Vec<[f32; 5]> = picked.iter().map(|(_, _, l)| *l).collect();
+                fused::loss_and_grads(
+                    m,
+                    &rows,
+                    &fused::Objective::Reward(&labels),
+                    grads,
+                    fused::threads(),
+                )
+            },
+        );
     }
     train_loop(varmap, cfg, progress, |_, rng| {
         let rows = pick(data, cfg.batch_size, rng);
