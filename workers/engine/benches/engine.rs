@@ -3,9 +3,10 @@
 //!
 //! With `--peer torch`, it then runs the PyTorch twin (`benches/torch_twin.py`, the same
 //! architecture loaded from this engine's safetensors, trained on this engine's batches with
-//! its optimiser) against the engine on the same batches, `--runs R` interleaved pairs (default
-//! 2), checks that both have the same parameter count and the same loss on the first batch, and
-//! prints both speeds and the ratio. PyTorch is installed from PyPI into `target/bench-torch/`
+//! its optimiser, and sampling greedily with a KV cache from the same prompt batches) against
+//! the engine, `--runs R` interleaved pairs (default 2), checks that both have the same
+//! parameter count, the same loss on the first batch and the same greedy samples, and prints
+//! both speeds and the ratio. PyTorch is installed from PyPI into `target/bench-torch/`
 //! on first use (only for this benchmark).
 //!
 //! `cargo bench -p flywheel-engine --bench engine [-- --peer torch [--runs R]]`
@@ -164,7 +165,8 @@ mod twin {
     use flywheel_engine::fused::{self, HostModel, Objective, Seq};
     use flywheel_engine::model::{ModelConfig, Transformer};
     use flywheel_engine::rng::Rng;
-    use flywheel_engine::tokenizer::PAD;
+    use flywheel_engine::sample::{SampleConfig, sample_ids};
+    use flywheel_engine::tokenizer::{END, PAD, encode_prompt};
     use flywheel_engine::train::{self, Batch, PreferenceLoss, PreferenceObjective, TrainConfig};
 
     const SFT_STEPS: usize = 60;
@@ -172,6 +174,9 @@ mod twin {
     const BATCH: usize = 32;
     const BETA: f64 = 0.1;
     const SFT_WEIGHT: f64 = 0.1;
+    const SAMPLE_BATCH: usize = 64;
+    const SAMPLE_BATCHES: usize = 8;
+    const SAMPLE_TOKENS: usize = 16;
 
     fn root() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -326,10 +331,33 @@ mod twin {
         (first.unwrap(), began.elapsed().as_secs_f64())
     }
 
+    /// Greedy samples of `prompts` from the fresh seed-1 model, `SAMPLE_BATCH` at a time, and the
+    /// seconds they took.
+    fn engine_sample(
+        config: &ModelConfig,
+        dev: &Device,
+        prompts: &[String],
+    ) -> (Vec<Vec<u32>>, f64) {
+        let model = Transformer::fresh(config.clone(), &VarMap::new(), dev, 1).unwrap();
+        let cfg = SampleConfig {
+            batch_size: SAMPLE_BATCH,
+            ..SampleConfig::greedy(SAMPLE_TOKENS)
+        };
+        let began = Instant::now();
+        let out = sample_ids(&model, prompts, 1, &cfg, &mut |_, _| true).unwrap();
+        let seconds = began.elapsed().as_secs_f64();
+        (out.into_iter().map(|mut s| s.remove(0)).collect(), seconds)
+    }
+
     pub(super) fn compare(runs: usize) {
         let dev = Device::Cpu;
         let config = ModelConfig::small();
-        let (_, data) = super::task_data();
+        let (prompts, data) = super::task_data();
+        let prompts: Vec<String> = prompts
+            .into_iter()
+            .take(SAMPLE_BATCHES * SAMPLE_BATCH)
+            .map(|p| p.prompt)
+            .collect();
         let sft_batches = batches(&data, SFT_STEPS, 7, false, &config, &dev);
         let dpo_batches = batches(&data, DPO_STEPS, 8, true, &config, &dev);
 
@@ -342,6 +370,27 @@ mod twin {
         let mut tensors = HashMap::new();
         save_batches(&mut tensors, "sft", &sft_batches);
         save_batches(&mut tensors, "dpo", &dpo_batches);
+        for (i, chunk) in prompts.chunks(SAMPLE_BATCH).enumerate() {
+            let encoded: Vec<Vec<u32>> = chunk.iter().map(|p| encode_prompt(p)).collect();
+            let width = encoded.iter().map(Vec::len).max().unwrap_or(0);
+            let pads: Vec<i64> = encoded.iter().map(|e| (width - e.len()) as i64).collect();
+            let ids: Vec<i64> = encoded
+                .iter()
+                .flat_map(|e| {
+                    std::iter::repeat_n(PAD as i64, width - e.len())
+                        .chain(e.iter().map(|&t| t as i64))
+                })
+                .collect();
+            let n = chunk.len();
+            tensors.insert(
+                format!("sample.{i}.prompts"),
+                Tensor::from_vec(ids, (n, width), &dev).unwrap(),
+            );
+            tensors.insert(
+                format!("sample.{i}.pads"),
+                Tensor::from_vec(pads, n, &dev).unwrap(),
+            );
+        }
         candle_core::safetensors::save(&tensors, work.join("batches.safetensors")).unwrap();
         let cfg = TrainConfig::default();
         let meta = serde_json::json!({
@@ -349,6 +398,7 @@ mod twin {
             "train": { "lr": cfg.lr, "warmup": cfg.warmup, "weight_decay": cfg.weight_decay,
                        "grad_clip": cfg.grad_clip },
             "sft_steps": SFT_STEPS, "dpo_steps": DPO_STEPS, "beta": BETA, "sft_weight": SFT_WEIGHT,
+            "sample_max_tokens": SAMPLE_TOKENS, "end": END,
         });
         std::fs::write(work.join("meta.json"), meta.to_string()).unwrap();
         let python = python();
@@ -368,7 +418,7 @@ mod twin {
         println!(
             "engine vs PyTorch twin: {params} parameters, SFT {SFT_STEPS} steps x {BATCH} rows, DPO {DPO_STEPS} steps x {BATCH} pairs, {threads} threads, {runs} interleaved run(s)"
         );
-        let mut ratios: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        let mut ratios: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
         for run in 1..=runs {
             let sft_cfg = TrainConfig {
                 steps: SFT_STEPS,
@@ -385,6 +435,7 @@ mod twin {
             });
             let (sft_first, sft_s) = engine_run(&config, &sft_cfg, &dev, None, &sft_batches);
             let (dpo_first, dpo_s) = engine_run(&config, &dpo_cfg, &dev, dpo, &dpo_batches);
+            let (samples, sample_s) = engine_sample(&config, &dev, &prompts);
             let out = Command::new(&python)
                 .arg(&script)
                 .arg(&work)
@@ -422,9 +473,28 @@ mod twin {
                 f("sft_first_loss"),
                 f("dpo_first_loss")
             );
+            // Greedy sampling: the same tokens (a near tie may break the other way in float
+            // rounding now and then), generated tokens counted up to each row's end token.
+            let theirs: Vec<Vec<u32>> = serde_json::from_value(t["samples"].clone()).unwrap();
+            let same = samples.iter().zip(&theirs).filter(|(a, b)| a == b).count();
+            assert!(
+                theirs.len() == samples.len() && same * 10 >= samples.len() * 9,
+                "greedy samples: {same} of {} rows equal",
+                samples.len()
+            );
+            let generated = |s: &[Vec<u32>]| s.iter().map(Vec::len).sum::<usize>() as f64;
+            println!(
+                "  sampling: {same} of {} greedy rows identical; engine {} generated tokens, torch {}",
+                samples.len(),
+                generated(&samples),
+                generated(&theirs)
+            );
+            let sample_tokens = generated(&samples);
+            let torch_sample_s = f("sample_seconds") * sample_tokens / generated(&theirs);
             for (i, (what, tokens, ours, theirs)) in [
                 ("sft", sft_tokens, sft_s, f("sft_seconds")),
                 ("dpo", dpo_tokens, dpo_s, f("dpo_seconds")),
+                ("sampling", sample_tokens, sample_s, torch_sample_s),
             ]
             .into_iter()
             .enumerate()
@@ -432,13 +502,13 @@ mod twin {
                 let ratio = theirs / ours;
                 ratios[i].push(ratio);
                 println!(
-                    "  {what}: engine {:.0} training tokens/s, torch {:.0}  ->  engine / torch = {ratio:.2}x",
+                    "  {what}: engine {:.0} tokens/s, torch {:.0}  ->  engine / torch = {ratio:.2}x",
                     tokens / ours,
                     tokens / theirs
                 );
             }
         }
-        for (what, r) in ["sft", "dpo"].iter().zip(&mut ratios) {
+        for (what, r) in ["sft", "dpo", "sampling"].iter().zip(&mut ratios) {
             r.sort_by(f64::total_cmp);
             println!(
                 "{what} ratio over {runs} run(s): min {:.2}x, max {:.2}x",

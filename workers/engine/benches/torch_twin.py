@@ -5,8 +5,9 @@ The same architecture (byte vocabulary, RoPE, RMSNorm, grouped-query causal atte
 MLP, LM head), loaded from the engine's own safetensors, trained on the engine's own batches with
 the engine's optimiser (AdamW, warm-up then linear decay, global-norm clipping). Prints one JSON
 line: parameter count, the loss of the first SFT and DPO batches before any step (which the
-benchmark compares with the engine's, to show it is the same computation), and the wall time of
-the SFT and DPO steps.
+benchmark compares with the engine's, to show it is the same computation), the wall time of
+the SFT and DPO steps, and greedy KV-cached sampling of the engine's prompt batches (left-padded,
+as a batched PyTorch sampler does it): the tokens, for the benchmark to compare, and the time.
 
 usage: torch_twin.py WORKDIR THREADS
 """
@@ -78,6 +79,69 @@ class Twin(torch.nn.Module):
                 p + "w_down"
             ).T
         return rms_norm(x, self.w("final_norm")) @ self.w("lm_head").T
+
+
+    def step(self, tokens, cache, start, key_mask):
+        """Next-token logits of the last position of `tokens` (b, t), which continue the cached
+        sequence at position `start`; appends their keys and values to `cache` (one per layer)."""
+        c = self.cfg
+        b, t = tokens.shape
+        h_, kvh = c["n_heads"], c["n_kv_heads"]
+        dh = c["d_model"] // h_
+        total = start + t
+        i, j = torch.arange(start, total)[:, None], torch.arange(total)[None, :]
+        mask = torch.where(j > i, MASKED, 0.0) + key_mask[:, :, :, :total]
+        cos, sin = self.cos[start:total], self.sin[start:total]
+        half = dh // 2
+
+        def rope(x):
+            x1, x2 = x[..., :half], x[..., half:]
+            return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+        x = self.w("embed")[tokens]
+        for layer in range(c["n_layers"]):
+            p = f"layers.{layer}."
+            h = rms_norm(x, self.w(p + "attn_norm"))
+            q = rope((h @ self.w(p + "wq").T).view(b, t, h_, dh).transpose(1, 2))
+            k = rope((h @ self.w(p + "wk").T).view(b, t, kvh, dh).transpose(1, 2))
+            v = (h @ self.w(p + "wv").T).view(b, t, kvh, dh).transpose(1, 2)
+            if cache[layer] is not None:
+                k, v = torch.cat([cache[layer][0], k], 2), torch.cat([cache[layer][1], v], 2)
+            cache[layer] = (k, v)
+            rep = h_ // kvh
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+            att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh) + mask, dim=-1)
+            o = (att @ v).transpose(1, 2).reshape(b, t, h_ * dh)
+            x = x + o @ self.w(p + "wo").T
+            h = rms_norm(x, self.w(p + "mlp_norm"))
+            x = x + (F.silu(h @ self.w(p + "w_gate").T) * (h @ self.w(p + "w_up").T)) @ self.w(
+                p + "w_down"
+            ).T
+        return rms_norm(x[:, -1], self.w("final_norm")) @ self.w("lm_head").T
+
+
+@torch.inference_mode()
+def sample_greedy(model, prompts, pads, max_tokens, end):
+    """Greedy samples of a left-padded prompt batch, each up to its end token or `max_tokens`."""
+    b, width = prompts.shape
+    key_mask = torch.where(
+        torch.arange(model.cfg["max_seq"])[None, :] < pads[:, None], MASKED, 0.0
+    ).view(b, 1, 1, -1)
+    cache = [None] * model.cfg["n_layers"]
+    logits = model.step(prompts, cache, 0, key_mask)
+    out = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool)
+    for n in range(max_tokens):
+        nxt = logits.argmax(-1)
+        for r in range(b):
+            if not done[r]:
+                out[r].append(int(nxt[r]))
+        done |= nxt == end
+        if bool(done.all()) or n + 1 == max_tokens:
+            break
+        logits = model.step(nxt[:, None], cache, width + n, key_mask)
+    return out
 
 
 def token_logprobs(model, inputs, targets):
@@ -166,6 +230,15 @@ def main():
         return loss + sft_weight * sft_loss(lp[:n], mask[:n])
 
     dpo_first, dpo_s = train(policy, dict(train_cfg, steps=meta["dpo_steps"]), batches_of(data, "dpo"), dpo)
+
+    sampler = Twin(cfg, weights)
+    n_batches = len({k.split(".")[1] for k in data if k.startswith("sample.")})
+    samples = []
+    began = time.perf_counter()
+    for i in range(n_batches):
+        prompts, pads = data[f"sample.{i}.prompts"], data[f"sample.{i}.pads"]
+        samples.extend(sample_greedy(sampler, prompts, pads, meta["sample_max_tokens"], meta["end"]))
+    sample_s = time.perf_counter() - began
     print(
         json.dumps(
             {
@@ -176,6 +249,8 @@ def main():
                 "sft_seconds": sft_s,
                 "dpo_first_loss": dpo_first,
                 "dpo_seconds": dpo_s,
+                "sample_seconds": sample_s,
+                "samples": samples,
             }
         )
     )

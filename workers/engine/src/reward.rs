@@ -3,6 +3,7 @@
 use candle_core::Tensor;
 
 use crate::EngineError;
+use crate::fused::HostModel;
 use crate::model::Transformer;
 use crate::train::batch;
 use crate::world;
@@ -53,6 +54,13 @@ pub fn score(
     batch_size: usize,
 ) -> Result<Vec<[f32; 5]>, EngineError> {
     let mut out = Vec::with_capacity(rows.len());
+    if model.device().is_cpu() {
+        let host = HostModel::of(model)?;
+        for chunk in rows.chunks(batch_size.max(1)) {
+            out.extend(host.score(chunk)?);
+        }
+        return Ok(out);
+    }
     for chunk in rows.chunks(batch_size.max(1)) {
         let b = batch(chunk, model.config.max_seq, model.device())?;
         let pred: Tensor = model.attributes(&b.inputs, &b.last)?;

@@ -16,6 +16,8 @@
 //! gradient norm and the sum over threads are single loops; [`HostModel::write_back`] stores the
 //! trained values in the candle variables the checkpoint is saved from.
 
+mod infer;
+
 use std::ops::Range;
 
 use candle_core::Tensor;
