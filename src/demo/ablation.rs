@@ -1,25 +1,30 @@
 //! `demo --ablation`: SFT only, SFT+DPO and SFT+RPO on identical data, over three seeds, the
 //! preference step done as the recipe does it.
 //!
-//! Per seed: SFT from the round's generator on round 1's SFT data (the demo recipe's settings);
+//! Per seed: SFT from the round's generator on round 1's SFT data (the settings of the spec's
+//! `sft` stage);
 //! preference pairs sampled from that SFT model (the current policy) on training prompts of
 //! which a share ask for the answer in quotes (IFEval's `startend:quotation`), scored like the
 //! builtin `score` stage and paired by the `filter` stage's own ranking: the checkers first
 //! (instruction followed, answer correct), the reward model second; DPO and RPO from the SFT
-//! model against a frozen reference. Every variant is evaluated on the same held-out prompts:
+//! model against a frozen reference, with the settings of the spec's `preference` stage (its
+//! algorithm aside: both run). Every variant is evaluated on the same held-out prompts:
 //! accuracy (no instruction) and IFEval prompt-level strict accuracy (every prompt quoted).
 
 use std::collections::HashSet;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_nn::VarMap;
 use flywheel_builtin::{score_rows, world_instructions};
 use flywheel_engine::sample::{SampleConfig, sample};
 use flywheel_engine::train::{self, Pair, PreferenceLoss, PreferenceObjective, TrainConfig};
 use flywheel_engine::world::{self, Mix, Split};
 use flywheel_engine::{checkpoint, eval, model::Transformer};
-use flywheel_proto::stage::BuiltinScore;
+use flywheel_orchestrator::spec::CampaignSpec;
+use flywheel_proto::stage::{
+    self as contract, BuiltinPreference, BuiltinScore, BuiltinSft, StageKind,
+};
 use flywheel_worker::sdg::instructions::Accuracy;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -148,10 +153,74 @@ fn on_policy_pairs(policy: &Transformer, rm: &Transformer, seed: u64) -> Result<
     Ok(flywheel_worker::datasets::filter(&rows, 1.0, f64::NEG_INFINITY, false).pairs)
 }
 
+/// The training settings the ablation takes from the campaign spec.
+pub(crate) struct Recipe {
+    sft: BuiltinSft,
+    preference: BuiltinPreference,
+}
+
+impl Recipe {
+    /// The params of `spec`'s first `sft` and `preference` stages, as the builtin backend reads them.
+    pub(crate) fn of(spec: &CampaignSpec) -> Result<Self> {
+        let params = |kind: StageKind| {
+            let stage = spec
+                .stages
+                .iter()
+                .find(|s| s.kind == kind)
+                .with_context(|| format!("the spec has no {kind} stage for the ablation"))?;
+            Ok::<_, anyhow::Error>(Value::Object(stage.params.clone()))
+        };
+        Ok(Self {
+            sft: contract::parse(&params(StageKind::Sft)?).map_err(anyhow::Error::msg)?,
+            preference: contract::parse(&params(StageKind::Preference)?)
+                .map_err(anyhow::Error::msg)?,
+        })
+    }
+
+    fn sft_config(&self, seed: u64) -> TrainConfig {
+        let p = &self.sft;
+        train_config(p.steps, p.batch_size, p.lr, p.warmup, seed)
+    }
+
+    fn preference_config(&self, seed: u64) -> TrainConfig {
+        let p = &self.preference;
+        train_config(p.steps, p.batch_size, p.lr, p.warmup, seed)
+    }
+
+    fn objective(&self, loss: PreferenceLoss) -> PreferenceObjective {
+        PreferenceObjective {
+            loss,
+            beta: self.preference.beta,
+            sft_weight: self.preference.sft_weight,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn sft_steps(&self) -> i64 {
+        self.sft.steps
+    }
+
+    fn eta(&self) -> f64 {
+        self.preference.eta.unwrap_or(1.0)
+    }
+}
+
+fn train_config(steps: i64, batch_size: i64, lr: f64, warmup: i64, seed: u64) -> TrainConfig {
+    TrainConfig {
+        steps: steps as usize,
+        batch_size: batch_size as usize,
+        lr,
+        warmup: warmup as usize,
+        seed,
+        ..TrainConfig::default()
+    }
+}
+
 pub(crate) fn run(
     generator: &Path,
     reward: &Path,
     sft_uri: &str,
+    recipe: &Recipe,
     log: &dyn Fn(&str),
 ) -> Result<Ablation> {
     let dev = candle_core::Device::Cpu;
@@ -179,12 +248,7 @@ pub(crate) fn run(
             &model,
             &varmap,
             &sft,
-            &TrainConfig {
-                steps: 900,
-                lr: 3e-3,
-                seed,
-                ..TrainConfig::default()
-            },
+            &recipe.sft_config(seed),
             &mut |_, _| true,
         )?;
         let sft_dir =
@@ -195,9 +259,12 @@ pub(crate) fn run(
         pairs_per_seed.push(rows.len());
         checker_pairs.push(rows.iter().filter(|p| p["judge"].is_string()).count());
         let pairs: Vec<Pair> = rows.iter().filter_map(Pair::from_row).collect();
-        for (i, loss) in [PreferenceLoss::Dpo, PreferenceLoss::Rpo { eta: 1.0 }]
-            .into_iter()
-            .enumerate()
+        for (i, loss) in [
+            PreferenceLoss::Dpo,
+            PreferenceLoss::Rpo { eta: recipe.eta() },
+        ]
+        .into_iter()
+        .enumerate()
         {
             let varmap = VarMap::new();
             let policy = checkpoint::load_trainable(&sft_dir, config.clone(), &varmap, &dev)?;
@@ -207,17 +274,8 @@ pub(crate) fn run(
                 &varmap,
                 &reference,
                 &pairs,
-                PreferenceObjective {
-                    loss,
-                    beta: 0.1,
-                    sft_weight: 0.1,
-                },
-                &TrainConfig {
-                    steps: 40,
-                    lr: 5e-4,
-                    seed,
-                    ..TrainConfig::default()
-                },
+                recipe.objective(loss),
+                &recipe.preference_config(seed),
                 &mut |_, _| true,
             )?;
             variants[i + 1].runs.push(evaluate(&policy, &rm, &evals)?);

@@ -25,6 +25,18 @@ pub(crate) struct Models {
 
 /// One seed example in this many asks for its answer in quotes.
 const SEED_QUOTED_EVERY: usize = 6;
+/// With quoted seeds, every 4th reward-model prompt asks for quotes.
+const RM_QUOTED_EVERY: usize = 4;
+
+/// `prompt` asking for the answer in quotes, where the task world allows it (a plain-format
+/// training prompt whose quoted form stays in the training split); else `prompt` unchanged.
+fn quoted(prompt: &str) -> String {
+    let asked = format!("{prompt}{}", world::Format::Quotes.suffix());
+    match world::Format::of(prompt).1 == world::Format::Plain && Split::Train.contains(&asked) {
+        true => asked,
+        false => prompt.to_string(),
+    }
+}
 
 pub(crate) fn demo_mix(split: Split) -> Mix {
     Mix {
@@ -150,13 +162,8 @@ pub(crate) fn run(
         .take(b.seed_examples)
         .enumerate()
         .map(|(i, p)| {
-            let quoted = format!("{} in quotes", p.prompt);
-            let prompt = if quoted_seeds
-                && i % SEED_QUOTED_EVERY == 0
-                && world::Format::of(&p.prompt).1 == world::Format::Plain
-                && Split::Train.contains(&quoted)
-            {
-                quoted
+            let prompt = if quoted_seeds && i % SEED_QUOTED_EVERY == 0 {
+                quoted(&p.prompt)
             } else {
                 p.prompt.clone()
             };
@@ -181,11 +188,18 @@ pub(crate) fn run(
     let generator_accuracy = eval::accuracy(&held_out, &eval::answers(&generator, &held_out)?);
 
     log("bootstrap: training the reward model on programmatically labelled responses");
+    // With `quoted_seeds` the reward model learns the instruction too: it judges a world whose
+    // prompts may ask for quotes (a reward model that never saw one ranks a quoted answer at
+    // random, and RPO then fits those gaps against the checker's verdict).
     let rm_prompts: Vec<String> = train_prompts
         .iter()
         .skip(b.seed_examples)
         .take(b.reward_examples)
-        .map(|p| p.prompt.clone())
+        .enumerate()
+        .map(|(i, p)| match quoted_seeds && i % RM_QUOTED_EVERY == 0 {
+            true => quoted(&p.prompt),
+            false => p.prompt.clone(),
+        })
         .collect();
     let sampled = sample(
         &generator,
@@ -205,7 +219,11 @@ pub(crate) fn run(
     for (p, s) in rm_prompts.iter().zip(sampled) {
         let good = world::answer(p).unwrap_or_default();
         let bad = corrupt(&good, &mut rng);
-        for response in [good, bad, s[0].clone()] {
+        // For a quoted prompt, the bare answer too: right words, instruction not followed.
+        let bare = good.strip_prefix('"').and_then(|g| g.strip_suffix('"'));
+        let bare = bare.filter(|_| world::Format::of(p).1 == world::Format::Quotes);
+        let bare = bare.map(str::to_string);
+        for response in [good, bad, s[0].clone()].into_iter().chain(bare) {
             let labels = reward::labels(p, &response);
             data.push((p.clone(), response, labels));
         }

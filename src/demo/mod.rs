@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use flywheel_orchestrator::spec::CampaignSpec;
 use flywheel_orchestrator::{ControllerConfig, auth, store};
 use flywheel_proto::ControlClient;
 use flywheel_proto::v1::{Artifact, ListArtifactsRequest, Round};
@@ -129,7 +130,7 @@ fn say(msg: &str) {
 const DEMO_SPEC: &str = include_str!("../../examples/demo.yaml");
 /// The params of the demo spec's prompts stage.
 const DEMO_PROMPTS: &str =
-    "{ count: 3000, subtopics: [add, upper, reverse, count], max_difficulty: 1, brackets: 0.2 }";
+    "{ count: 6000, subtopics: [add, upper, reverse, count], max_difficulty: 1, brackets: 0.2 }";
 const DEMO_SERVED_SPEC: &str = include_str!("../../examples/demo-served.yaml");
 
 /// Runs the demo; `stop` (SIGTERM or SIGINT) at any point stops its worker processes and its private
@@ -230,6 +231,12 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
         }
     } else {
         spec
+    };
+
+    // The ablation trains with the spec's own sft and preference settings (checked before the round runs).
+    let recipe = match args.ablation {
+        true => Some(ablation::Recipe::of(&CampaignSpec::from_yaml(&spec)?)?),
+        false => None,
     };
 
     // 3. Controller (in this process) and workers (child processes, real gRPC).
@@ -406,8 +413,9 @@ async fn run_demo(args: DemoArgs) -> Result<()> {
             "\nablation: SFT-only, SFT+DPO and SFT+RPO from round 1's SFT data and on-policy pairs, seeds {:?}",
             ablation::SEEDS
         ));
+        let recipe = recipe.context("the ablation's recipe was read above")?;
         let result = tokio::task::spawn_blocking(move || {
-            ablation::run(&generator, &reward, &sft, &|m| say(m))
+            ablation::run(&generator, &reward, &sft, &recipe, &|m| say(m))
         })
         .await??;
         ablation::print(&result);
@@ -657,5 +665,15 @@ mod tests {
     #[test]
     fn the_ablation_finds_the_demo_specs_prompts_stage() {
         assert_eq!(DEMO_SPEC.matches(DEMO_PROMPTS).count(), 1);
+    }
+
+    /// The ablation trains with the demo spec's own sft and preference settings.
+    #[test]
+    fn the_ablation_reads_its_training_settings_from_the_spec() {
+        let recipe = ablation::Recipe::of(&CampaignSpec::from_yaml(DEMO_SPEC).unwrap()).unwrap();
+        let text = DEMO_SPEC.replace("steps: 1200, lr: 0.003", "steps: 7, lr: 0.003");
+        let changed = ablation::Recipe::of(&CampaignSpec::from_yaml(&text).unwrap()).unwrap();
+        assert_eq!(recipe.sft_steps(), 1200);
+        assert_eq!(changed.sft_steps(), 7);
     }
 }

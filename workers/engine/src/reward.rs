@@ -19,16 +19,22 @@ pub fn scalar(attributes: &[f32; 5], weights: &[f64; 5]) -> f64 {
 }
 
 /// Labels (0..4) for a response, computed by program: correctness from the verifier, coherence
-/// from well-formedness, verbosity from length against the answer asked for, complexity from the
+/// from well-formedness (quotes around the answer allowed), verbosity from length against the answer asked for, complexity from the
 /// task's difficulty, helpfulness overall.
 pub fn labels(prompt: &str, response: &str) -> [f32; 5] {
     let correct = world::verify(prompt, response);
     let expected_len = world::answer(prompt).map_or(8, |a| a.len()).max(1) as f32;
-    let well_formed = !response.is_empty()
-        && response
+    // Form is judged inside one pair of surrounding quotes: the answer a quoted prompt asks for
+    // (and the verifier requires) is as coherent as the bare one.
+    let core = response
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or(response);
+    let well_formed = !core.is_empty()
+        && core
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "[]-".contains(c))
-        && (response.starts_with('[') == response.ends_with(']'));
+        && (core.starts_with('[') == core.ends_with(']'));
     let coherence = if well_formed {
         4.0
     } else if response.is_empty() {

@@ -76,7 +76,8 @@ impl Format {
             .unwrap_or((prompt, Format::Plain))
     }
 
-    fn suffix(self) -> &'static str {
+    /// What a prompt ends with to ask for this format (empty for plain).
+    pub fn suffix(self) -> &'static str {
         Self::SUFFIXES
             .iter()
             .find(|(f, _)| *f == self)

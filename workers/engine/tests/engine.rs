@@ -353,3 +353,19 @@ fn a_small_sft_run_raises_held_out_accuracy() {
         "held-out accuracy {before:.2} -> {after:.2}"
     );
 }
+
+/// The answer a quoted prompt asks for is labelled as coherent and correct as a bare answer to a
+/// bare prompt; the bare answer to a quoted prompt is not correct (the instruction is part of it).
+#[test]
+fn labels_judge_a_quoted_answer_by_what_is_inside_the_quotes() {
+    let bare = reward::labels("add 2 3", "5");
+    let quoted = reward::labels("add 2 3 in quotes", "\"5\"");
+    assert_eq!(quoted[2], 4.0, "coherence of the asked-for quoted answer");
+    assert_eq!(quoted[2], bare[2]);
+    assert_eq!(quoted[1], 4.0, "correctness");
+    assert_eq!(reward::labels("add 2 3 in quotes", "5")[1], 0.0);
+    assert!(
+        reward::labels("add 2 3", "\"5")[2] < 4.0,
+        "an unbalanced quote is ill-formed"
+    );
+}
