@@ -17,7 +17,7 @@ use std::time::Instant;
 use candle_nn::VarMap;
 use flywheel_engine::model::{ModelConfig, Transformer};
 use flywheel_engine::reward;
-use flywheel_engine::sample::{SampleConfig, sample};
+use flywheel_engine::sample::{SampleConfig, sample_ids};
 use flywheel_engine::tokenizer::{encode_prompt, encode_response};
 use flywheel_engine::train::{self, Pair, PreferenceLoss, PreferenceObjective, TrainConfig};
 use flywheel_engine::world::{self, Mix};
@@ -134,9 +134,9 @@ fn main() {
         };
         let n = if batch == 1 { 32 } else { 512 };
         let t = Instant::now();
-        let out = sample(&model, &texts[..n], 1, &cfg, &mut |_, _| true).unwrap();
+        let out = sample_ids(&model, &texts[..n], 1, &cfg, &mut |_, _| true).unwrap();
         let s = t.elapsed().as_secs_f64();
-        let generated: usize = out.iter().map(|v| v[0].len() + 1).sum();
+        let generated: usize = out.iter().map(|v| v[0].len()).sum();
         println!(
             "  sampling, batch {batch}: {:.0} generated tokens/s ({n} prompts, KV cache)",
             generated as f64 / s

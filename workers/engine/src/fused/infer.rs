@@ -9,8 +9,8 @@ use crate::sample::{Row, pick_token};
 use crate::tokenizer::{END, encode_prompt};
 
 use super::{
-    Dims, HostModel, Seq, axpy, dot, linear, par_chunks_owned, rms_norm, rope_tables, rotate, silu,
-    split, threads,
+    Dims, HostModel, Seq, axpy, dot, linear, par_chunks_owned, rms_norm, rope_tables, rotate_qk,
+    silu, split, threads,
 };
 
 /// Keys (after RoPE) and values of every position so far, per layer, row after row.
@@ -51,7 +51,7 @@ impl HostModel {
         rope: &(Vec<f32>, Vec<f32>),
     ) -> Vec<f32> {
         let dm = Dims::of(&self.config);
-        let (d, dh, half) = (dm.d, dm.dh, dm.dh / 2);
+        let (d, dh) = (dm.d, dm.dh);
         let kv_width = dm.kv * dh;
         // (row, position) of every token, in order.
         let places: Vec<(usize, usize)> = rows
@@ -77,9 +77,8 @@ impl HostModel {
         for (layer, l) in self.layout.layers.iter().enumerate() {
             rms_norm(&x, self.p(&l.attn_norm), &mut h);
             linear(&h, self.p(&l.wqkv), &mut qkv, n, dm.qkv, false);
-            for (row, &(r, pos)) in qkv.chunks_exact_mut(dm.qkv).zip(&places) {
-                let (cos, sin) = (&rope.0[pos * half..][..half], &rope.1[pos * half..][..half]);
-                rotate(&mut row[..(dm.h + dm.kv) * dh], dh, cos, sin, 1.0);
+            rotate_qk(&mut qkv, &dm, places.iter().map(|p| p.1), rope, 1.0);
+            for (row, &(r, pos)) in qkv.chunks(dm.qkv).zip(&places) {
                 let at = cache.at(r, pos);
                 let (k, v) = row[dm.h * dh..].split_at(kv_width);
                 cache.k[layer][at..at + kv_width].copy_from_slice(k);

@@ -385,6 +385,27 @@ fn rotate(row: &mut [f32], dh: usize, cos: &[f32], sin: &[f32], sign: f32) {
     }
 }
 
+/// Rotates the query and key heads of each `qkv` row (one token a row) to its token's position
+/// (RoPE); `sign` -1 rotates back (the backward pass).
+fn rotate_qk(
+    qkv: &mut [f32],
+    dm: &Dims,
+    positions: impl IntoIterator<Item = usize>,
+    rope: &(Vec<f32>, Vec<f32>),
+    sign: f32,
+) {
+    let half = dm.dh / 2;
+    for (row, p) in qkv.chunks_exact_mut(dm.qkv).zip(positions) {
+        let (cos, sin) = (&rope.0[p * half..][..half], &rope.1[p * half..][..half]);
+        rotate(&mut row[..(dm.h + dm.kv) * dm.dh], dm.dh, cos, sin, sign);
+    }
+}
+
+/// Each packed token's position in its row.
+fn positions(seqs: &[Seq]) -> impl Iterator<Item = usize> + '_ {
+    seqs.iter().flat_map(|s| 0..s.ids.len())
+}
+
 /// What one layer's forward pass keeps for its backward pass.
 struct LayerActs {
     x: Vec<f32>,
@@ -412,6 +433,8 @@ struct Forward<'s> {
     x_out: Vec<f32>,
     inv_f: Vec<f32>,
     hf: Vec<f32>,
+    /// The final hidden states at the scored positions, row after row (the LM head's input).
+    scored_hidden: Vec<f32>,
     /// Softmax of the LM head at the scored positions, row after row.
     probs: Vec<f32>,
     /// Log-probability of each row's response.
@@ -466,7 +489,7 @@ impl HostModel {
     /// the scored positions (`lm`) or the reward head at each row's last token.
     fn forward<'s>(&self, seqs: &'s [Seq], lm: bool, rope: &(Vec<f32>, Vec<f32>)) -> Forward<'s> {
         let dm = Dims::of(&self.config);
-        let (d, dh, half) = (dm.d, dm.dh, dm.dh / 2);
+        let (d, dh) = (dm.d, dm.dh);
         let mut starts = Vec::with_capacity(seqs.len());
         let mut n = 0;
         for s in seqs {
@@ -488,19 +511,7 @@ impl HostModel {
             let inv1 = rms_norm(&x, self.p(&l.attn_norm), &mut h1);
             let mut qkv = vec![0f32; n * dm.qkv];
             linear(&h1, self.p(&l.wqkv), &mut qkv, n, dm.qkv, false);
-            let rotated = (dm.h + dm.kv) * dh;
-            for (s, &start) in seqs.iter().zip(&starts) {
-                for p in 0..s.ids.len() {
-                    let row = &mut qkv[(start + p) * dm.qkv..][..rotated];
-                    rotate(
-                        row,
-                        dh,
-                        &rope.0[p * half..][..half],
-                        &rope.1[p * half..][..half],
-                        1.0,
-                    );
-                }
-            }
+            rotate_qk(&mut qkv, &dm, positions(seqs), rope, 1.0);
             let probs_len: usize = seqs.iter().map(|s| dm.h * s.ids.len().pow(2)).sum();
             let mut probs = vec![0f32; probs_len];
             let mut att = vec![0f32; n * dm.h * dh];
@@ -577,6 +588,7 @@ impl HostModel {
             x_out: x,
             inv_f,
             hf,
+            scored_hidden: Vec::new(),
             probs: Vec::new(),
             seq_logp: Vec::new(),
             attributes: Vec::new(),
@@ -631,6 +643,7 @@ impl HostModel {
             })
             .collect();
         f.probs = probs;
+        f.scored_hidden = hsel;
     }
 
     fn reward_head(&self, f: &mut Forward<'_>) {
@@ -663,7 +676,7 @@ impl HostModel {
         rope: &(Vec<f32>, Vec<f32>),
     ) {
         let dm = Dims::of(&self.config);
-        let (d, dh, half, n) = (dm.d, dm.dh, dm.dh / 2, f.n);
+        let (d, dh, n) = (dm.d, dm.dh, f.n);
         let lay = &self.layout;
         let mut dhf = vec![0f32; n * d];
         if dattr.is_empty() {
@@ -680,14 +693,9 @@ impl HostModel {
                 }
             }
             let m = dlogits.len() / dm.vocab;
-            let mut hsel = Vec::with_capacity(m * d);
-            for (s, &start) in f.seqs.iter().zip(&f.starts) {
-                let r = s.scored();
-                hsel.extend_from_slice(&f.hf[(start + r.start) * d..(start + r.end) * d]);
-            }
             let mut dhsel = vec![0f32; m * d];
             linear_backward(
-                &hsel,
+                &f.scored_hidden,
                 self.p(&lay.lm_head),
                 &dlogits,
                 Some(&mut dhsel),
@@ -827,19 +835,7 @@ impl HostModel {
                     }
                 }
             }
-            let rotated = (dm.h + dm.kv) * dh;
-            for (s, &start) in f.seqs.iter().zip(&f.starts) {
-                for p in 0..s.ids.len() {
-                    let row = &mut dqkv[(start + p) * dm.qkv..][..rotated];
-                    rotate(
-                        row,
-                        dh,
-                        &rope.0[p * half..][..half],
-                        &rope.1[p * half..][..half],
-                        -1.0,
-                    );
-                }
-            }
+            rotate_qk(&mut dqkv, &dm, positions(f.seqs), rope, -1.0);
             let mut dh1 = vec![0f32; n * d];
             linear_backward(
                 &a.h1,
