@@ -99,25 +99,31 @@ fn load(path: &Path) -> Result<Weights> {
     })
 }
 
+/// The longest a batch waits for the clients of the last one.
+const MAX_GATHER: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The sampling thread: takes every waiting job (up to `max_batch` sequences) into one batch
 /// on the current weights, and answers each job with its share.
 fn batcher(served: Arc<Served>, jobs: mpsc::Receiver<Job>, max_batch: usize) {
-    // After a batch of several requests, their clients send the next ones within moments:
-    // wait that long for them rather than start a small batch. A lone client never waits.
-    const GATHER: std::time::Duration = std::time::Duration::from_millis(3);
+    // After a batch of several requests, their clients send the next ones within moments: wait
+    // until as many as the last batch had are back (or a full batch), for at most half the time
+    // that batch took, rather than start a small batch or idle. A lone client never waits.
     let mut last_jobs = 0;
+    let mut last_took = std::time::Duration::ZERO;
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         let mut rows = batch[0].prompts.len() * batch[0].n;
-        let deadline = std::time::Instant::now()
-            + if last_jobs > 1 {
-                GATHER
-            } else {
-                Default::default()
-            };
+        let deadline = std::time::Instant::now() + (last_took / 2).min(MAX_GATHER);
         while rows < max_batch {
-            let wait = deadline.saturating_duration_since(std::time::Instant::now());
-            match jobs.recv_timeout(wait) {
+            let waited_for = last_jobs > 1 && batch.len() < last_jobs;
+            let next = match waited_for {
+                true => {
+                    jobs.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                }
+                // Whatever else is already waiting joins too.
+                false => jobs.try_recv().map_err(|_| mpsc::RecvTimeoutError::Timeout),
+            };
+            match next {
                 Ok(j) => {
                     rows += j.prompts.len() * j.n;
                     batch.push(j);
@@ -125,6 +131,7 @@ fn batcher(served: Arc<Served>, jobs: mpsc::Receiver<Job>, max_batch: usize) {
                 Err(_) => break,
             }
         }
+        let began = std::time::Instant::now();
         last_jobs = batch.len();
         let weights = served.weights();
         let mut seqs = Vec::with_capacity(rows);
@@ -153,6 +160,7 @@ fn batcher(served: Arc<Served>, jobs: mpsc::Receiver<Job>, max_batch: usize) {
                 outs[*b][*i][*j] = ids.clone();
             }
         }
+        last_took = began.elapsed();
         for (job, out) in batch.into_iter().zip(outs) {
             let answer = match &result {
                 Ok(_) => Ok((out, weights.hash.clone())),
