@@ -4,7 +4,9 @@
 //! safetensors checkpoints ([`checkpoint`]), a task world with verifiers ([`world`]), batched
 //! KV-cached sampling ([`sample`]), SFT / DPO / RPO and reward-model training ([`train`],
 //! [`jobs`] for fine-tuning a checkpoint end to end), a
-//! 5-attribute reward model ([`reward`]) and evaluation ([`eval`]).
+//! 5-attribute reward model ([`reward`]) and evaluation ([`eval`]). On the CPU, training,
+//! sampling and scoring run [`fused`]: the same model's forward and backward pass written out by
+//! hand (the candle graph is the CUDA path and the reference it is tested against).
 //!
 //! A pure engine: it depends on no other Flywheel crate (the worker backend `builtin` that runs
 //! campaign stages on it is `flywheel-builtin`). Only worker processes link it; the controller

@@ -289,3 +289,26 @@ fn fused_sampling_and_scoring_equal_the_candle_graph() {
         }
     }
 }
+
+/// A checkpoint whose vocabulary is smaller than the tokenizer's is refused with an error (the
+/// fused pass indexes the embedding by token id), not a panic.
+#[test]
+fn a_vocabulary_smaller_than_the_tokenizers_is_refused() {
+    let config = ModelConfig {
+        vocab: 100,
+        ..ModelConfig::tiny()
+    };
+    let model = Transformer::fresh(config, &VarMap::new(), &Device::Cpu, 1).unwrap();
+    let err = HostModel::of(&model).unwrap_err().to_string();
+    assert!(err.contains("vocab 100"), "{err}");
+    let err = flywheel_engine::sample::sample(
+        &model,
+        &["add 1 2".to_string()],
+        1,
+        &flywheel_engine::sample::SampleConfig::greedy(4),
+        &mut |_, _| true,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("smaller than the tokenizer"), "{err}");
+}

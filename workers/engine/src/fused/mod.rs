@@ -150,6 +150,14 @@ impl HostModel {
     /// A copy of `model`'s weights.
     pub fn of(model: &Transformer) -> Result<Self, EngineError> {
         let config = model.config.clone();
+        // Token ids index the embedding directly: every id the tokenizer makes must have a row.
+        if config.vocab < crate::tokenizer::VOCAB {
+            return Err(EngineError::Config(format!(
+                "vocab {} is smaller than the tokenizer's {}",
+                config.vocab,
+                crate::tokenizer::VOCAB
+            )));
+        }
         let layout = Layout::new(&config);
         let mut params = vec![0f32; layout.total];
         for (name, tensor) in model.named_tensors() {
