@@ -42,9 +42,6 @@ pub(crate) fn pick_token(logits: &[f32], cfg: &SampleConfig, rng: &mut Rng) -> u
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map_or(END, |(i, _)| i as u32);
     }
-    if cfg.top_k == 0 && cfg.top_p >= 1.0 {
-        return draw_unsorted(logits, cfg.temperature, rng);
-    }
     let mut order: Vec<usize> = (0..logits.len()).filter(|&i| i as u32 != PAD).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
     if cfg.top_k > 0 {
@@ -75,36 +72,6 @@ pub(crate) fn pick_token(logits: &[f32], cfg: &SampleConfig, rng: &mut Rng) -> u
         }
     }
     order[cut - 1] as u32
-}
-
-/// A draw from the whole softmax at `temperature` (no top-k or top-p cut, so no ordering is
-/// needed): one uniform number walked through the tokens in id order.
-fn draw_unsorted(logits: &[f32], temperature: f64, rng: &mut Rng) -> u32 {
-    let max = logits
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i as u32 != PAD)
-        .fold(f32::NEG_INFINITY, |m, (_, &l)| m.max(l)) as f64;
-    let weights: Vec<f64> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &l)| match i as u32 == PAD {
-            true => 0.0,
-            false => ((l as f64 - max) / temperature).exp(),
-        })
-        .collect();
-    let mut u = rng.unit() * weights.iter().sum::<f64>();
-    for (i, w) in weights.iter().enumerate() {
-        u -= w;
-        if u <= 0.0 && *w > 0.0 {
-            return i as u32;
-        }
-    }
-    // Rounding left a sliver: the last token that can be drawn.
-    weights
-        .iter()
-        .rposition(|w| *w > 0.0)
-        .unwrap_or(END as usize) as u32
 }
 
 /// `k` responses for each prompt: `out[i][j]` is sample j of prompt i. `progress(done, total)` is
@@ -261,7 +228,7 @@ mod tests {
     /// Without a top-k or top-p cut, tokens are drawn with their softmax probabilities (the pad
     /// never).
     #[test]
-    fn an_uncut_draw_follows_the_softmax() {
+    fn a_draw_follows_the_softmax() {
         let mut logits = vec![f32::NEG_INFINITY; PAD as usize + 1];
         logits[..3].copy_from_slice(&[0.0, 2f32.ln(), 3f32.ln()]);
         logits[PAD as usize] = 10.0;
