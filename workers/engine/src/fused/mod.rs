@@ -312,23 +312,13 @@ fn linear(x: &[f32], w: &[f32], y: &mut [f32], n: usize, out: usize, accumulate:
     matmul((n, out, inp), y, accumulate, x, (inp, 1), w, (1, inp));
 }
 
-/// For `y = x·wᵀ`: `dx` (= or +=) `dy`·`w`, and `dw += dyᵀ·x`.
-#[allow(clippy::too_many_arguments)]
-fn linear_backward(
-    x: &[f32],
-    w: &[f32],
-    dy: &[f32],
-    dx: Option<&mut [f32]>,
-    accumulate_dx: bool,
-    dw: &mut [f32],
-    n: usize,
-    out: usize,
-) {
-    let inp = w.len() / out;
-    if let Some(dx) = dx {
-        matmul((n, inp, out), dx, accumulate_dx, dy, (out, 1), w, (inp, 1));
-    }
+/// For `y = x·wᵀ` (`w` out×in): adds `dyᵀ·x` to `dw` and returns `dx = dy·w`.
+fn linear_backward(x: &[f32], w: &[f32], dy: &[f32], dw: &mut [f32], out: usize) -> Vec<f32> {
+    let (n, inp) = (dy.len() / out, w.len() / out);
+    let mut dx = vec![0f32; n * inp];
+    matmul((n, inp, out), &mut dx, false, dy, (out, 1), w, (inp, 1));
     matmul((out, inp, n), dw, true, dy, (1, out), x, (inp, 1));
+    dx
 }
 
 const EPS: f32 = 1e-5;
@@ -700,16 +690,11 @@ impl HostModel {
                     row[s.ids[i + 1] as usize] += c;
                 }
             }
-            let m = dlogits.len() / dm.vocab;
-            let mut dhsel = vec![0f32; m * d];
-            linear_backward(
+            let dhsel = linear_backward(
                 &f.scored_hidden,
                 self.p(&lay.lm_head),
                 &dlogits,
-                Some(&mut dhsel),
-                false,
                 &mut grads[lay.lm_head.clone()],
-                m,
                 dm.vocab,
             );
             let mut at = 0;
@@ -748,15 +733,11 @@ impl HostModel {
         let rep = dm.h / dm.kv;
         for (l, a) in lay.layers.iter().zip(&f.layers).rev() {
             // MLP: x_out = x_mid + (silu(gate) * up) · w_downᵀ.
-            let mut dact = vec![0f32; n * dm.ff];
-            linear_backward(
+            let dact = linear_backward(
                 &a.act,
                 self.p(&l.w_down),
                 &dx,
-                Some(&mut dact),
-                false,
                 &mut grads[l.w_down.clone()],
-                n,
                 d,
             );
             let mut dgu = vec![0f32; n * 2 * dm.ff];
@@ -773,15 +754,11 @@ impl HostModel {
                     dup[i] = da[i] * gate[i] * s;
                 }
             }
-            let mut dh2 = vec![0f32; n * d];
-            linear_backward(
+            let dh2 = linear_backward(
                 &a.h2,
                 self.p(&l.wgu),
                 &dgu,
-                Some(&mut dh2),
-                false,
                 &mut grads[l.wgu.clone()],
-                n,
                 2 * dm.ff,
             );
             // dx now flows into x_mid: the residual plus the norm's share.
@@ -795,17 +772,7 @@ impl HostModel {
             );
 
             // Attention: x_mid = x + att · woᵀ.
-            let mut datt = vec![0f32; n * dm.h * dh];
-            linear_backward(
-                &a.att,
-                self.p(&l.wo),
-                &dx,
-                Some(&mut datt),
-                false,
-                &mut grads[l.wo.clone()],
-                n,
-                d,
-            );
+            let datt = linear_backward(&a.att, self.p(&l.wo), &dx, &mut grads[l.wo.clone()], d);
             let mut dqkv = vec![0f32; n * dm.qkv];
             let mut at = 0;
             let mut dp = Vec::new();
@@ -844,15 +811,11 @@ impl HostModel {
                 }
             }
             rotate_qk(&mut dqkv, &dm, positions(f.seqs), rope, -1.0);
-            let mut dh1 = vec![0f32; n * d];
-            linear_backward(
+            let dh1 = linear_backward(
                 &a.h1,
                 self.p(&l.wqkv),
                 &dqkv,
-                Some(&mut dh1),
-                false,
                 &mut grads[l.wqkv.clone()],
-                n,
                 dm.qkv,
             );
             rms_norm_backward(
