@@ -16,7 +16,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_nn::VarMap;
-use flywheel_builtin::{score_rows, world_instructions};
+use flywheel_builtin::{score_rows, train_config, world_instructions};
 use flywheel_engine::sample::{SampleConfig, sample};
 use flywheel_engine::train::{self, Pair, PreferenceLoss, PreferenceObjective, TrainConfig};
 use flywheel_engine::world::{self, Mix, Split};
@@ -202,17 +202,6 @@ impl Recipe {
 
     fn eta(&self) -> f64 {
         self.preference.eta.unwrap_or(1.0)
-    }
-}
-
-fn train_config(steps: i64, batch_size: i64, lr: f64, warmup: i64, seed: u64) -> TrainConfig {
-    TrainConfig {
-        steps: steps as usize,
-        batch_size: batch_size as usize,
-        lr,
-        warmup: warmup as usize,
-        seed,
-        ..TrainConfig::default()
     }
 }
 

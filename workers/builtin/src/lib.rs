@@ -101,23 +101,22 @@ pub fn world_instructions(prompt: &str) -> Vec<Instruction> {
     }
 }
 
-fn train_config(
-    task: &Task,
-    steps: i64,
-    batch_size: i64,
-    lr: f64,
-    warmup: i64,
-    seed: Option<u64>,
-) -> TrainConfig {
+/// The engine's training settings for a training stage's `steps`, `batch_size`, `lr`, `warmup`
+/// and (resolved) `seed` params.
+pub fn train_config(steps: i64, batch_size: i64, lr: f64, warmup: i64, seed: u64) -> TrainConfig {
     TrainConfig {
         steps: steps as usize,
         batch_size: batch_size as usize,
         lr,
         warmup: warmup as usize,
-        seed: seed
-            .unwrap_or_else(|| seed_of(&[&task.assignment.campaign_id, &task.assignment.stage])),
+        seed,
         ..TrainConfig::default()
     }
+}
+
+/// A stage's `seed` param, or one derived from its campaign and stage.
+fn stage_seed(task: &Task, seed: Option<u64>) -> u64 {
+    seed.unwrap_or_else(|| seed_of(&[&task.assignment.campaign_id, &task.assignment.stage]))
 }
 
 fn save_model(
@@ -397,7 +396,13 @@ impl BuiltinBackend {
             .iter()
             .filter_map(datasets::sft_example)
             .collect();
-        let cfg = train_config(task, p.steps, p.batch_size, p.lr, p.warmup, p.seed);
+        let cfg = train_config(
+            p.steps,
+            p.batch_size,
+            p.lr,
+            p.warmup,
+            stage_seed(task, p.seed),
+        );
         let t = jobs::fine_tune(
             &model_dir(init)?,
             jobs::Objective::Sft(&data),
@@ -434,7 +439,13 @@ impl BuiltinBackend {
                 )));
             }
         };
-        let cfg = train_config(task, p.steps, p.batch_size, p.lr, p.warmup, p.seed);
+        let cfg = train_config(
+            p.steps,
+            p.batch_size,
+            p.lr,
+            p.warmup,
+            stage_seed(task, p.seed),
+        );
         // The reference, frozen: the starting policy itself, or the round's generator.
         let reference = match p.reference.as_str() {
             "generator" => task.input(Role::Generator)?,

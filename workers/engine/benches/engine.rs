@@ -314,7 +314,7 @@ mod twin {
         let mut first = None;
         let began = Instant::now();
         fused::train_loop(
-            &mut HostModel::of(&policy).unwrap(),
+            &policy,
             &varmap,
             cfg,
             &mut |step, l| {

@@ -48,49 +48,18 @@ class Twin(torch.nn.Module):
     def w(self, name):
         return self.p[name.replace(".", "__")]
 
-    def rope(self, x):
-        t, half = x.shape[2], x.shape[3] // 2
-        cos, sin = self.cos[:t], self.sin[:t]
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-    def forward(self, tokens):
-        c = self.cfg
-        b, t = tokens.shape
-        h_, kvh = c["n_heads"], c["n_kv_heads"]
-        dh = c["d_model"] // h_
-        x = self.w("embed")[tokens]
-        mask = self.mask[:t, :t]
-        for i in range(c["n_layers"]):
-            p = f"layers.{i}."
-            h = rms_norm(x, self.w(p + "attn_norm"))
-            q = (h @ self.w(p + "wq").T).view(b, t, h_, dh).transpose(1, 2)
-            k = (h @ self.w(p + "wk").T).view(b, t, kvh, dh).transpose(1, 2)
-            v = (h @ self.w(p + "wv").T).view(b, t, kvh, dh).transpose(1, 2)
-            q, k = self.rope(q), self.rope(k)
-            rep = h_ // kvh
-            k = k.unsqueeze(2).expand(b, kvh, rep, t, dh).reshape(b, h_, t, dh)
-            v = v.unsqueeze(2).expand(b, kvh, rep, t, dh).reshape(b, h_, t, dh)
-            att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh) + mask, dim=-1)
-            o = (att @ v).transpose(1, 2).reshape(b, t, h_ * dh)
-            x = x + o @ self.w(p + "wo").T
-            h = rms_norm(x, self.w(p + "mlp_norm"))
-            x = x + (F.silu(h @ self.w(p + "w_gate").T) * (h @ self.w(p + "w_up").T)) @ self.w(
-                p + "w_down"
-            ).T
-        return rms_norm(x, self.w("final_norm")) @ self.w("lm_head").T
-
-
-    def step(self, tokens, cache, start, key_mask):
-        """Next-token logits of the last position of `tokens` (b, t), which continue the cached
-        sequence at position `start`; appends their keys and values to `cache` (one per layer)."""
+    def hidden(self, tokens, start=0, cache=None, key_mask=None):
+        """Final-normed hidden states of `tokens` (b, t) at positions start..start + t. With a
+        cache (one entry per layer) they continue the cached sequence and their keys and values
+        are appended to it; `key_mask` (b, 1, 1, max_seq) masks a batch's left pads."""
         c = self.cfg
         b, t = tokens.shape
         h_, kvh = c["n_heads"], c["n_kv_heads"]
         dh = c["d_model"] // h_
         total = start + t
-        i, j = torch.arange(start, total)[:, None], torch.arange(total)[None, :]
-        mask = torch.where(j > i, MASKED, 0.0) + key_mask[:, :, :, :total]
+        mask = self.mask[start:total, :total]
+        if key_mask is not None:
+            mask = mask + key_mask[:, :, :, :total]
         cos, sin = self.cos[start:total], self.sin[start:total]
         half = dh // 2
 
@@ -105,12 +74,13 @@ class Twin(torch.nn.Module):
             q = rope((h @ self.w(p + "wq").T).view(b, t, h_, dh).transpose(1, 2))
             k = rope((h @ self.w(p + "wk").T).view(b, t, kvh, dh).transpose(1, 2))
             v = (h @ self.w(p + "wv").T).view(b, t, kvh, dh).transpose(1, 2)
-            if cache[layer] is not None:
-                k, v = torch.cat([cache[layer][0], k], 2), torch.cat([cache[layer][1], v], 2)
-            cache[layer] = (k, v)
-            rep = h_ // kvh
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+            if cache is not None:
+                if cache[layer] is not None:
+                    k, v = torch.cat([cache[layer][0], k], 2), torch.cat([cache[layer][1], v], 2)
+                cache[layer] = (k, v)
+            rep, n = h_ // kvh, k.shape[2]
+            k = k.unsqueeze(2).expand(b, kvh, rep, n, dh).reshape(b, h_, n, dh)
+            v = v.unsqueeze(2).expand(b, kvh, rep, n, dh).reshape(b, h_, n, dh)
             att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh) + mask, dim=-1)
             o = (att @ v).transpose(1, 2).reshape(b, t, h_ * dh)
             x = x + o @ self.w(p + "wo").T
@@ -118,7 +88,15 @@ class Twin(torch.nn.Module):
             x = x + (F.silu(h @ self.w(p + "w_gate").T) * (h @ self.w(p + "w_up").T)) @ self.w(
                 p + "w_down"
             ).T
-        return rms_norm(x[:, -1], self.w("final_norm")) @ self.w("lm_head").T
+        return rms_norm(x, self.w("final_norm"))
+
+    def forward(self, tokens):
+        return self.hidden(tokens) @ self.w("lm_head").T
+
+    def step(self, tokens, cache, start, key_mask):
+        """Next-token logits of the last position of `tokens`, which continue the cached sequence
+        at position `start`."""
+        return self.hidden(tokens, start, cache, key_mask)[:, -1] @ self.w("lm_head").T
 
 
 @torch.inference_mode()

@@ -85,6 +85,19 @@ impl ModelConfig {
     }
 }
 
+/// Each layer's variables, as `layers.{i}.{name}` names them (in [`Transformer::named_tensors`]'s order).
+pub(crate) const LAYER_VARS: [&str; 9] = [
+    "attn_norm",
+    "wq",
+    "wk",
+    "wv",
+    "wo",
+    "mlp_norm",
+    "w_gate",
+    "w_up",
+    "w_down",
+];
+
 struct Layer {
     attn_norm: Tensor,
     wq: Tensor,
@@ -266,17 +279,18 @@ impl Transformer {
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
         let mut out = vec![("embed".to_string(), &self.embed)];
         for (i, l) in self.layers.iter().enumerate() {
-            for (name, t) in [
-                ("attn_norm", &l.attn_norm),
-                ("wq", &l.wq),
-                ("wk", &l.wk),
-                ("wv", &l.wv),
-                ("wo", &l.wo),
-                ("mlp_norm", &l.mlp_norm),
-                ("w_gate", &l.w_gate),
-                ("w_up", &l.w_up),
-                ("w_down", &l.w_down),
-            ] {
+            let tensors = [
+                &l.attn_norm,
+                &l.wq,
+                &l.wk,
+                &l.wv,
+                &l.wo,
+                &l.mlp_norm,
+                &l.w_gate,
+                &l.w_up,
+                &l.w_down,
+            ];
+            for (name, t) in LAYER_VARS.iter().zip(tensors) {
                 out.push((format!("layers.{i}.{name}"), t));
             }
         }

@@ -246,19 +246,13 @@ pub fn sft(
     }
     if model.device().is_cpu() {
         let max_seq = model.config.max_seq;
-        return fused::train_loop(
-            &mut HostModel::of(model)?,
-            varmap,
-            cfg,
-            progress,
-            |_, rng, m, grads| {
-                let rows: Vec<Seq> = pick(data, cfg.batch_size, rng)
-                    .into_iter()
-                    .map(|(p, r)| Seq::new(p, r, max_seq))
-                    .collect();
-                fused::loss_and_grads(m, &rows, &fused::Objective::Sft, grads, fused::threads())
-            },
-        );
+        return fused::train_loop(model, varmap, cfg, progress, |_, rng, m, grads| {
+            let rows: Vec<Seq> = pick(data, cfg.batch_size, rng)
+                .into_iter()
+                .map(|(p, r)| Seq::new(p, r, max_seq))
+                .collect();
+            fused::loss_and_grads(m, &rows, &fused::Objective::Sft, grads, fused::threads())
+        });
     }
     train_loop(varmap, cfg, progress, |_, rng| {
         let rows: Vec<(&str, &str)> = pick(data, cfg.batch_size, rng)
@@ -367,34 +361,28 @@ pub fn preference(
     if policy.device().is_cpu() {
         let reference = HostModel::of(reference)?;
         let max_seq = policy.config.max_seq;
-        return fused::train_loop(
-            &mut HostModel::of(policy)?,
-            varmap,
-            cfg,
-            progress,
-            |_, rng, m, grads| {
-                let chosen = pick(pairs, cfg.batch_size, rng);
-                let mut rows: Vec<Seq> = chosen
+        return fused::train_loop(policy, varmap, cfg, progress, |_, rng, m, grads| {
+            let chosen = pick(pairs, cfg.batch_size, rng);
+            let mut rows: Vec<Seq> = chosen
+                .iter()
+                .map(|p| Seq::new(&p.prompt, &p.chosen, max_seq))
+                .collect();
+            rows.extend(
+                chosen
                     .iter()
-                    .map(|p| Seq::new(&p.prompt, &p.chosen, max_seq))
-                    .collect();
-                rows.extend(
-                    chosen
-                        .iter()
-                        .map(|p| Seq::new(&p.prompt, &p.rejected, max_seq)),
-                );
-                let rewards: Vec<(f64, f64)> = chosen
-                    .iter()
-                    .map(|p| (p.chosen_reward, p.rejected_reward))
-                    .collect();
-                let objective = fused::Objective::Preference {
-                    reference: &reference,
-                    objective,
-                    rewards: &rewards,
-                };
-                fused::loss_and_grads(m, &rows, &objective, grads, fused::threads())
-            },
-        );
+                    .map(|p| Seq::new(&p.prompt, &p.rejected, max_seq)),
+            );
+            let rewards: Vec<(f64, f64)> = chosen
+                .iter()
+                .map(|p| (p.chosen_reward, p.rejected_reward))
+                .collect();
+            let objective = fused::Objective::Preference {
+                reference: &reference,
+                objective,
+                rewards: &rewards,
+            };
+            fused::loss_and_grads(m, &rows, &objective, grads, fused::threads())
+        });
     }
     train_loop(varmap, cfg, progress, |_, rng| {
         let chosen = pick(pairs, cfg.batch_size, rng);
@@ -429,27 +417,21 @@ pub fn reward_model(
     }
     if model.device().is_cpu() {
         let max_seq = model.config.max_seq;
-        return fused::train_loop(
-            &mut HostModel::of(model)?,
-            varmap,
-            cfg,
-            progress,
-            |_, rng, m, grads| {
-                let picked = pick(data, cfg.batch_size, rng);
-                let rows: Vec<Seq> = picked
-                    .iter()
-                    .map(|(p, r, _)| Seq::new(p, r, max_seq))
-                    .collect();
-                let labels: Vec<[f32; 5]> = picked.iter().map(|(_, _, l)| *l).collect();
-                fused::loss_and_grads(
-                    m,
-                    &rows,
-                    &fused::Objective::Reward(&labels),
-                    grads,
-                    fused::threads(),
-                )
-            },
-        );
+        return fused::train_loop(model, varmap, cfg, progress, |_, rng, m, grads| {
+            let picked = pick(data, cfg.batch_size, rng);
+            let rows: Vec<Seq> = picked
+                .iter()
+                .map(|(p, r, _)| Seq::new(p, r, max_seq))
+                .collect();
+            let labels: Vec<[f32; 5]> = picked.iter().map(|(_, _, l)| *l).collect();
+            fused::loss_and_grads(
+                m,
+                &rows,
+                &fused::Objective::Reward(&labels),
+                grads,
+                fused::threads(),
+            )
+        });
     }
     train_loop(varmap, cfg, progress, |_, rng| {
         let rows = pick(data, cfg.batch_size, rng);

@@ -9,8 +9,7 @@ use crate::sample::{Row, pick_token};
 use crate::tokenizer::{END, encode_prompt};
 
 use super::{
-    Dims, HostModel, Seq, axpy, dot, linear, par_chunks_owned, rms_norm, rope_tables, rotate_qk,
-    silu, split, threads,
+    Dims, HostModel, Seq, axpy, dot, in_parallel, linear, rms_norm, rotate_qk, silu, split, threads,
 };
 
 /// Keys (after RoPE) and values of every position so far, per layer, row after row.
@@ -43,13 +42,7 @@ impl HostModel {
     /// Runs `tokens[i]` through the model as the continuation of cached row `rows[i]`, appends
     /// their keys and values to the cache, and returns the final hidden state of each item's last
     /// token (`items × d_model`).
-    fn advance(
-        &self,
-        cache: &mut KvCache,
-        rows: &[usize],
-        tokens: &[&[u32]],
-        rope: &(Vec<f32>, Vec<f32>),
-    ) -> Vec<f32> {
+    fn advance(&self, cache: &mut KvCache, rows: &[usize], tokens: &[&[u32]]) -> Vec<f32> {
         let dm = Dims::of(&self.config);
         let (d, dh) = (dm.d, dm.dh);
         let kv_width = dm.kv * dh;
@@ -77,7 +70,7 @@ impl HostModel {
         for (layer, l) in self.layout.layers.iter().enumerate() {
             rms_norm(&x, self.p(&l.attn_norm), &mut h);
             linear(&h, self.p(&l.wqkv), &mut qkv, n, dm.qkv, false);
-            rotate_qk(&mut qkv, &dm, places.iter().map(|p| p.1), rope, 1.0);
+            rotate_qk(&mut qkv, &dm, places.iter().map(|p| p.1), self.rope(), 1.0);
             for (row, &(r, pos)) in qkv.chunks(dm.qkv).zip(&places) {
                 let at = cache.at(r, pos);
                 let (k, v) = row[dm.h * dh..].split_at(kv_width);
@@ -144,7 +137,6 @@ impl HostModel {
                 p.len()
             )));
         }
-        let rope = rope_tables(&self.config);
         let seqs: Vec<Seq> = prompts
             .iter()
             .map(|ids| Seq {
@@ -160,18 +152,11 @@ impl HostModel {
             work.push((head, &prompts[c.clone()]));
             rest = tail;
         }
-        let out = par_chunks_owned(work, |(rows, prompts)| {
-            self.sample_chunk(rows, prompts, &rope)
-        });
+        let out = in_parallel(work, |(rows, prompts)| self.sample_chunk(rows, prompts));
         Ok(out.into_iter().flatten().collect())
     }
 
-    fn sample_chunk(
-        &self,
-        rows: &mut [Row],
-        prompts: &[Vec<u32>],
-        rope: &(Vec<f32>, Vec<f32>),
-    ) -> Vec<Vec<u32>> {
+    fn sample_chunk(&self, rows: &mut [Row], prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
         let c = &self.config;
         let dm = Dims::of(c);
         let mut cache = KvCache::new(c.n_layers, rows.len(), dm.kv * dm.dh, c.max_seq);
@@ -186,7 +171,7 @@ impl HostModel {
         let mut feed: Vec<&[u32]> = active.iter().map(|&r| prompts[r].as_slice()).collect();
         let lm_head = self.p(&self.layout.lm_head);
         while !active.is_empty() {
-            let hidden = self.advance(&mut cache, &active, &feed, rope);
+            let hidden = self.advance(&mut cache, &active, &feed);
             let mut logits = vec![0f32; active.len() * dm.vocab];
             linear(&hidden, lm_head, &mut logits, active.len(), dm.vocab, false);
             next.clear();
@@ -214,10 +199,9 @@ impl HostModel {
             .iter()
             .map(|(p, r)| Seq::new(p, r, self.config.max_seq))
             .collect();
-        let rope = rope_tables(&self.config);
         let chunks = split(&seqs, threads());
         let parts: Vec<&[Seq]> = chunks.iter().map(|c| &seqs[c.clone()]).collect();
-        let out = par_chunks_owned(parts, |part| self.forward(part, false, &rope).attributes);
+        let out = in_parallel(parts, |part| self.forward(part, false).attributes);
         Ok(out.into_iter().flatten().collect())
     }
 }

@@ -116,17 +116,7 @@ impl Layout {
     fn names(&self, c: &ModelConfig) -> Vec<String> {
         let mut names = vec!["embed".to_string()];
         for i in 0..c.n_layers {
-            for f in [
-                "attn_norm",
-                "wq",
-                "wk",
-                "wv",
-                "wo",
-                "mlp_norm",
-                "w_gate",
-                "w_up",
-                "w_down",
-            ] {
+            for f in crate::model::LAYER_VARS {
                 names.push(format!("layers.{i}.{f}"));
             }
         }
@@ -144,6 +134,9 @@ pub struct HostModel {
     pub config: ModelConfig,
     layout: Layout,
     params: Vec<f32>,
+    /// RoPE's cosines and sines, `(max_seq, head_dim / 2)` each.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 impl HostModel {
@@ -166,10 +159,13 @@ impl HostModel {
                 .ok_or_else(|| EngineError::Config(format!("unknown variable {name}")))?;
             params[range].copy_from_slice(&tensor.flatten_all()?.to_vec1::<f32>()?);
         }
+        let (cos, sin) = rope_tables(&config);
         Ok(Self {
             config,
             layout,
             params,
+            cos,
+            sin,
         })
     }
 
@@ -384,18 +380,19 @@ fn rotate(row: &mut [f32], dh: usize, cos: &[f32], sin: &[f32], sign: f32) {
 }
 
 /// Rotates the query and key heads of each `qkv` row (one token a row) to its token's position
-/// (RoPE); `sign` -1 rotates back (the backward pass).
+/// (RoPE, with `cos` and `sin` tables of `head_dim / 2` a position); `sign` -1 rotates back (the
+/// backward pass).
 fn rotate_qk(
     qkv: &mut [f32],
     dm: &Dims,
     positions: impl IntoIterator<Item = usize>,
-    rope: &(Vec<f32>, Vec<f32>),
+    (cos, sin): (&[f32], &[f32]),
     sign: f32,
 ) {
     let half = dm.dh / 2;
     for (row, p) in qkv.chunks_exact_mut(dm.qkv).zip(positions) {
-        let (cos, sin) = (&rope.0[p * half..][..half], &rope.1[p * half..][..half]);
-        rotate(&mut row[..(dm.h + dm.kv) * dm.dh], dm.dh, cos, sin, sign);
+        let (c, s) = (&cos[p * half..][..half], &sin[p * half..][..half]);
+        rotate(&mut row[..(dm.h + dm.kv) * dm.dh], dm.dh, c, s, sign);
     }
 }
 
@@ -452,6 +449,16 @@ struct Dims {
 }
 
 impl Dims {
+    /// Where head `head`'s query, and the key and value of its KV group, start in a `qkv` row.
+    fn head(&self, head: usize) -> (usize, usize, usize) {
+        let group = head / (self.h / self.kv);
+        (
+            head * self.dh,
+            (self.h + group) * self.dh,
+            (self.h + self.kv + group) * self.dh,
+        )
+    }
+
     fn of(c: &ModelConfig) -> Self {
         let dh = c.head_dim();
         Self {
@@ -479,13 +486,17 @@ fn rope_tables(c: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
 }
 
 impl HostModel {
+    fn rope(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     fn p(&self, r: &Range<usize>) -> &[f32] {
         &self.params[r.clone()]
     }
 
     /// The forward pass over `seqs`, keeping what the backward pass needs; the LM head runs at
     /// the scored positions (`lm`) or the reward head at each row's last token.
-    fn forward<'s>(&self, seqs: &'s [Seq], lm: bool, rope: &(Vec<f32>, Vec<f32>)) -> Forward<'s> {
+    fn forward<'s>(&self, seqs: &'s [Seq], lm: bool) -> Forward<'s> {
         let dm = Dims::of(&self.config);
         let (d, dh) = (dm.d, dm.dh);
         let mut starts = Vec::with_capacity(seqs.len());
@@ -502,14 +513,13 @@ impl HostModel {
             }
         }
         let scale = 1.0 / (dh as f32).sqrt();
-        let rep = dm.h / dm.kv;
         let mut layers = Vec::with_capacity(self.layout.layers.len());
         for l in &self.layout.layers {
             let mut h1 = vec![0f32; n * d];
             let inv1 = rms_norm(&x, self.p(&l.attn_norm), &mut h1);
             let mut qkv = vec![0f32; n * dm.qkv];
             linear(&h1, self.p(&l.wqkv), &mut qkv, n, dm.qkv, false);
-            rotate_qk(&mut qkv, &dm, positions(seqs), rope, 1.0);
+            rotate_qk(&mut qkv, &dm, positions(seqs), self.rope(), 1.0);
             let probs_len: usize = seqs.iter().map(|s| dm.h * s.ids.len().pow(2)).sum();
             let mut probs = vec![0f32; probs_len];
             let mut att = vec![0f32; n * dm.h * dh];
@@ -517,11 +527,7 @@ impl HostModel {
             for (s, &start) in seqs.iter().zip(&starts) {
                 let t = s.ids.len();
                 for head in 0..dm.h {
-                    let (qo, ko, vo) = (
-                        head * dh,
-                        (dm.h + head / rep) * dh,
-                        (dm.h + dm.kv + head / rep) * dh,
-                    );
+                    let (qo, ko, vo) = dm.head(head);
                     let pm = &mut probs[at..at + t * t];
                     at += t * t;
                     for i in 0..t {
@@ -665,14 +671,7 @@ impl HostModel {
     /// The backward pass: adds to `grads` the gradient of a loss whose derivative is `coef[r]`
     /// per scored log-probability of row `r` (LM objectives) or `dattr[r]` per attribute of row
     /// `r` (reward models).
-    fn backward(
-        &self,
-        f: &Forward<'_>,
-        coef: &[f32],
-        dattr: &[[f32; 5]],
-        grads: &mut [f32],
-        rope: &(Vec<f32>, Vec<f32>),
-    ) {
+    fn backward(&self, f: &Forward<'_>, coef: &[f32], dattr: &[[f32; 5]], grads: &mut [f32]) {
         let dm = Dims::of(&self.config);
         let (d, dh, n) = (dm.d, dm.dh, f.n);
         let lay = &self.layout;
@@ -730,7 +729,6 @@ impl HostModel {
         );
 
         let scale = 1.0 / (dh as f32).sqrt();
-        let rep = dm.h / dm.kv;
         for (l, a) in lay.layers.iter().zip(&f.layers).rev() {
             // MLP: x_out = x_mid + (silu(gate) * up) · w_downᵀ.
             let dact = linear_backward(
@@ -779,11 +777,7 @@ impl HostModel {
             for (s, &start) in f.seqs.iter().zip(&f.starts) {
                 let t = s.ids.len();
                 for head in 0..dm.h {
-                    let (qo, ko, vo) = (
-                        head * dh,
-                        (dm.h + head / rep) * dh,
-                        (dm.h + dm.kv + head / rep) * dh,
-                    );
+                    let (qo, ko, vo) = dm.head(head);
                     let pm = &a.probs[at..at + t * t];
                     at += t * t;
                     for i in 0..t {
@@ -810,7 +804,7 @@ impl HostModel {
                     }
                 }
             }
-            rotate_qk(&mut dqkv, &dm, positions(f.seqs), rope, -1.0);
+            rotate_qk(&mut dqkv, &dm, positions(f.seqs), self.rope(), -1.0);
             let dh1 = linear_backward(
                 &a.h1,
                 self.p(&l.wqkv),
@@ -892,34 +886,6 @@ pub fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Runs `f` on each chunk of `seqs` in its own thread (the first on this one) and returns the
-/// results in chunk order.
-fn par_chunks<'s, T: Send>(
-    seqs: &'s [Seq],
-    chunks: &[Range<usize>],
-    f: impl Fn(usize, &'s [Seq]) -> T + Sync,
-) -> Vec<T> {
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = chunks
-            .iter()
-            .enumerate()
-            .skip(1)
-            .map(|(i, r)| {
-                let f = &f;
-                let part = &seqs[r.clone()];
-                scope.spawn(move || f(i, part))
-            })
-            .collect();
-        let mut out = vec![f(0, &seqs[chunks[0].clone()])];
-        out.extend(
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a step thread panicked")),
-        );
-        out
-    })
-}
-
 /// The loss of `objective` on `seqs` and its gradient, added to `grads` (one value per parameter).
 pub fn loss_and_grads(
     model: &HostModel,
@@ -936,10 +902,10 @@ pub fn loss_and_grads(
     if matches!(objective, Objective::Reward(_)) && model.layout.reward_head.is_none() {
         return Err(EngineError::Config("this model has no reward head".into()));
     }
-    let rope = rope_tables(&model.config);
     let chunks = split(seqs, threads);
     let lm = !matches!(objective, Objective::Reward(_));
-    let forwards = par_chunks(seqs, &chunks, |_, part| model.forward(part, lm, &rope));
+    let parts = || chunks.iter().map(|r| &seqs[r.clone()]).collect::<Vec<_>>();
+    let forwards = in_parallel(parts(), |part| model.forward(part, lm));
     let rows = seqs.len();
     let scored = |r: Range<usize>| seqs[r].iter().map(|s| s.scored().len()).sum::<usize>();
     let (loss, coef, dattr): (f64, Vec<f32>, Vec<[f32; 5]>) = match objective {
@@ -989,12 +955,11 @@ pub fn loss_and_grads(
                 .iter()
                 .flat_map(|f| f.seq_logp.iter().copied())
                 .collect();
-            let refs: Vec<f64> = par_chunks(seqs, &chunks, |_, part| {
-                reference.forward(part, true, &rope).seq_logp
-            })
-            .into_iter()
-            .flatten()
-            .collect();
+            let refs: Vec<f64> =
+                in_parallel(parts(), |part| reference.forward(part, true).seq_logp)
+                    .into_iter()
+                    .flatten()
+                    .collect();
             let (beta, mut loss) = (objective.beta, 0.0);
             let mut coef = vec![0f32; rows];
             for i in 0..n {
@@ -1032,12 +997,9 @@ pub fn loss_and_grads(
             (loss, coef, Vec::new())
         }
     };
-    let parts: Vec<(Forward<'_>, usize)> = forwards
-        .into_iter()
-        .zip(chunks.iter().map(|r| r.start))
-        .collect();
+    let starts = chunks.iter().map(|r| r.start);
     let len = grads.len();
-    let partial = par_chunks_owned(parts, |(f, start)| {
+    let partial = in_parallel(forwards.into_iter().zip(starts).collect(), |(f, start)| {
         let mut g = vec![0f32; len];
         let rows = start..start + f.seqs.len();
         let c = if coef.is_empty() {
@@ -1050,7 +1012,7 @@ pub fn loss_and_grads(
         } else {
             &dattr[rows]
         };
-        model.backward(&f, c, da, &mut g, &rope);
+        model.backward(&f, c, da, &mut g);
         g
     });
     for g in partial {
@@ -1059,8 +1021,9 @@ pub fn loss_and_grads(
     Ok(loss)
 }
 
-/// Runs `f` on each item in its own thread (the first on this one).
-fn par_chunks_owned<I: Send, T: Send>(items: Vec<I>, f: impl Fn(I) -> T + Sync) -> Vec<T> {
+/// Runs `f` on each item in its own thread (the first on this one) and returns the results in
+/// order.
+fn in_parallel<I: Send, T: Send>(items: Vec<I>, f: impl Fn(I) -> T + Sync) -> Vec<T> {
     std::thread::scope(|scope| {
         let mut items = items.into_iter();
         let first = items.next();
@@ -1127,24 +1090,25 @@ impl AdamW {
     }
 }
 
-/// [`crate::train::train_loop`] on the hand-written step: `cfg.steps` AdamW steps of
-/// `batch(step, rng)`'s rows under `objective(rows)`, with the same schedule, clipping and
-/// divergence check; the trained weights are written back to `varmap`. Returns the mean loss of
-/// the last 10% of steps.
+/// [`crate::train::train_loop`] on the hand-written step, from `model`'s weights: `cfg.steps`
+/// AdamW steps of `step_fn`'s loss and gradients, with the same schedule, clipping and divergence
+/// check; the trained weights are written back to `varmap` (the variables `model` was built on).
+/// Returns the mean loss of the last 10% of steps.
 pub fn train_loop(
-    model: &mut HostModel,
+    model: &Transformer,
     varmap: &VarMap,
     cfg: &TrainConfig,
     progress: Progress<'_>,
     mut step_fn: impl FnMut(usize, &mut Rng, &HostModel, &mut [f32]) -> Result<f64, EngineError>,
 ) -> Result<f64, EngineError> {
+    let mut model = HostModel::of(model)?;
     let mut opt = AdamW::new(model.len(), cfg.weight_decay);
     let mut rng = Rng::new(cfg.seed);
     let mut grads = vec![0f32; model.len()];
     let mut tail = Vec::new();
     for step in 0..cfg.steps {
         grads.fill(0.0);
-        let value = step_fn(step, &mut rng, model, &mut grads)?;
+        let value = step_fn(step, &mut rng, &model, &mut grads)?;
         if !value.is_finite() {
             return Err(EngineError::Diverged(step, value));
         }
