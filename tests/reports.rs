@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::{Cluster, until};
 use flywheel_proto::v1::{
-    Capabilities, Directive, Outcome, OutputArtifact, RegisterRequest, ReportRequest,
-    TaskCompletion, TaskFailure, TaskProgress,
+    CampaignAction, Capabilities, Directive, Outcome, OutputArtifact, RegisterRequest,
+    ReportRequest, TaskCompletion, TaskFailure, TaskProgress,
 };
 use flywheel_proto::{WorkerClient, connect_channel};
 
@@ -53,6 +53,75 @@ async fn states(c: &Cluster, campaign: &str) -> Vec<(i32, String, i32)> {
     .fetch_all(&mut conn)
     .await
     .unwrap()
+}
+
+/// A heartbeat that arrives while its attempt's lease is fresh is answered without a write
+/// (the claim just wrote the lease). That must hide nothing the attempt should hear: a beat
+/// naming another attempt is still told to abandon it, and after a cancel the next beat is
+/// told to cancel.
+#[tokio::test(flavor = "multi_thread")]
+async fn beats_answered_without_a_write_still_hear_fencing_and_cancel() {
+    let c = Cluster::start().await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut w =
+        WorkerClient::new(connect_channel(&c.url()).await.unwrap(), &c.worker_token).unwrap();
+    w.register(RegisterRequest {
+        worker_id: id.clone(),
+        name: "hand".into(),
+        capabilities: Some(Capabilities {
+            pool: "cpu".into(),
+            backends: vec!["test".into()],
+            ..Default::default()
+        }),
+        slots: 1,
+        running: vec![],
+    })
+    .await
+    .unwrap();
+    let mut stream = w.stream_assignments(id.clone()).await.unwrap();
+    let campaign = c
+        .create(&common::one_round_spec(
+            "fresh-beats",
+            "    - { name: work, kind: custom }\n",
+            "",
+        ))
+        .await;
+    let a = stream.message().await.unwrap().expect("an assignment");
+    let told = |r: &flywheel_proto::v1::ReportResponse| -> Vec<i32> {
+        r.directives.iter().map(|d| d.directive).collect()
+    };
+
+    let reply = w
+        .report(ReportRequest {
+            worker_id: id.clone(),
+            heartbeats: vec![beat(&a.task_id, a.attempt), beat(&a.task_id, a.attempt + 1)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        told(&reply),
+        [Directive::Continue as i32, Directive::Abandon as i32]
+    );
+
+    c.admin_client()
+        .await
+        .cancel_campaign(CampaignAction {
+            campaign_id: campaign.id.clone(),
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+    let reply = w
+        .report(ReportRequest {
+            worker_id: id.clone(),
+            heartbeats: vec![beat(&a.task_id, a.attempt)],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(told(&reply), [Directive::Cancel as i32]);
+    assert_eq!(states(&c, &campaign.id).await, [(0, "running".into(), 1)]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

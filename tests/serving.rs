@@ -205,7 +205,7 @@ async fn a_server_whose_worker_dies_is_started_elsewhere_and_generation_complete
     let generate =
         "{ endpoint: generator, k: 1, use_n: false, max_tokens: 6, seed: 1, concurrency: 1 }";
     let spec = production_spec("killed", &model, &reward, 1, LAUNCH, generate)
-        .replace("params: { count: 8 }", "params: { count: 400 }");
+        .replace("params: { count: 8 }", "params: { count: 1200 }");
     let campaign = c.create(&spec).await;
     // Once the generate shards have answers in flight, kill the worker running the server.
     let worker: String = until(

@@ -72,6 +72,14 @@ pub(crate) struct Controller {
 }
 
 impl Controller {
+    /// How long after an attempt's lease was written a heartbeat of it is answered without
+    /// writing (see [`dispatch::Registry::unwritten_beats`]): half a heartbeat interval, and at
+    /// most a quarter of the lease, so a lease always has most of its time left when written.
+    pub(crate) fn lease_write_window(&self) -> std::time::Duration {
+        let ms = (self.config.heartbeat_interval_ms / 2).min(self.config.lease_ttl_ms / 4);
+        std::time::Duration::from_millis(ms as u64)
+    }
+
     /// After attempts settled (committed): counts them, and remembers when those that went back
     /// to `queued` can be claimed again.
     pub(crate) fn settled(&self, settled: &[store::tasks::SettledRow]) {

@@ -8,9 +8,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use flywheel_proto::v1::{ArtifactRef, Assignment, Endpoint};
+use flywheel_proto::v1::{ArtifactRef, Assignment, Directive, Endpoint};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 use uuid::Uuid;
@@ -18,10 +18,10 @@ use uuid::Uuid;
 use crate::Controller;
 use crate::error::Result;
 use crate::store::attempts::AttemptState;
-use crate::store::{self, events::NewEvent, tasks::ClaimGroup};
+use crate::store::{self, events::NewEvent, tasks::Beat, tasks::ClaimGroup};
 
 /// Most tasks one claim transaction takes.
-const MAX_CLAIM: usize = 128;
+const MAX_CLAIM: usize = 256;
 
 pub(crate) type AssignmentSender = mpsc::Sender<Result<Assignment, Status>>;
 
@@ -39,13 +39,34 @@ struct Registered {
     token_id: Uuid,
     caps: Capabilities,
     slots: usize,
-    /// Tasks this controller believes the worker is running: attempt, and the output prefix
-    /// when this process assigned it (not for tasks a reconnecting worker reported).
-    assigned: HashMap<Uuid, (i32, Option<Arc<str>>)>,
+    /// Tasks this controller believes the worker is running.
+    assigned: HashMap<Uuid, Running>,
     /// Present while the assignment stream is open; `stream_id` tells reconnects apart.
     stream: Option<(u64, AssignmentSender)>,
     /// The last registration or heartbeat: liveness is kept here, not written to Postgres.
     last_beat: std::time::Instant,
+}
+
+/// An attempt the registry believes a worker runs.
+struct Running {
+    attempt: i32,
+    /// Where it writes, when this process assigned it (not for tasks a reconnecting worker
+    /// reported).
+    prefix: Option<Arc<str>>,
+    /// When its lease was last written (the claim, or a written heartbeat), no later than the
+    /// write itself; `None` when unknown or when the attempt was given a directive other than
+    /// `Continue`, so its next heartbeat is written.
+    lease_written: Option<Instant>,
+}
+
+impl Running {
+    fn reported(attempt: i32) -> Self {
+        Self {
+            attempt,
+            prefix: None,
+            lease_written: None,
+        }
+    }
 }
 
 /// What the registry knows of a worker's task, for checking a report against it.
@@ -91,7 +112,10 @@ impl Registry {
         entry.last_beat = std::time::Instant::now();
         entry.caps = caps;
         entry.slots = slots;
-        entry.assigned = running.into_iter().map(|(t, a)| (t, (a, None))).collect();
+        entry.assigned = running
+            .into_iter()
+            .map(|(t, a)| (t, Running::reported(a)))
+            .collect();
         true
     }
 
@@ -123,7 +147,7 @@ impl Registry {
         match workers.get(&worker) {
             None => Assigned::UnknownWorker,
             Some(w) => match w.assigned.get(&task) {
-                Some((a, prefix)) if *a == attempt => Assigned::Running(prefix.clone()),
+                Some(r) if r.attempt == attempt => Assigned::Running(r.prefix.clone()),
                 _ => Assigned::NotThisAttempt,
             },
         }
@@ -171,7 +195,7 @@ impl Registry {
         let mut workers = self.workers.lock().expect("registry");
         let mut freed = false;
         let remove = |w: &mut Registered, task: Uuid, attempt: i32| {
-            if w.assigned.get(&task).is_some_and(|(a, _)| *a == attempt) {
+            if w.assigned.get(&task).is_some_and(|r| r.attempt == attempt) {
                 w.assigned.remove(&task);
                 true
             } else {
@@ -219,18 +243,87 @@ impl Registry {
             .collect()
     }
 
-    /// Records the assignment and returns the worker's stream, if it is still connected.
+    /// Records the assignment, whose lease was written by a claim that began at `claimed`, and
+    /// returns the worker's stream, if it is still connected.
     fn assign(
         &self,
         worker: Uuid,
         task: Uuid,
         attempt: i32,
         prefix: Arc<str>,
+        claimed: Instant,
     ) -> Option<AssignmentSender> {
         let mut workers = self.workers.lock().expect("registry");
         let w = workers.get_mut(&worker)?;
-        w.assigned.insert(task, (attempt, Some(prefix)));
+        w.assigned.insert(
+            task,
+            Running {
+                attempt,
+                prefix: Some(prefix),
+                lease_written: Some(claimed),
+            },
+        );
         w.stream.as_ref().map(|(_, tx)| tx.clone())
+    }
+
+    /// Splits a worker's heartbeats into those answered here and those to write. A beat is
+    /// answered `Continue` without a write when its attempt runs on the worker as this process
+    /// assigned it and its lease was written less than `window` ago: writing it would move the
+    /// lease by less than that, and the progress it carries waits for the next written beat.
+    /// Beats carrying an endpoint or a cluster job, and beats of attempts not known here as
+    /// current (stale ones included), are always written, so the store fences them.
+    pub(crate) fn unwritten_beats(
+        &self,
+        worker: Uuid,
+        beats: Vec<Beat>,
+        window: Duration,
+    ) -> (Vec<(Uuid, i32)>, Vec<Beat>) {
+        let workers = self.workers.lock().expect("registry");
+        let Some(w) = workers.get(&worker) else {
+            return (Vec::new(), beats);
+        };
+        let fresh = |b: &Beat| {
+            b.endpoint.is_none()
+                && b.external_job.is_none()
+                && w.assigned.get(&b.id).is_some_and(|r| {
+                    r.attempt == b.attempt
+                        && r.prefix.is_some()
+                        && r.lease_written.is_some_and(|at| at.elapsed() < window)
+                })
+        };
+        let (fresh, written): (Vec<Beat>, Vec<Beat>) = beats.into_iter().partition(fresh);
+        (fresh.iter().map(|b| (b.id, b.attempt)).collect(), written)
+    }
+
+    /// Records what written heartbeats of a worker were told: a `Continue` means the lease was
+    /// written no earlier than `began`; any other directive makes every later beat of that
+    /// attempt written too.
+    pub(crate) fn beats_written(
+        &self,
+        worker: Uuid,
+        directives: &[(Uuid, i32, Directive)],
+        began: Instant,
+    ) {
+        let mut workers = self.workers.lock().expect("registry");
+        let Some(w) = workers.get_mut(&worker) else {
+            return;
+        };
+        for (task, attempt, d) in directives {
+            if let Some(r) = w.assigned.get_mut(task).filter(|r| r.attempt == *attempt) {
+                r.lease_written = (*d == Directive::Continue).then_some(began);
+            }
+        }
+    }
+
+    /// Makes the next heartbeat of every attempt go to the store: something outside the report
+    /// path (a cancel, a pause, another controller) may have changed what it should be told.
+    pub(crate) fn rewrite_leases(&self) {
+        let mut workers = self.workers.lock().expect("registry");
+        for w in workers.values_mut() {
+            for r in w.assigned.values_mut() {
+                r.lease_written = None;
+            }
+        }
     }
 
     /// Capabilities of workers with an open stream (used to tell tasks nobody can run).
@@ -336,6 +429,24 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
     })
 }
 
+fn artifact_ref(
+    id: Uuid,
+    role: String,
+    kind: String,
+    uri: String,
+    content_hash: String,
+    name: String,
+) -> ArtifactRef {
+    ArtifactRef {
+        id: id.to_string(),
+        role,
+        kind,
+        uri,
+        content_hash,
+        name,
+    }
+}
+
 /// Claims queued tasks for one capability group's free slots and sends them. Returns how many
 /// it claimed, and when none: when the group's pool next has a task coming out of its backoff.
 async fn claim_group(
@@ -359,16 +470,39 @@ async fn claim_group(
         return Ok((0, next));
     }
     let ids: Vec<Uuid> = claimed.iter().map(|c| c.id).collect();
-    let mut inputs: HashMap<Uuid, Vec<ArtifactRef>> = HashMap::new();
+    // Each task's inputs: its dependencies' outputs, its round's models, earlier prompts.
+    let mut upstream: HashMap<Uuid, Vec<ArtifactRef>> = HashMap::new();
+    let mut earlier: HashMap<Uuid, Vec<ArtifactRef>> = HashMap::new();
     for row in store::artifacts::inputs_for(&mut tx, &ids).await? {
-        inputs.entry(row.task_id).or_default().push(ArtifactRef {
-            id: row.id.to_string(),
-            role: row.role,
-            kind: row.kind,
-            uri: row.uri,
-            content_hash: row.content_hash,
-            name: row.name,
-        });
+        let list = if row.role == "earlier_prompts" {
+            &mut earlier
+        } else {
+            &mut upstream
+        };
+        let input = artifact_ref(
+            row.id,
+            row.role,
+            row.kind,
+            row.uri,
+            row.content_hash,
+            row.name,
+        );
+        list.entry(row.task_id).or_default().push(input);
+    }
+    let mut rounds: Vec<Uuid> = claimed.iter().map(|c| c.round_id).collect();
+    rounds.sort_unstable();
+    rounds.dedup();
+    let mut models: HashMap<Uuid, Vec<ArtifactRef>> = HashMap::new();
+    for row in store::artifacts::round_inputs(&mut tx, &rounds).await? {
+        let input = artifact_ref(
+            row.id,
+            row.role,
+            row.kind,
+            row.uri,
+            row.content_hash,
+            row.name,
+        );
+        models.entry(row.round_id).or_default().push(input);
     }
     let mut endpoints: HashMap<Uuid, Vec<Endpoint>> = HashMap::new();
     for row in store::endpoints::for_consumers(&mut tx, &ids).await? {
@@ -414,12 +548,21 @@ async fn claim_group(
             shard_index: c.shard_index,
             shard_count: c.shard_count,
             params_json: c.params.clone(),
-            inputs: inputs.remove(&c.id).unwrap_or_default(),
+            inputs: upstream
+                .remove(&c.id)
+                .into_iter()
+                .flatten()
+                .chain(models.get(&c.round_id).into_iter().flatten().cloned())
+                .chain(earlier.remove(&c.id).into_iter().flatten())
+                .collect(),
             output_prefix: prefix.to_string(),
             backend: c.backend.clone(),
             endpoints: endpoints.remove(&c.id).unwrap_or_default(),
         };
-        let sent = match ctl.registry.assign(c.worker_id, c.id, c.attempt, prefix) {
+        let sent = match ctl
+            .registry
+            .assign(c.worker_id, c.id, c.attempt, prefix, claim_began)
+        {
             Some(stream) => stream.try_send(Ok(assignment)).is_ok(),
             None => false,
         };
@@ -565,4 +708,78 @@ async fn reap_once(ctl: &Controller) -> Result<Option<chrono::DateTime<chrono::U
     ctl.planner_wake.notify_one();
     ctl.events_changed();
     Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps() -> Capabilities {
+        Capabilities {
+            pool: "cpu".into(),
+            backends: vec!["test".into()],
+            gpu_kind: String::new(),
+            gpu_count: 0,
+        }
+    }
+
+    fn beat(worker_id: Uuid, id: Uuid, attempt: i32) -> Beat {
+        Beat {
+            worker_id,
+            id,
+            attempt,
+            progress: 0.5,
+            message: String::new(),
+            metrics: serde_json::json!({}),
+            endpoint: None,
+            external_job: None,
+        }
+    }
+
+    /// Which of these beats the registry answers without a write.
+    fn unwritten(r: &Registry, worker: Uuid, beats: Vec<Beat>) -> Vec<(Uuid, i32)> {
+        r.unwritten_beats(worker, beats, Duration::from_secs(1)).0
+    }
+
+    #[test]
+    fn only_fresh_beats_of_attempts_assigned_here_go_unwritten() {
+        let r = Registry::default();
+        let worker = Uuid::new_v4();
+        let (fresh, old, reported) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        assert!(r.register(worker, Uuid::new_v4(), caps(), 4, [(reported, 1)]));
+        let (tx, _rx) = mpsc::channel(4);
+        r.attach(worker, tx).unwrap();
+        let now = Instant::now();
+        r.assign(worker, fresh, 2, "p".into(), now).unwrap();
+        r.assign(worker, old, 1, "p".into(), now - Duration::from_secs(2))
+            .unwrap();
+
+        let mut with_job = beat(worker, fresh, 2);
+        with_job.external_job = Some("slurm:1".into());
+        let beats = vec![
+            beat(worker, fresh, 2),
+            beat(worker, fresh, 1),    // another attempt: the store fences it
+            beat(worker, old, 1),      // lease written too long ago
+            beat(worker, reported, 1), // assigned by an earlier controller process
+            with_job,
+        ];
+        let (answered, written) = r.unwritten_beats(worker, beats, Duration::from_secs(1));
+        assert_eq!(answered, [(fresh, 2)]);
+        assert_eq!(written.len(), 4);
+        // Another worker's beat of the same attempt is written (and fenced by the store).
+        assert!(unwritten(&r, Uuid::new_v4(), vec![beat(worker, fresh, 2)]).is_empty());
+
+        // A written beat told to go on renews the window; any other directive ends it.
+        r.beats_written(worker, &[(old, 1, Directive::Continue)], Instant::now());
+        assert_eq!(
+            unwritten(&r, worker, vec![beat(worker, old, 1)]),
+            [(old, 1)]
+        );
+        r.beats_written(worker, &[(old, 1, Directive::Cancel)], Instant::now());
+        assert!(unwritten(&r, worker, vec![beat(worker, old, 1)]).is_empty());
+
+        // After a change outside the report path, every next beat is written.
+        r.rewrite_leases();
+        assert!(unwritten(&r, worker, vec![beat(worker, fresh, 2)]).is_empty());
+    }
 }

@@ -168,6 +168,9 @@ pub(crate) async fn steer(
         }
     }
     tx.commit().await?;
+    // Running tasks may have been told to stop (cancel) or taken off their workers (pause):
+    // their next heartbeats must hear it.
+    ctl.registry.rewrite_leases();
     if action == Steer::Resume {
         ctl.dispatch_wake.notify_one();
         ctl.planner_wake.notify_one();

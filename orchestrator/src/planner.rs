@@ -445,6 +445,8 @@ async fn fail_round(ctl: &Controller, round_id: Uuid) -> Result<bool> {
     }
     store::events::insert_many(&mut tx, &events).await?;
     tx.commit().await?;
+    // Its servers were taken off their workers: their next heartbeats must hear it.
+    ctl.registry.rewrite_leases();
     tracing::warn!(campaign_id = %campaign.id, round = round.round_index, stage = %failed.stage, "round failed");
     Ok(true)
 }

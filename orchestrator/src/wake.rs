@@ -36,6 +36,7 @@ pub(crate) async fn run(ctl: Arc<Controller>, mut shutdown: watch::Receiver<bool
                 Ok(l) => {
                     // Whatever changed while this controller was not listening.
                     wake_all(&ctl);
+                    ctl.registry.rewrite_leases();
                     ctl.auth.forget();
                     listener.insert(l)
                 }
@@ -82,6 +83,11 @@ fn route(ctl: &Controller, payload: &str, own: &str) {
     let (writer, table) = payload.rsplit_once(' ').unwrap_or((payload, ""));
     if table == "api_tokens" {
         ctl.auth.forget();
+    }
+    // A change this process did not make through its report path (another controller's, or a
+    // campaign's status: a cancel from a schedule) may change what running tasks are told.
+    if writer != own || table == "campaigns" {
+        ctl.registry.rewrite_leases();
     }
     if writer != own {
         wake_all(ctl);

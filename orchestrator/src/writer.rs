@@ -228,11 +228,6 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
 
     let completed = store::tasks::complete(&mut tx, &completions).await?;
     let accepted: HashSet<(Uuid, i32)> = completed.iter().map(|c| (c.id, c.attempt)).collect();
-    let closed: Vec<_> = completed
-        .iter()
-        .map(|c| (c.id, c.attempt, AttemptState::Succeeded, None))
-        .collect();
-    store::attempts::finish_many(&mut tx, &closed).await?;
     let outputs: Vec<NewOutput> = outputs
         .into_iter()
         .filter(|o| accepted.contains(&(o.task_id, o.attempt)))

@@ -237,7 +237,74 @@ fn outcome_of(task_id: String, attempt: i32, refused: Status) -> ReportOutcome {
     }
 }
 
+/// A worker's heartbeats on their way: those answered without a write, and those queued for
+/// the writer.
+struct Beaten {
+    /// Every beat's `(task, attempt)`, in the order reported.
+    order: Vec<(Uuid, i32)>,
+    unwritten: Vec<(Uuid, i32)>,
+    written: Option<(writer::Pending<writer::Directives>, std::time::Instant)>,
+}
+
+impl Beaten {
+    /// The directive of every beat, in the order reported, once the written ones committed.
+    async fn settled(
+        self,
+        ctl: &Controller,
+        worker_id: Uuid,
+    ) -> Result<writer::Directives, Status> {
+        let mut told: std::collections::HashMap<(Uuid, i32), Directive> = self
+            .unwritten
+            .into_iter()
+            .map(|key| (key, Directive::Continue))
+            .collect();
+        if let Some((pending, began)) = self.written {
+            let written = pending.settled().await?.map_err(|e| rejected(e, "", 0))?;
+            ctl.registry.beats_written(worker_id, &written, began);
+            told.extend(written.into_iter().map(|(id, a, d)| ((id, a), d)));
+        }
+        Ok(self
+            .order
+            .into_iter()
+            .map(|(id, a)| {
+                (
+                    id,
+                    a,
+                    told.get(&(id, a)).copied().unwrap_or(Directive::Abandon),
+                )
+            })
+            .collect())
+    }
+}
+
 impl WorkerApi {
+    /// Answers the beats whose leases are fresh (see `Registry::unwritten_beats`) and queues the
+    /// rest for the writer.
+    async fn unwritten_beats(&self, worker_id: Uuid, beats: Vec<Beat>) -> Result<Beaten, Status> {
+        let order = beats.iter().map(|b| (b.id, b.attempt)).collect();
+        let (unwritten, beats) =
+            self.ctl
+                .registry
+                .unwritten_beats(worker_id, beats, self.ctl.lease_write_window());
+        let written = if beats.is_empty() {
+            None
+        } else {
+            let began = std::time::Instant::now();
+            let pending = writer::enqueue(&self.ctl, |reply| Report::Heartbeat {
+                worker_id,
+                beats,
+                reply,
+            })
+            .await?;
+            Some((pending, began))
+        };
+        Ok(Beaten {
+            order,
+            unwritten,
+            written,
+        })
+    }
+
     /// Checks that `worker_id` was registered by the caller's token: another token may neither
     /// report for a worker nor take its assignment stream.
     async fn check_owner(&self, worker_id: Uuid, who: &Principal) -> Result<(), Status> {
@@ -557,13 +624,8 @@ impl WorkerService for WorkerApi {
             return Ok(Response::new(HeartbeatResponse { tasks: Vec::new() }));
         }
         let beats = beats(worker_id, r.tasks, &HEARTBEAT_FIELDS)?;
-        let result = writer::submit(&self.ctl, |reply| Report::Heartbeat {
-            worker_id,
-            beats,
-            reply,
-        })
-        .await?;
-        let directives = result.map_err(|e| rejected(e, "", 0))?;
+        let unwritten = self.unwritten_beats(worker_id, beats).await?;
+        let directives = unwritten.settled(&self.ctl, worker_id).await?;
         Ok(Response::new(HeartbeatResponse {
             tasks: task_directives(directives),
         }))
@@ -637,18 +699,7 @@ impl WorkerService for WorkerApi {
         // Everything goes to the writer back to back, heartbeats first, so that it lands in
         // one transaction (or consecutive ones, in this order); each item is fenced there on
         // its own.
-        let beaten = if beats.is_empty() {
-            None
-        } else {
-            Some(
-                writer::enqueue(&self.ctl, |reply| Report::Heartbeat {
-                    worker_id,
-                    beats,
-                    reply,
-                })
-                .await?,
-            )
-        };
+        let beaten = self.unwritten_beats(worker_id, beats).await?;
         let mut completions = Vec::with_capacity(r.completions.len());
         for (i, c) in r.completions.into_iter().enumerate() {
             let attempt = c.attempt;
@@ -695,10 +746,7 @@ impl WorkerService for WorkerApi {
             failures.push((f.task_id, attempt, queued));
         }
 
-        let directives = match beaten {
-            None => Vec::new(),
-            Some(p) => task_directives(p.settled().await?.map_err(|e| rejected(e, "", 0))?),
-        };
+        let directives = task_directives(beaten.settled(&self.ctl, worker_id).await?);
         let mut response = ReportResponse {
             directives,
             completions: Vec::with_capacity(completions.len()),

@@ -150,29 +150,53 @@ pub async fn insert_outputs(
     Ok(ids)
 }
 
-/// Inputs of each task: the current outputs of the tasks it depends on (role = output name),
-/// the round's generator, the campaign's base model and its reward model; and, for a
-/// `synthesize_prompts` task, the prompts every earlier round's `synthesize_prompts` tasks
-/// wrote (role `earlier_prompts`, for dedup across rounds).
+/// An input every task of a round is handed: the round's generator, the campaign's base model
+/// or its reward model (`role`).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RoundInputRow {
+    pub round_id: Uuid,
+    pub id: Uuid,
+    pub role: String,
+    pub kind: String,
+    pub uri: String,
+    pub content_hash: String,
+    pub name: String,
+}
+
+/// The models every task of these rounds is handed, once per round.
+pub async fn round_inputs(
+    conn: &mut PgConnection,
+    round_ids: &[Uuid],
+) -> Result<Vec<RoundInputRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT r.id AS round_id, a.id, m.role, a.kind, a.uri, a.content_hash, a.name
+         FROM rounds r
+         JOIN campaigns c ON c.id = r.campaign_id
+         CROSS JOIN LATERAL (VALUES (1, 'generator', r.generator_id), (2, 'base', c.base_model_id),
+                                    (3, 'reward', c.reward_model_id)) AS m(n, role, artifact_id)
+         JOIN artifacts a ON a.id = m.artifact_id
+         WHERE r.id = ANY($1)
+         ORDER BY r.id, m.n",
+    )
+    .bind(round_ids)
+    .fetch_all(conn)
+    .await
+}
+
+/// Inputs of each task besides its round's models ([`round_inputs`]): the current outputs of
+/// the tasks it depends on (role = output name) and, for a `synthesize_prompts` task, the
+/// prompts every earlier round's `synthesize_prompts` tasks wrote (role `earlier_prompts`, for
+/// dedup across rounds).
 pub async fn inputs_for(
     conn: &mut PgConnection,
     task_ids: &[Uuid],
 ) -> Result<Vec<InputRow>, sqlx::Error> {
     sqlx::query_as(
         "SELECT e.task_id, a.id, a.name AS role, a.kind, a.uri, a.content_hash, a.name
-         FROM task_edges e
+         FROM unnest($1::uuid[]) AS q(id)
+         JOIN task_edges e ON e.task_id = q.id
          JOIN tasks d ON d.id = e.depends_on
          JOIN artifacts a ON a.producer_task_id = d.id AND a.producer_attempt = d.attempt
-         WHERE e.task_id = ANY($1)
-         UNION ALL
-         SELECT t.id, a.id, m.role, a.kind, a.uri, a.content_hash, a.name
-         FROM tasks t
-         JOIN rounds r ON r.id = t.round_id
-         JOIN campaigns c ON c.id = t.campaign_id
-         CROSS JOIN LATERAL (VALUES ('generator', r.generator_id), ('base', c.base_model_id),
-                                    ('reward', c.reward_model_id)) AS m(role, artifact_id)
-         JOIN artifacts a ON a.id = m.artifact_id
-         WHERE t.id = ANY($1)
          UNION ALL
          SELECT t.id, a.id, 'earlier_prompts', a.kind, a.uri, a.content_hash, a.name
          FROM tasks t

@@ -76,6 +76,7 @@ pub struct ClaimedRow {
     pub attempt: i32,
     pub worker_id: Uuid,
     pub campaign_id: Uuid,
+    pub round_id: Uuid,
     pub round_index: i32,
     pub stage: String,
     pub kind: String,
@@ -171,7 +172,7 @@ pub async fn claim(
 ) -> Result<Vec<ClaimedRow>, sqlx::Error> {
     sqlx::query_as(
         "WITH picked AS (
-             SELECT id, row_number() OVER () AS n FROM (
+             SELECT id, (row_number() OVER ())::int AS n FROM (
                  SELECT t.id FROM tasks t
                  WHERE t.state = 'queued' AND t.pool = $1 AND t.backend = ANY($2)
                    AND (t.gpu_kind = '' OR t.gpu_kind = $3) AND t.gpu_count <= $4
@@ -182,14 +183,13 @@ pub async fn claim(
                  FOR UPDATE OF t SKIP LOCKED
              ) AS locked
          ),
-         slots AS (SELECT w, n FROM unnest($5::uuid[]) WITH ORDINALITY AS s(w, n)),
          claimed AS (
-             UPDATE tasks t SET state = 'running', attempt = t.attempt + 1, worker_id = s.w,
+             UPDATE tasks t SET state = 'running', attempt = t.attempt + 1, worker_id = ($5::uuid[])[p.n],
                  lease_expires_at = now() + make_interval(secs => $6::float8 / 1000),
                  started_at = now(), finished_at = NULL, progress = 0, progress_message = ''
-             FROM picked p JOIN slots s ON s.n = p.n
+             FROM picked p
              WHERE t.id = p.id
-             RETURNING t.id, t.attempt, s.w AS worker_id, t.campaign_id, t.round_index, t.stage,
+             RETURNING t.id, t.attempt, t.worker_id, t.campaign_id, t.round_id, t.round_index, t.stage,
                        t.kind, t.shard_index, t.shard_count, t.params::text AS params, t.backend, t.pool,
                        extract(epoch FROM now() - greatest(t.next_run_at, t.queued_at, t.created_at))::float8 AS waited_s
          ),
@@ -262,8 +262,9 @@ pub async fn heartbeat(
     .await
 }
 
-/// Marks current attempts as succeeded: `(id, attempt, worker, metrics)`. Pairs that are stale,
-/// or whose attempt runs on another worker, are left out of the result.
+/// Marks current attempts as succeeded, task and attempt row in one statement: `(id, attempt,
+/// worker, metrics)`. Pairs that are stale, or whose attempt runs on another worker, are left
+/// out of the result.
 pub async fn complete(
     conn: &mut PgConnection,
     done: &[(Uuid, i32, Uuid, Value)],
@@ -276,13 +277,20 @@ pub async fn complete(
     let worker: Vec<_> = done.iter().map(|d| d.2).collect();
     let metrics: Vec<_> = done.iter().map(|d| d.3.clone()).collect();
     sqlx::query_as(
-        "UPDATE tasks t SET state = 'succeeded', metrics = u.x, progress = 1, finished_at = now(),
-             lease_expires_at = NULL, last_error = NULL
-         FROM unnest($1::uuid[], $2::int[], $3::jsonb[], $4::uuid[]) AS u(id, a, x, w)
-         WHERE t.id = u.id AND t.attempt = u.a AND t.state = 'running' AND t.worker_id = u.w
-         RETURNING t.id, t.attempt, t.campaign_id, t.round_id, t.stage, t.shard_index, t.worker_id,
-                   t.state, t.next_run_at, t.kind, t.pool,
-                   extract(epoch FROM now() - t.started_at)::float8 AS ran_s",
+        "WITH done AS (
+             UPDATE tasks t SET state = 'succeeded', metrics = u.x, progress = 1, finished_at = now(),
+                 lease_expires_at = NULL, last_error = NULL
+             FROM unnest($1::uuid[], $2::int[], $3::jsonb[], $4::uuid[]) AS u(id, a, x, w)
+             WHERE t.id = u.id AND t.attempt = u.a AND t.state = 'running' AND t.worker_id = u.w
+             RETURNING t.id, t.attempt, t.campaign_id, t.round_id, t.stage, t.shard_index, t.worker_id,
+                       t.state, t.next_run_at, t.kind, t.pool,
+                       extract(epoch FROM now() - t.started_at)::float8 AS ran_s
+         ),
+         closed AS (
+             UPDATE attempts a SET state = 'succeeded', error = NULL, finished_at = now()
+             FROM done d WHERE a.task_id = d.id AND a.attempt = d.attempt AND a.state = 'running'
+         )
+         SELECT * FROM done",
     )
     .bind(id)
     .bind(attempt)
