@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{Cluster, until};
 use flywheel_proto::v1::{
-    CampaignAction, Capabilities, Directive, Outcome, OutputArtifact, RegisterRequest,
+    Assignment, CampaignAction, Capabilities, Directive, Outcome, OutputArtifact, RegisterRequest,
     ReportRequest, TaskCompletion, TaskFailure, TaskProgress,
 };
 use flywheel_proto::{WorkerClient, connect_channel};
@@ -44,6 +44,32 @@ fn dataset(uri: String) -> OutputArtifact {
     }
 }
 
+/// A worker driven by hand: registered in pool `cpu` with `slots` slots, its assignment stream
+/// open.
+async fn hand_worker(
+    c: &Cluster,
+    slots: u32,
+) -> (WorkerClient, String, tonic::Streaming<Assignment>) {
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut w =
+        WorkerClient::new(connect_channel(&c.url()).await.unwrap(), &c.worker_token).unwrap();
+    w.register(RegisterRequest {
+        worker_id: id.clone(),
+        name: "hand".into(),
+        capabilities: Some(Capabilities {
+            pool: "cpu".into(),
+            backends: vec!["test".into()],
+            ..Default::default()
+        }),
+        slots,
+        running: vec![],
+    })
+    .await
+    .unwrap();
+    let stream = w.stream_assignments(id.clone()).await.unwrap();
+    (w, id, stream)
+}
+
 async fn states(c: &Cluster, campaign: &str) -> Vec<(i32, String, i32)> {
     let mut conn = c.db.connect().await;
     sqlx::query_as(
@@ -62,23 +88,7 @@ async fn states(c: &Cluster, campaign: &str) -> Vec<(i32, String, i32)> {
 #[tokio::test(flavor = "multi_thread")]
 async fn beats_answered_without_a_write_still_hear_fencing_and_cancel() {
     let c = Cluster::start().await;
-    let id = uuid::Uuid::new_v4().to_string();
-    let mut w =
-        WorkerClient::new(connect_channel(&c.url()).await.unwrap(), &c.worker_token).unwrap();
-    w.register(RegisterRequest {
-        worker_id: id.clone(),
-        name: "hand".into(),
-        capabilities: Some(Capabilities {
-            pool: "cpu".into(),
-            backends: vec!["test".into()],
-            ..Default::default()
-        }),
-        slots: 1,
-        running: vec![],
-    })
-    .await
-    .unwrap();
-    let mut stream = w.stream_assignments(id.clone()).await.unwrap();
+    let (mut w, id, mut stream) = hand_worker(&c, 1).await;
     let campaign = c
         .create(&common::one_round_spec(
             "fresh-beats",
@@ -127,23 +137,7 @@ async fn beats_answered_without_a_write_still_hear_fencing_and_cancel() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_report_fences_and_checks_each_item_on_its_own() {
     let c = Cluster::start().await;
-    let id = uuid::Uuid::new_v4().to_string();
-    let mut w =
-        WorkerClient::new(connect_channel(&c.url()).await.unwrap(), &c.worker_token).unwrap();
-    w.register(RegisterRequest {
-        worker_id: id.clone(),
-        name: "hand".into(),
-        capabilities: Some(Capabilities {
-            pool: "cpu".into(),
-            backends: vec!["test".into()],
-            ..Default::default()
-        }),
-        slots: 3,
-        running: vec![],
-    })
-    .await
-    .unwrap();
-    let mut stream = w.stream_assignments(id.clone()).await.unwrap();
+    let (mut w, id, mut stream) = hand_worker(&c, 3).await;
     let campaign = c
         .create(&common::one_round_spec(
             "report",

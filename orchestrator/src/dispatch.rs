@@ -1,10 +1,12 @@
-//! Task dispatch: the registry of connected workers and the loop that claims queued tasks for
-//! their free slots and pushes them down each worker's assignment stream.
+//! Task dispatch: the registry of connected workers and the loops that claim queued tasks for
+//! their free slots and push them down each worker's assignment stream.
 //!
 //! One claim transaction serves all the idle slots of a capability group at once (up to
 //! [`MAX_CLAIM`], `FOR UPDATE SKIP LOCKED`), so the cost per task falls as load rises; the
-//! smallest groups are claimed first. Leases are reclaimed by
-//! [`run_reaper`]; any report on a task is fenced by its attempt number in the store.
+//! smallest groups are claimed first, and a group is claimed by one loop at a time. The registry
+//! also answers heartbeats whose lease was just written ([`Registry::unwritten_beats`]). Leases
+//! are reclaimed by [`run_reaper`]; any report on a task is fenced by its attempt number in the
+//! store.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -84,6 +86,9 @@ pub(crate) enum Assigned {
 pub(crate) struct Registry {
     workers: Mutex<HashMap<Uuid, Registered>>,
     next_stream: std::sync::atomic::AtomicU64,
+    /// Capability groups a dispatch loop is claiming for now, each with whether another loop
+    /// passed it over meanwhile (and so left it to this claim to look again).
+    claiming: Mutex<HashMap<Capabilities, bool>>,
 }
 
 impl Registry {
@@ -215,14 +220,15 @@ impl Registry {
         freed
     }
 
-    /// Free slots of connected workers, grouped by capabilities. Slots are interleaved across
-    /// workers so that a short batch spreads over them.
-    fn idle_groups(&self) -> BTreeMap<Capabilities, Vec<Uuid>> {
+    /// Free slots of connected workers (of one capability group, if given), grouped by
+    /// capabilities. Slots are interleaved across workers so that a short batch spreads over
+    /// them.
+    fn idle_groups(&self, only: Option<&Capabilities>) -> BTreeMap<Capabilities, Vec<Uuid>> {
         let workers = self.workers.lock().expect("registry");
         let mut per_group: BTreeMap<Capabilities, Vec<(Uuid, usize)>> = BTreeMap::new();
         for (id, w) in workers.iter() {
             let free = w.slots.saturating_sub(w.assigned.len());
-            if w.stream.is_some() && free > 0 {
+            if w.stream.is_some() && free > 0 && only.is_none_or(|c| *c == w.caps) {
                 per_group
                     .entry(w.caps.clone())
                     .or_default()
@@ -241,6 +247,30 @@ impl Registry {
                 (caps, slots)
             })
             .collect()
+    }
+
+    /// Takes a capability group for one claim and returns its free slots now, unless another
+    /// dispatch loop is claiming for it (which then looks again when it is done). Slots are
+    /// read only once the group is taken, so two loops never hand out the same slot.
+    fn begin_claim(&self, caps: &Capabilities) -> Option<ClaimTurn<'_>> {
+        {
+            let mut claiming = self.claiming.lock().expect("claiming");
+            if let Some(passed_over) = claiming.get_mut(caps) {
+                *passed_over = true;
+                return None;
+            }
+            claiming.insert(caps.clone(), false);
+        }
+        let slots = self
+            .idle_groups(Some(caps))
+            .remove(caps)
+            .unwrap_or_default();
+        Some(ClaimTurn {
+            registry: self,
+            caps: caps.clone(),
+            slots,
+            ended: false,
+        })
     }
 
     /// Records the assignment, whose lease was written by a claim that began at `claimed`, and
@@ -337,6 +367,41 @@ impl Registry {
     }
 }
 
+/// One dispatch loop's turn at claiming for a capability group; ends when dropped.
+struct ClaimTurn<'a> {
+    registry: &'a Registry,
+    caps: Capabilities,
+    slots: Vec<Uuid>,
+    ended: bool,
+}
+
+impl ClaimTurn<'_> {
+    /// Ends the turn; returns whether another loop passed the group over meanwhile. Reading
+    /// the mark and releasing the group are one step: a loop passing it over later finds it
+    /// free instead.
+    fn end(mut self) -> bool {
+        self.ended = true;
+        self.registry
+            .claiming
+            .lock()
+            .expect("claiming")
+            .remove(&self.caps)
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for ClaimTurn<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.registry
+                .claiming
+                .lock()
+                .expect("claiming")
+                .remove(&self.caps);
+        }
+    }
+}
+
 impl Capabilities {
     /// Whether a worker with these capabilities can run a task with these requirements.
     pub(crate) fn can_run(
@@ -375,7 +440,8 @@ pub(crate) async fn run(ctl: Arc<Controller>, mut shutdown: watch::Receiver<bool
 }
 
 enum DispatchOutcome {
-    /// Every free slot got a task: there may be more work for slots freed meanwhile.
+    /// A group got a task for every slot claimed for (or was passed over by the other loop):
+    /// there may be more work.
     Saturated,
     /// Fewer tasks than slots (or no slots): wait for a wake-up, or until the next queued task
     /// of the idle slots' pools comes out of its backoff (if one does).
@@ -399,28 +465,42 @@ fn next_retry(ctl: &Controller) -> Option<chrono::DateTime<chrono::Utc>> {
 }
 
 async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
-    let mut groups: Vec<_> = ctl.registry.idle_groups().into_iter().collect();
+    let mut groups: Vec<(Capabilities, usize)> = ctl
+        .registry
+        .idle_groups(None)
+        .into_iter()
+        .map(|(caps, slots)| (caps, slots.len()))
+        .collect();
     if groups.is_empty() {
         return Ok(DispatchOutcome::Drained(None));
     }
     // Smallest groups first, each in its own transaction: a few free slots of one pool (the
     // next stage of a chain, on its own worker) are not held behind a big claim for another.
-    groups.sort_by_key(|(_, slots)| slots.len());
-    // Claims are cut to a bounded size (the rest follow at once, `Saturated`), so that what
-    // arrives meanwhile (a chain's next stage) waits for one short claim at most.
-    for (_, slots) in &mut groups {
-        slots.truncate(MAX_CLAIM);
-    }
-    let mut saturated = true;
+    // A group another loop is claiming for is left to it.
+    groups.sort_by_key(|(_, free)| *free);
+    // Whether a group this loop claimed for may have more work now: it filled every slot it
+    // asked for, or another loop passed it over meanwhile. Then this loop goes on at once;
+    // else it waits for the next wake-up.
+    let mut more = false;
     let mut claimed_any = false;
     let mut next: Option<chrono::DateTime<chrono::Utc>> = None;
-    for (caps, slots) in &groups {
-        let (claimed, group_next) = claim_group(ctl, caps, slots).await?;
-        saturated &= claimed >= slots.len();
+    for (caps, _) in &groups {
+        let Some(mut turn) = ctl.registry.begin_claim(caps) else {
+            continue;
+        };
+        // Claims are cut to a bounded size (the rest follow at once).
+        turn.slots.truncate(MAX_CLAIM);
+        if turn.slots.is_empty() {
+            continue;
+        }
+        let wanted = turn.slots.len();
+        let (claimed, group_next) = claim_group(ctl, caps, &turn.slots).await?;
+        let passed_over = turn.end();
+        more |= claimed >= wanted || passed_over;
         claimed_any |= claimed > 0;
         next = next.into_iter().chain(group_next).min();
     }
-    Ok(if saturated {
+    Ok(if more {
         DispatchOutcome::Saturated
     } else if claimed_any {
         DispatchOutcome::Drained(None)
@@ -429,22 +509,20 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
     })
 }
 
-fn artifact_ref(
-    id: Uuid,
-    role: String,
-    kind: String,
-    uri: String,
-    content_hash: String,
-    name: String,
-) -> ArtifactRef {
-    ArtifactRef {
-        id: id.to_string(),
-        role,
-        kind,
-        uri,
-        content_hash,
-        name,
+/// Inputs as handed to workers, grouped by the task or round they are for, in the order read.
+fn by_owner(rows: Vec<store::artifacts::InputRow>) -> HashMap<Uuid, Vec<ArtifactRef>> {
+    let mut inputs: HashMap<Uuid, Vec<ArtifactRef>> = HashMap::new();
+    for row in rows {
+        inputs.entry(row.owner).or_default().push(ArtifactRef {
+            id: row.id.to_string(),
+            role: row.role,
+            kind: row.kind,
+            uri: row.uri,
+            content_hash: row.content_hash,
+            name: row.name,
+        });
     }
+    inputs
 }
 
 /// Claims queued tasks for one capability group's free slots and sends them. Returns how many
@@ -471,39 +549,15 @@ async fn claim_group(
     }
     let ids: Vec<Uuid> = claimed.iter().map(|c| c.id).collect();
     // Each task's inputs: its dependencies' outputs, its round's models, earlier prompts.
-    let mut upstream: HashMap<Uuid, Vec<ArtifactRef>> = HashMap::new();
-    let mut earlier: HashMap<Uuid, Vec<ArtifactRef>> = HashMap::new();
-    for row in store::artifacts::inputs_for(&mut tx, &ids).await? {
-        let list = if row.role == "earlier_prompts" {
-            &mut earlier
-        } else {
-            &mut upstream
-        };
-        let input = artifact_ref(
-            row.id,
-            row.role,
-            row.kind,
-            row.uri,
-            row.content_hash,
-            row.name,
-        );
-        list.entry(row.task_id).or_default().push(input);
-    }
+    let (earlier, upstream): (Vec<_>, Vec<_>) = store::artifacts::inputs_for(&mut tx, &ids)
+        .await?
+        .into_iter()
+        .partition(|row| row.role == "earlier_prompts");
+    let (mut upstream, mut earlier) = (by_owner(upstream), by_owner(earlier));
     let mut rounds: Vec<Uuid> = claimed.iter().map(|c| c.round_id).collect();
     rounds.sort_unstable();
     rounds.dedup();
-    let mut models: HashMap<Uuid, Vec<ArtifactRef>> = HashMap::new();
-    for row in store::artifacts::round_inputs(&mut tx, &rounds).await? {
-        let input = artifact_ref(
-            row.id,
-            row.role,
-            row.kind,
-            row.uri,
-            row.content_hash,
-            row.name,
-        );
-        models.entry(row.round_id).or_default().push(input);
-    }
+    let models = by_owner(store::artifacts::round_inputs(&mut tx, &rounds).await?);
     let mut endpoints: HashMap<Uuid, Vec<Endpoint>> = HashMap::new();
     for row in store::endpoints::for_consumers(&mut tx, &ids).await? {
         endpoints
@@ -734,6 +788,23 @@ mod tests {
             endpoint: None,
             external_job: None,
         }
+    }
+
+    #[test]
+    fn a_group_is_claimed_by_one_loop_at_a_time() {
+        let r = Registry::default();
+        let worker = Uuid::new_v4();
+        assert!(r.register(worker, Uuid::new_v4(), caps(), 2, Vec::new()));
+        let (tx, _rx) = mpsc::channel(4);
+        r.attach(worker, tx).unwrap();
+        let turn = r.begin_claim(&caps()).expect("the group is free");
+        assert_eq!(turn.slots, [worker, worker]);
+        assert!(r.begin_claim(&caps()).is_none(), "another loop holds it");
+        assert!(turn.end(), "it was passed over meanwhile");
+        let turn = r
+            .begin_claim(&caps())
+            .expect("free again once the turn ended");
+        assert!(!turn.end());
     }
 
     /// Which of these beats the registry answers without a write.

@@ -156,6 +156,9 @@ pub async fn serve_with_http(
         stopping: stop_rx.clone(),
     });
     let loops = vec![
+        // Two dispatch loops: while one claims for a big group, the other serves the rest (a
+        // chain's next stage is not held behind a claim for a fan-out stage).
+        tokio::spawn(dispatch::run(ctl.clone(), stop_rx.clone())),
         tokio::spawn(dispatch::run(ctl.clone(), stop_rx.clone())),
         tokio::spawn(dispatch::run_reaper(ctl.clone(), stop_rx.clone())),
         tokio::spawn(planner::run(ctl.clone(), stop_rx.clone())),

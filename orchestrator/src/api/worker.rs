@@ -280,7 +280,7 @@ impl Beaten {
 impl WorkerApi {
     /// Answers the beats whose leases are fresh (see `Registry::unwritten_beats`) and queues the
     /// rest for the writer.
-    async fn unwritten_beats(&self, worker_id: Uuid, beats: Vec<Beat>) -> Result<Beaten, Status> {
+    async fn queue_beats(&self, worker_id: Uuid, beats: Vec<Beat>) -> Result<Beaten, Status> {
         let order = beats.iter().map(|b| (b.id, b.attempt)).collect();
         let (unwritten, beats) =
             self.ctl
@@ -624,8 +624,8 @@ impl WorkerService for WorkerApi {
             return Ok(Response::new(HeartbeatResponse { tasks: Vec::new() }));
         }
         let beats = beats(worker_id, r.tasks, &HEARTBEAT_FIELDS)?;
-        let unwritten = self.unwritten_beats(worker_id, beats).await?;
-        let directives = unwritten.settled(&self.ctl, worker_id).await?;
+        let beaten = self.queue_beats(worker_id, beats).await?;
+        let directives = beaten.settled(&self.ctl, worker_id).await?;
         Ok(Response::new(HeartbeatResponse {
             tasks: task_directives(directives),
         }))
@@ -699,7 +699,7 @@ impl WorkerService for WorkerApi {
         // Everything goes to the writer back to back, heartbeats first, so that it lands in
         // one transaction (or consecutive ones, in this order); each item is fenced there on
         // its own.
-        let beaten = self.unwritten_beats(worker_id, beats).await?;
+        let beaten = self.queue_beats(worker_id, beats).await?;
         let mut completions = Vec::with_capacity(r.completions.len());
         for (i, c) in r.completions.into_iter().enumerate() {
             let attempt = c.attempt;

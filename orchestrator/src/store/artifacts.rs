@@ -28,7 +28,9 @@ pub struct ArtifactRow {
 /// An input handed to a task: an artifact and the role the task uses it in.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct InputRow {
-    pub task_id: Uuid,
+    /// The task it is for ([`inputs_for`]), or the round whose every task gets it
+    /// ([`round_inputs`]).
+    pub owner: Uuid,
     pub id: Uuid,
     pub role: String,
     pub kind: String,
@@ -150,26 +152,13 @@ pub async fn insert_outputs(
     Ok(ids)
 }
 
-/// An input every task of a round is handed: the round's generator, the campaign's base model
-/// or its reward model (`role`).
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct RoundInputRow {
-    pub round_id: Uuid,
-    pub id: Uuid,
-    pub role: String,
-    pub kind: String,
-    pub uri: String,
-    pub content_hash: String,
-    pub name: String,
-}
-
 /// The models every task of these rounds is handed, once per round.
 pub async fn round_inputs(
     conn: &mut PgConnection,
     round_ids: &[Uuid],
-) -> Result<Vec<RoundInputRow>, sqlx::Error> {
+) -> Result<Vec<InputRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT r.id AS round_id, a.id, m.role, a.kind, a.uri, a.content_hash, a.name
+        "SELECT r.id AS owner, a.id, m.role, a.kind, a.uri, a.content_hash, a.name
          FROM rounds r
          JOIN campaigns c ON c.id = r.campaign_id
          CROSS JOIN LATERAL (VALUES (1, 'generator', r.generator_id), (2, 'base', c.base_model_id),
@@ -192,7 +181,7 @@ pub async fn inputs_for(
     task_ids: &[Uuid],
 ) -> Result<Vec<InputRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT e.task_id, a.id, a.name AS role, a.kind, a.uri, a.content_hash, a.name
+        "SELECT e.task_id AS owner, a.id, a.name AS role, a.kind, a.uri, a.content_hash, a.name
          FROM unnest($1::uuid[]) AS q(id)
          JOIN task_edges e ON e.task_id = q.id
          JOIN tasks d ON d.id = e.depends_on
