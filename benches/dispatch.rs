@@ -231,18 +231,18 @@ async fn drop_database(admin: &mut PgConnection, db: &str) {
     .await;
 }
 
-/// Waits for a campaign to succeed, polling its status row (GetCampaign reads every task of the
-/// campaign: polled, it would be a load of its own on the controller being measured).
+/// A campaign's status, read from its row (GetCampaign reads every task of the campaign:
+/// polled, it would be a load of its own on the controller being measured).
+async fn campaign_status(conn: &mut PgConnection, id: &str) -> String {
+    sqlx::query_scalar("SELECT status FROM campaigns WHERE id = $1::uuid")
+        .bind(id)
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
 async fn wait_succeeded(conn: &mut PgConnection, id: &str) {
-    loop {
-        let status: String = sqlx::query_scalar("SELECT status FROM campaigns WHERE id = $1::uuid")
-            .bind(id)
-            .fetch_one(&mut *conn)
-            .await
-            .unwrap();
-        if status == "succeeded" {
-            return;
-        }
+    while campaign_status(conn, id).await != "succeeded" {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
@@ -397,11 +397,7 @@ async fn flywheel_run(
         let c = control.create_campaign(chain_spec()).await.unwrap();
         wait_succeeded(&mut conn, &c.id).await;
         loaded.push(handoff(&mut conn, &c.id, &receipts).await);
-        let status: String = sqlx::query_scalar("SELECT status FROM campaigns WHERE id = $1::uuid")
-            .bind(background.last().unwrap())
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
+        let status = campaign_status(&mut conn, background.last().unwrap()).await;
         under_load += usize::from(status != "succeeded");
     }
     for id in &background {

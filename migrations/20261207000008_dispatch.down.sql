@@ -10,4 +10,3 @@ DROP FUNCTION attempts_of_deleted_tasks();
 DELETE FROM attempts a WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = a.task_id);
 ALTER TABLE attempts ADD CONSTRAINT attempts_task_id_fkey
     FOREIGN KEY (task_id) REFERENCES tasks (id) ON DELETE CASCADE;
-ALTER TABLE attempts RESET (fillfactor);

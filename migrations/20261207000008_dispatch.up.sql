@@ -1,7 +1,3 @@
--- An attempt's row is written twice: opened by the claim, closed when the attempt settles.
--- Room left on each page lets the close be a HOT update (no new index entry).
-ALTER TABLE attempts SET (fillfactor = 50);
-
 -- Attempts are written only by the statement that claims their task (from the row it just
 -- updated), so each names an existing task. The foreign key checked that again on every
 -- insert, taking a share lock on a task row its own statement had just locked for update

@@ -55,10 +55,10 @@ struct Running {
     /// Where it writes, when this process assigned it (not for tasks a reconnecting worker
     /// reported).
     prefix: Option<Arc<str>>,
-    /// When its lease was last written (the claim, or a written heartbeat), no later than the
-    /// write itself; `None` when unknown or when the attempt was given a directive other than
-    /// `Continue`, so its next heartbeat is written.
-    lease_written: Option<Instant>,
+    /// When its lease was last written (the claim, or a written heartbeat); `None` when
+    /// unknown or when the attempt was given a directive other than `Continue`, so its next
+    /// heartbeat is written.
+    lease_written: Option<LeaseMark>,
 }
 
 impl Running {
@@ -69,6 +69,14 @@ impl Running {
             lease_written: None,
         }
     }
+}
+
+/// A moment no later than a lease write began, and the registry's lease epoch then: the mark
+/// is fresh only while the epoch is unchanged ([`Registry::rewrite_leases`] bumps it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseMark {
+    at: Instant,
+    epoch: u64,
 }
 
 /// What the registry knows of a worker's task, for checking a report against it.
@@ -86,6 +94,8 @@ pub(crate) enum Assigned {
 pub(crate) struct Registry {
     workers: Mutex<HashMap<Uuid, Registered>>,
     next_stream: std::sync::atomic::AtomicU64,
+    /// Bumped by [`Registry::rewrite_leases`]: lease marks taken before it are not fresh.
+    lease_epoch: std::sync::atomic::AtomicU64,
     /// Capability groups a dispatch loop is claiming for now, each with whether another loop
     /// passed it over meanwhile (and so left it to this claim to look again).
     claiming: Mutex<HashMap<Capabilities, bool>>,
@@ -273,15 +283,15 @@ impl Registry {
         })
     }
 
-    /// Records the assignment, whose lease was written by a claim that began at `claimed`, and
-    /// returns the worker's stream, if it is still connected.
+    /// Records the assignment, whose lease was written by a claim marked `claimed`, and returns
+    /// the worker's stream, if it is still connected.
     fn assign(
         &self,
         worker: Uuid,
         task: Uuid,
         attempt: i32,
         prefix: Arc<str>,
-        claimed: Instant,
+        claimed: LeaseMark,
     ) -> Option<AssignmentSender> {
         let mut workers = self.workers.lock().expect("registry");
         let w = workers.get_mut(&worker)?;
@@ -308,6 +318,7 @@ impl Registry {
         beats: Vec<Beat>,
         window: Duration,
     ) -> (Vec<(Uuid, i32)>, Vec<Beat>) {
+        let epoch = self.lease_epoch.load(std::sync::atomic::Ordering::SeqCst);
         let workers = self.workers.lock().expect("registry");
         let Some(w) = workers.get(&worker) else {
             return (Vec::new(), beats);
@@ -318,21 +329,30 @@ impl Registry {
                 && w.assigned.get(&b.id).is_some_and(|r| {
                     r.attempt == b.attempt
                         && r.prefix.is_some()
-                        && r.lease_written.is_some_and(|at| at.elapsed() < window)
+                        && r.lease_written
+                            .is_some_and(|m| m.epoch == epoch && m.at.elapsed() < window)
                 })
         };
         let (fresh, written): (Vec<Beat>, Vec<Beat>) = beats.into_iter().partition(fresh);
         (fresh.iter().map(|b| (b.id, b.attempt)).collect(), written)
     }
 
+    /// Marks the start of a lease write (a claim, or heartbeats sent to the writer).
+    pub(crate) fn lease_mark(&self) -> LeaseMark {
+        LeaseMark {
+            at: Instant::now(),
+            epoch: self.lease_epoch.load(std::sync::atomic::Ordering::SeqCst),
+        }
+    }
+
     /// Records what written heartbeats of a worker were told: a `Continue` means the lease was
-    /// written no earlier than `began`; any other directive makes every later beat of that
-    /// attempt written too.
+    /// written after `began`; any other directive makes every later beat of that attempt
+    /// written too.
     pub(crate) fn beats_written(
         &self,
         worker: Uuid,
         directives: &[(Uuid, i32, Directive)],
-        began: Instant,
+        began: LeaseMark,
     ) {
         let mut workers = self.workers.lock().expect("registry");
         let Some(w) = workers.get_mut(&worker) else {
@@ -348,12 +368,8 @@ impl Registry {
     /// Makes the next heartbeat of every attempt go to the store: something outside the report
     /// path (a cancel, a pause, another controller) may have changed what it should be told.
     pub(crate) fn rewrite_leases(&self) {
-        let mut workers = self.workers.lock().expect("registry");
-        for w in workers.values_mut() {
-            for r in w.assigned.values_mut() {
-                r.lease_written = None;
-            }
-        }
+        self.lease_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Capabilities of workers with an open stream (used to tell tasks nobody can run).
@@ -532,7 +548,7 @@ async fn claim_group(
     caps: &Capabilities,
     slots: &[Uuid],
 ) -> Result<(usize, Option<chrono::DateTime<chrono::Utc>>)> {
-    let claim_began = std::time::Instant::now();
+    let claim_began = ctl.registry.lease_mark();
     let mut tx = ctl.pool.begin().await?;
     let group = ClaimGroup {
         pool: &caps.pool,
@@ -621,7 +637,7 @@ async fn claim_group(
             None => false,
         };
         if sent {
-            let latency = c.waited_s + claim_began.elapsed().as_secs_f64();
+            let latency = c.waited_s + claim_began.at.elapsed().as_secs_f64();
             started.push((c.pool.as_str(), latency));
         } else {
             undeliverable.push((c.id, c.attempt, c.worker_id));
@@ -820,10 +836,13 @@ mod tests {
         assert!(r.register(worker, Uuid::new_v4(), caps(), 4, [(reported, 1)]));
         let (tx, _rx) = mpsc::channel(4);
         r.attach(worker, tx).unwrap();
-        let now = Instant::now();
+        let now = r.lease_mark();
+        let long_ago = LeaseMark {
+            at: now.at - Duration::from_secs(2),
+            ..now
+        };
         r.assign(worker, fresh, 2, "p".into(), now).unwrap();
-        r.assign(worker, old, 1, "p".into(), now - Duration::from_secs(2))
-            .unwrap();
+        r.assign(worker, old, 1, "p".into(), long_ago).unwrap();
 
         let mut with_job = beat(worker, fresh, 2);
         with_job.external_job = Some("slurm:1".into());
@@ -841,16 +860,20 @@ mod tests {
         assert!(unwritten(&r, Uuid::new_v4(), vec![beat(worker, fresh, 2)]).is_empty());
 
         // A written beat told to go on renews the window; any other directive ends it.
-        r.beats_written(worker, &[(old, 1, Directive::Continue)], Instant::now());
+        r.beats_written(worker, &[(old, 1, Directive::Continue)], r.lease_mark());
         assert_eq!(
             unwritten(&r, worker, vec![beat(worker, old, 1)]),
             [(old, 1)]
         );
-        r.beats_written(worker, &[(old, 1, Directive::Cancel)], Instant::now());
+        r.beats_written(worker, &[(old, 1, Directive::Cancel)], r.lease_mark());
         assert!(unwritten(&r, worker, vec![beat(worker, old, 1)]).is_empty());
 
-        // After a change outside the report path, every next beat is written.
+        // After a change outside the report path, every next beat is written, including one
+        // whose write began before the change and was recorded after it.
+        let before = r.lease_mark();
         r.rewrite_leases();
         assert!(unwritten(&r, worker, vec![beat(worker, fresh, 2)]).is_empty());
+        r.beats_written(worker, &[(old, 1, Directive::Continue)], before);
+        assert!(unwritten(&r, worker, vec![beat(worker, old, 1)]).is_empty());
     }
 }

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::convert::metrics_json;
 use crate::Controller;
 use crate::auth::{Principal, Scope};
-use crate::dispatch::{Assigned, Capabilities};
+use crate::dispatch::{Assigned, Capabilities, LeaseMark};
 use crate::error::{Error, parse_id};
 use crate::limits::{self, MAX_NAME_BYTES, MAX_TEXT_BYTES, MAX_URI_BYTES};
 use crate::store;
@@ -243,7 +243,7 @@ struct Beaten {
     /// Every beat's `(task, attempt)`, in the order reported.
     order: Vec<(Uuid, i32)>,
     unwritten: Vec<(Uuid, i32)>,
-    written: Option<(writer::Pending<writer::Directives>, std::time::Instant)>,
+    written: Option<(writer::Pending<writer::Directives>, LeaseMark)>,
 }
 
 impl Beaten {
@@ -289,7 +289,7 @@ impl WorkerApi {
         let written = if beats.is_empty() {
             None
         } else {
-            let began = std::time::Instant::now();
+            let began = self.ctl.registry.lease_mark();
             let pending = writer::enqueue(&self.ctl, |reply| Report::Heartbeat {
                 worker_id,
                 beats,
