@@ -390,3 +390,86 @@ async fn a_worker_killed_with_reports_in_flight_loses_nothing_acknowledged() {
         .count();
     assert!(rerun > 0, "no attempt was in flight when the worker died");
 }
+
+/// Two controllers on one database settle the last two shards of a stage at the same time: each
+/// transaction sees the other's shard still running when it writes its own. Whichever decides
+/// second (is the stage done, may its successor run) must see the first one's commit, or the
+/// successor stays blocked for good. Here the test plays the other controller: it completes one
+/// shard in an open transaction holding the campaign's settling lock, while the controller's
+/// writer settles the other.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stage_whose_last_shards_settle_concurrently_releases_its_successor() {
+    use flywheel_orchestrator::store;
+    let c = Cluster::start().await;
+    let (mut w, id, mut stream) = hand_worker(&c, 2).await;
+    let campaign = c
+        .create(&common::one_round_spec(
+            "concurrent-settle",
+            "    - { name: fan, kind: custom, shards: 2 }\n    - { name: next, kind: custom, needs: [fan] }\n",
+            "",
+        ))
+        .await;
+    let a = stream.message().await.unwrap().expect("an assignment");
+    let b = stream.message().await.unwrap().expect("an assignment");
+    let uuid = |s: &str| uuid::Uuid::parse_str(s).unwrap();
+
+    let mut other = c.db.connect().await;
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    let done = [(
+        uuid(&a.task_id),
+        a.attempt,
+        uuid(&id),
+        serde_json::json!({}),
+    )];
+    assert_eq!(
+        store::tasks::complete(&mut other, &done)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    store::campaigns::lock_settling(&mut other, &[uuid(&campaign.id)])
+        .await
+        .unwrap();
+    assert!(
+        store::tasks::unblock_dependents(&mut other, &[uuid(&a.task_id)])
+            .await
+            .unwrap()
+            .is_empty(),
+        "the other shard still runs as this transaction sees it"
+    );
+
+    let report = tokio::spawn(async move {
+        w.report(ReportRequest {
+            worker_id: id,
+            completions: vec![completion(&b.task_id, b.attempt, vec![])],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+    });
+    until(
+        "the writer to wait for the campaign's settling lock",
+        Duration::from_secs(20),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            )
+            .fetch_one(&mut c.db.connect().await)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+
+    let reply = report.await.unwrap();
+    assert_eq!(reply.completions[0].outcome, Outcome::Accepted as i32);
+    let next = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("the successor stage is released")
+        .unwrap()
+        .expect("an assignment");
+    assert_eq!(next.stage, "next");
+}

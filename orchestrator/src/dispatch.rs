@@ -648,6 +648,8 @@ async fn claim_group(
         // The worker went away between claim and send: give the attempt back at once rather
         // than waiting for its lease to expire.
         let mut tx = ctl.pool.begin().await?;
+        let campaigns: Vec<Uuid> = claimed.iter().map(|c| c.campaign_id).collect();
+        store::campaigns::lock_settling(&mut tx, &campaigns).await?;
         let failed: Vec<_> = undeliverable
             .iter()
             .map(|(t, a, w)| {
@@ -729,7 +731,11 @@ async fn reap_once(ctl: &Controller) -> Result<Option<chrono::DateTime<chrono::U
         );
         return Ok(next);
     }
-    let expired = store::tasks::expire_leases(&mut tx).await?;
+    // Whether a retry waits for an endpoint is decided under the settling lock (as in the
+    // writer).
+    let campaigns = store::tasks::campaigns_with_expired_leases(&mut tx).await?;
+    store::campaigns::lock_settling(&mut tx, &campaigns).await?;
+    let expired = store::tasks::expire_leases(&mut tx, &campaigns).await?;
     let next = store::tasks::next_lease_expiry(&mut tx).await?;
     if expired.is_empty() {
         tx.rollback().await?;

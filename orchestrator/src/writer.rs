@@ -2,6 +2,12 @@
 //! drains whatever has accumulated and writes it all in a single transaction, then answers
 //! every caller. Nothing is acknowledged before its transaction commits, and under load the
 //! number of transactions per task falls well below one.
+//!
+//! A transaction first writes the rows its reports own (the reported attempts, their endpoints
+//! and outputs), then takes the settling lock of the campaigns it touches
+//! ([`store::campaigns::lock_settling`]) before anything decided from other tasks' states, so
+//! that the writers of two controllers finishing a stage's last shards cannot each miss the
+//! other's.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -185,6 +191,7 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
     let (elided, beats): (Vec<&Beat>, Vec<&Beat>) = beats
         .into_iter()
         .partition(|b| ending.contains(&(b.id, b.attempt, b.worker_id)));
+    // The rows the reports own: the reported attempts, their endpoints and outputs.
     let alive = store::tasks::heartbeat(&mut tx, &beats, ttl).await?;
     // Endpoints of serve attempts that are current: readiness releases their consumers.
     let current: HashSet<(Uuid, i32)> = alive.iter().map(|a| (a.0, a.1)).collect();
@@ -200,8 +207,34 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
         .filter_map(|b| Some((b.id, b.attempt, b.external_job.as_deref()?)))
         .collect();
     store::attempts::set_external_jobs(&mut tx, &jobs).await?;
-    let ready_ids: Vec<Uuid> = ready.iter().map(|r| r.0).collect();
-    let mut unblocked = store::tasks::unblock_dependents(&mut tx, &ready_ids).await?;
+    let completed = store::tasks::complete(&mut tx, &completions).await?;
+    let accepted: HashSet<(Uuid, i32)> = completed.iter().map(|c| (c.id, c.attempt)).collect();
+    let outputs: Vec<NewOutput> = outputs
+        .into_iter()
+        .filter(|o| accepted.contains(&(o.task_id, o.attempt)))
+        .cloned()
+        .collect();
+    store::artifacts::insert_outputs(&mut tx, &outputs).await?;
+    store::endpoints::retire(&mut tx, &store::tasks::serve_ids(&completed), true).await?;
+
+    // What is decided from other tasks' states, under the settling lock of every campaign
+    // this transaction touches.
+    let mut campaigns: Vec<Uuid> = completed
+        .iter()
+        .map(|c| c.campaign_id)
+        .chain(ready.iter().map(|r| r.1))
+        .collect();
+    if !failures.is_empty() {
+        let failing: Vec<Uuid> = failures.iter().map(|f| f.0).collect();
+        campaigns.extend(store::tasks::campaigns_of(&mut tx, &failing).await?);
+    }
+    store::campaigns::lock_settling(&mut tx, &campaigns).await?;
+    let released_by: Vec<Uuid> = ready
+        .iter()
+        .map(|r| r.0)
+        .chain(completed.iter().map(|c| c.id))
+        .collect();
+    let unblocked = store::tasks::unblock_dependents(&mut tx, &released_by).await?;
     for (task_id, campaign_id, stage) in &ready {
         let Some(e) = reported.iter().find(|e| e.task_id == *task_id) else {
             continue;
@@ -225,18 +258,6 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
                           "attempt": e.attempt }),
         });
     }
-
-    let completed = store::tasks::complete(&mut tx, &completions).await?;
-    let accepted: HashSet<(Uuid, i32)> = completed.iter().map(|c| (c.id, c.attempt)).collect();
-    let outputs: Vec<NewOutput> = outputs
-        .into_iter()
-        .filter(|o| accepted.contains(&(o.task_id, o.attempt)))
-        .cloned()
-        .collect();
-    store::artifacts::insert_outputs(&mut tx, &outputs).await?;
-    let completed_ids: Vec<Uuid> = completed.iter().map(|c| c.id).collect();
-    unblocked.extend(store::tasks::unblock_dependents(&mut tx, &completed_ids).await?);
-    store::endpoints::retire(&mut tx, &store::tasks::serve_ids(&completed), true).await?;
     let pairs: Vec<(Uuid, String)> = completed
         .iter()
         .map(|c| (c.round_id, c.stage.clone()))

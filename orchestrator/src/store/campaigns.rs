@@ -123,6 +123,25 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid) -> Result<Option<CampaignRo
     .await
 }
 
+/// Serializes settling within these campaigns until the transaction ends: a transaction that
+/// decides from other tasks' states (is the stage done, may a dependent run, does a retry wait
+/// for an endpoint) holds this first, so it sees every concurrent settlement that held it
+/// before. Transaction-scoped advisory locks, taken in one order (no deadlock between takers).
+pub async fn lock_settling(conn: &mut PgConnection, ids: &[Uuid]) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(1718384999, k)
+         FROM (SELECT DISTINCT hashtext(id::text) AS k FROM unnest($1::uuid[]) AS id) AS keys
+         ORDER BY k",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 pub async fn list(conn: &mut PgConnection) -> Result<Vec<CampaignRow>, sqlx::Error> {
     sqlx::query_as(AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM campaigns c LEFT JOIN artifacts g ON g.id = c.current_generator_id

@@ -361,14 +361,41 @@ pub async fn fail(
         .await
 }
 
-/// Settles every running attempt whose lease has expired, as a retryable failure.
-pub async fn expire_leases(conn: &mut PgConnection) -> Result<Vec<SettledRow>, sqlx::Error> {
+/// The campaigns of these tasks.
+pub async fn campaigns_of(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar("SELECT DISTINCT campaign_id FROM tasks WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(conn)
+        .await
+}
+
+/// The campaigns with a running attempt whose lease has expired.
+pub async fn campaigns_with_expired_leases(
+    conn: &mut PgConnection,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT campaign_id FROM tasks WHERE state = 'running' AND lease_expires_at < now()",
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// Settles every running attempt of these campaigns whose lease has expired, as a retryable
+/// failure.
+pub async fn expire_leases(
+    conn: &mut PgConnection,
+    campaigns: &[Uuid],
+) -> Result<Vec<SettledRow>, sqlx::Error> {
     let source =
         "SELECT id, attempt, 'lease expired: no heartbeat from the worker', true, worker_id
                   FROM tasks WHERE state = 'running' AND lease_expires_at < now()
+                    AND campaign_id = ANY($1)
                   FOR UPDATE SKIP LOCKED";
     let sql = SETTLE_FAILED.replace("{source}", source);
-    sqlx::query_as(AssertSqlSafe(sql)).fetch_all(conn).await
+    sqlx::query_as(AssertSqlSafe(sql))
+        .bind(campaigns)
+        .fetch_all(conn)
+        .await
 }
 
 /// When the earliest running lease expires (the reaper's next look).
