@@ -255,8 +255,10 @@ async fn handoff(
     receipts: &Mutex<Vec<(String, SystemTime)>>,
 ) -> Duration {
     let (done, b): (chrono::DateTime<chrono::Utc>, String) = sqlx::query_as(
-        "SELECT (SELECT max(finished_at) FROM tasks WHERE campaign_id = $1::uuid AND stage = 'a'),
-                (SELECT id::text FROM tasks WHERE campaign_id = $1::uuid AND stage = 'b')",
+        "SELECT (SELECT max(t.finished_at) FROM tasks t JOIN rounds r ON r.id = t.round_id
+                 WHERE r.campaign_id = $1::uuid AND t.stage = 'a'),
+                (SELECT t.id::text FROM tasks t JOIN rounds r ON r.id = t.round_id
+                 WHERE r.campaign_id = $1::uuid AND t.stage = 'b')",
     )
     .bind(campaign)
     .fetch_one(conn)

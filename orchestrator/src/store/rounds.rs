@@ -90,7 +90,9 @@ pub async fn finished(conn: &mut PgConnection) -> Result<Vec<Uuid>, sqlx::Error>
     sqlx::query_scalar(
         "SELECT r.id FROM rounds r JOIN campaigns c ON c.id = r.campaign_id
          WHERE r.status = 'running' AND c.status IN ('running', 'paused')
-           AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.round_id = r.id AND t.state <> 'succeeded')",
+           AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.round_id = r.id AND t.state = 'running')
+           AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.round_id = r.id
+                           AND t.state NOT IN ('succeeded', 'running'))",
     )
     .fetch_all(conn)
     .await

@@ -461,6 +461,7 @@ pub async fn unblock_dependents(
 }
 
 /// Of the given `(round, stage)` pairs, those whose every task has succeeded, with campaign id.
+/// Unfinished is running or neither running nor succeeded: one partial index each.
 pub async fn completed_stages(
     conn: &mut PgConnection,
     pairs: &[(Uuid, String)],
@@ -475,7 +476,9 @@ pub async fn completed_stages(
          FROM unnest($1::uuid[], $2::text[]) AS u(r, s)
          JOIN tasks t ON t.round_id = u.r AND t.stage = u.s AND t.shard_index = 0
          WHERE NOT EXISTS (SELECT 1 FROM tasks o WHERE o.round_id = u.r AND o.stage = u.s
-                           AND o.state <> 'succeeded')",
+                           AND o.state = 'running')
+           AND NOT EXISTS (SELECT 1 FROM tasks o WHERE o.round_id = u.r AND o.stage = u.s
+                           AND o.state NOT IN ('succeeded', 'running'))",
     )
     .bind(round)
     .bind(stage)
@@ -488,7 +491,8 @@ pub async fn list_for_campaign(
     campaign_id: Uuid,
 ) -> Result<Vec<TaskRow>, sqlx::Error> {
     sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM tasks WHERE campaign_id = $1 ORDER BY round_index, stage_order, shard_index"
+        "SELECT {COLUMNS} FROM tasks WHERE round_id IN (SELECT id FROM rounds WHERE campaign_id = $1)
+         ORDER BY round_index, stage_order, shard_index"
     )))
     .bind(campaign_id)
     .fetch_all(conn)
@@ -575,7 +579,7 @@ pub async fn requeue_serving(
     sqlx::query_as(
         "UPDATE tasks SET state = 'queued', worker_id = NULL, lease_expires_at = NULL,
              attempt_base = attempt, queued_at = now(), next_run_at = now()
-         WHERE campaign_id = $1 AND ($2::uuid IS NULL OR round_id = $2)
+         WHERE round_id IN (SELECT id FROM rounds WHERE campaign_id = $1 AND ($2::uuid IS NULL OR id = $2))
            AND kind = 'serve' AND state = 'running'
          RETURNING id, attempt",
     )
@@ -591,13 +595,14 @@ pub async fn cancel_campaign(
 ) -> Result<Vec<Uuid>, sqlx::Error> {
     sqlx::query(
         "UPDATE tasks SET state = 'cancelled', finished_at = now()
-         WHERE campaign_id = $1 AND state IN ('blocked', 'queued')",
+         WHERE round_id IN (SELECT id FROM rounds WHERE campaign_id = $1) AND state IN ('blocked', 'queued')",
     )
     .bind(campaign_id)
     .execute(&mut *conn)
     .await?;
     sqlx::query_scalar(
-        "UPDATE tasks SET cancel_requested = true WHERE campaign_id = $1 AND state = 'running'
+        "UPDATE tasks SET cancel_requested = true
+         WHERE round_id IN (SELECT id FROM rounds WHERE campaign_id = $1) AND state = 'running'
          RETURNING id",
     )
     .bind(campaign_id)
