@@ -645,6 +645,9 @@ pub(crate) async fn run(
                 for f in &fired {
                     tracing::info!(schedule = %f.schedule, scheduled_for = %f.scheduled_for, outcome = f.outcome, "schedule handled");
                 }
+                // A `cancel_old` firing told running tasks to stop: their next heartbeats
+                // must hear it.
+                ctl.registry.rewrite_leases();
                 ctl.dispatch_wake.notify_one();
                 ctl.events_changed();
             }

@@ -84,12 +84,10 @@ fn route(ctl: &Controller, payload: &str, own: &str) {
     if table == "api_tokens" {
         ctl.auth.forget();
     }
-    // A change this process did not make through its report path (another controller's, or a
-    // campaign's status: a cancel from a schedule) may change what running tasks are told.
-    if writer != own || table == "campaigns" {
-        ctl.registry.rewrite_leases();
-    }
+    // Another process's change may change what running tasks are told (this process's own
+    // cancels, pauses and round failures rewrite leases where they commit).
     if writer != own {
+        ctl.registry.rewrite_leases();
         wake_all(ctl);
     } else if table == "campaigns" || table == "schedules" {
         ctl.schedules_wake.notify_one();

@@ -84,7 +84,8 @@ pub async fn list_for_task(
 
 /// What a round's attempts cost: slot-seconds on workers, and GPU-seconds (each attempt's
 /// duration × its worker's GPUs per slot). Running attempts count up to now; `None` for GPU
-/// seconds when no attempt ran on a worker that declares GPUs.
+/// seconds when no attempt ran on a worker that declares GPUs. The round's attempts are probed
+/// by key: a join let the planner scan every attempt ever made.
 pub async fn usage_for_round(
     conn: &mut PgConnection,
     round_id: Uuid,
@@ -94,8 +95,8 @@ pub async fn usage_for_round(
                 sum(d.seconds * w.gpu_count / GREATEST(w.slots, 1)) FILTER (WHERE w.gpu_count > 0)::float8
          FROM (SELECT a.worker_id,
                       EXTRACT(EPOCH FROM COALESCE(a.finished_at, now()) - a.started_at)::float8 AS seconds
-               FROM attempts a JOIN tasks t ON t.id = a.task_id
-               WHERE t.round_id = $1) d
+               FROM attempts a
+               WHERE a.task_id = ANY(ARRAY(SELECT id FROM tasks WHERE round_id = $1))) d
          LEFT JOIN workers w ON w.id = d.worker_id",
     )
     .bind(round_id)
