@@ -296,8 +296,10 @@ async fn two_turn_prompts_round_trip_through_score_filter_and_the_trainer_export
             json!({ "prompt": "List four ways to reduce food waste at home and explain why each one works." }),
         ],
     );
+    // Every eligible seed becomes two-turn: the draw is seeded by the campaign id, and at a
+    // share of 0.6 it drew none of the four in about 3% of runs (0.4^4).
     let stages = format!(
-        "    - {{ name: prompts, kind: synthesize_prompts, params: {{ pipeline: none, seeds: \"file://{seeds}\", base_url: \"{base}\", two_turn_share: 0.6, instruction_share: 1.0, instruction_types: [punctuation:no_comma], preference_share: 0.0, seed: 3 }} }}
+        "    - {{ name: prompts, kind: synthesize_prompts, params: {{ pipeline: none, seeds: \"file://{seeds}\", base_url: \"{base}\", two_turn_share: 1.0, instruction_share: 1.0, instruction_types: [punctuation:no_comma], preference_share: 0.0, seed: 3 }} }}
     - {{ name: generate, kind: generate, params: {{ base_url: \"{base}\", k: 2 }} }}
     - {{ name: score, kind: score, backend: reward_endpoint, params: {{ url: \"http://127.0.0.1:{rm_port}/v1/chat/completions\", model: test-reward }} }}
     - {{ name: filter, kind: filter, backend: builtin }}
