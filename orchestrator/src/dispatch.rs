@@ -734,8 +734,12 @@ async fn reap_once(ctl: &Controller) -> Result<Option<chrono::DateTime<chrono::U
     // Whether a retry waits for an endpoint is decided under the settling lock (as in the
     // writer).
     let campaigns = store::tasks::campaigns_with_expired_leases(&mut tx).await?;
-    store::campaigns::lock_settling(&mut tx, &campaigns).await?;
-    let expired = store::tasks::expire_leases(&mut tx, &campaigns).await?;
+    let expired = if campaigns.is_empty() {
+        Vec::new()
+    } else {
+        store::campaigns::lock_settling(&mut tx, &campaigns).await?;
+        store::tasks::expire_leases(&mut tx, &campaigns).await?
+    };
     let next = store::tasks::next_lease_expiry(&mut tx).await?;
     if expired.is_empty() {
         tx.rollback().await?;
