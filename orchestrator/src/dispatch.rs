@@ -259,9 +259,10 @@ impl Registry {
             .collect()
     }
 
-    /// Takes a capability group for one claim and returns its free slots now, unless another
-    /// dispatch loop is claiming for it (which then looks again when it is done). Slots are
-    /// read only once the group is taken, so two loops never hand out the same slot.
+    /// Takes a capability group for one claim and returns its free slots now (at most
+    /// [`MAX_CLAIM`]; the rest follow at once), unless another dispatch loop is claiming for it
+    /// (which then looks again when it is done) or none is free. Slots are read only once the
+    /// group is taken, so two loops never hand out the same slot.
     fn begin_claim(&self, caps: &Capabilities) -> Option<ClaimTurn<'_>> {
         {
             let mut claiming = self.claiming.lock().expect("claiming");
@@ -271,16 +272,19 @@ impl Registry {
             }
             claiming.insert(caps.clone(), false);
         }
-        let slots = self
+        let mut slots = self
             .idle_groups(Some(caps))
             .remove(caps)
             .unwrap_or_default();
-        Some(ClaimTurn {
+        slots.truncate(MAX_CLAIM);
+        let turn = ClaimTurn {
             registry: self,
             caps: caps.clone(),
             slots,
             ended: false,
-        })
+        };
+        // An empty turn is dropped here, which releases the group.
+        (!turn.slots.is_empty()).then_some(turn)
     }
 
     /// Records the assignment, whose lease was written by a claim marked `claimed`, and returns
@@ -501,14 +505,9 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
     let mut claimed_any = false;
     let mut next: Option<chrono::DateTime<chrono::Utc>> = None;
     for (caps, _) in &groups {
-        let Some(mut turn) = ctl.registry.begin_claim(caps) else {
+        let Some(turn) = ctl.registry.begin_claim(caps) else {
             continue;
         };
-        // Claims are cut to a bounded size (the rest follow at once).
-        turn.slots.truncate(MAX_CLAIM);
-        if turn.slots.is_empty() {
-            continue;
-        }
         let wanted = turn.slots.len();
         let (claimed, group_next) = claim_group(ctl, caps, &turn.slots).await?;
         let passed_over = turn.end();
