@@ -46,6 +46,11 @@ pub(crate) struct Controller {
     pub(crate) registry: dispatch::Registry,
     pub(crate) auth: auth::Auth,
     pub(crate) dispatch_wake: Notify,
+    /// Bumped whenever tasks may have become claimable (planned, unblocked, put back, a
+    /// campaign resumed, another process's change, a backoff or tick come due): a capability
+    /// group found with nothing to claim is not claimed for again until then
+    /// ([`dispatch::Registry::known_empty`]).
+    pub(crate) queue_epoch: std::sync::atomic::AtomicU64,
     pub(crate) planner_wake: Notify,
     /// New leases (claims), or the database back: the reaper recomputes when to look next.
     pub(crate) reaper_wake: Notify,
@@ -98,6 +103,13 @@ impl Controller {
         self.db_up
             .send_if_modified(|up| std::mem::replace(up, false));
         self.reaper_wake.notify_one();
+    }
+
+    /// Tasks may have become claimable: bumps the queue epoch and wakes the dispatcher.
+    pub(crate) fn queue_changed(&self) {
+        self.queue_epoch
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.dispatch_wake.notify_one();
     }
 
     pub(crate) fn events_changed(&self) {

@@ -99,6 +99,16 @@ pub(crate) struct Registry {
     /// Capability groups a dispatch loop is claiming for now, each with whether another loop
     /// passed it over meanwhile (and so left it to this claim to look again).
     claiming: Mutex<HashMap<Capabilities, bool>>,
+    /// Capability groups whose last claim found nothing, with the queue epoch that claim began
+    /// in and when their pool's next task comes out of its backoff.
+    empty: Mutex<HashMap<Capabilities, EmptyMark>>,
+}
+
+/// A claim that found nothing for a group.
+#[derive(Debug, Clone, Copy)]
+struct EmptyMark {
+    epoch: u64,
+    next: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl Registry {
@@ -287,6 +297,39 @@ impl Registry {
         (!turn.slots.is_empty()).then_some(turn)
     }
 
+    /// Whether a claim for the group would find nothing: its last claim, begun in this queue
+    /// epoch, found nothing, and no backoff of its pool has come due since. Then returns when
+    /// the next one does (if any). Idle groups cost no claim per wake-up of the dispatcher
+    /// (every completion elsewhere wakes it).
+    fn known_empty(
+        &self,
+        caps: &Capabilities,
+        epoch: u64,
+    ) -> Option<Option<chrono::DateTime<chrono::Utc>>> {
+        let empty = self.empty.lock().expect("empty groups");
+        let mark = empty.get(caps).filter(|m| m.epoch == epoch)?;
+        match mark.next {
+            Some(at) if at <= chrono::Utc::now() => None,
+            next => Some(next),
+        }
+    }
+
+    /// Records what a claim for the group begun in queue epoch `epoch` found.
+    fn claimed(
+        &self,
+        caps: &Capabilities,
+        epoch: u64,
+        found: usize,
+        next: Option<chrono::DateTime<chrono::Utc>>,
+    ) {
+        let mut empty = self.empty.lock().expect("empty groups");
+        if found == 0 {
+            empty.insert(caps.clone(), EmptyMark { epoch, next });
+        } else {
+            empty.remove(caps);
+        }
+    }
+
     /// Records the assignment, whose lease was written by a claim marked `claimed`, and returns
     /// the worker's stream, if it is still connected.
     fn assign(
@@ -453,7 +496,10 @@ pub(crate) async fn run(ctl: Arc<Controller>, mut shutdown: watch::Receiver<bool
         };
         tokio::select! {
             _ = ctl.dispatch_wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
+            // A retry or backoff came due, or the idle tick: look at every group again.
+            _ = tokio::time::sleep(wait) => {
+                ctl.queue_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             _ = shutdown.changed() => return,
         }
     }
@@ -504,12 +550,20 @@ async fn dispatch_once(ctl: &Controller) -> Result<DispatchOutcome> {
     let mut more = false;
     let mut claimed_any = false;
     let mut next: Option<chrono::DateTime<chrono::Utc>> = None;
+    // Read before any claim begins: a change committed during a claim that found nothing
+    // makes the group worth another look.
+    let epoch = ctl.queue_epoch.load(std::sync::atomic::Ordering::SeqCst);
     for (caps, _) in &groups {
+        if let Some(group_next) = ctl.registry.known_empty(caps, epoch) {
+            next = next.into_iter().chain(group_next).min();
+            continue;
+        }
         let Some(turn) = ctl.registry.begin_claim(caps) else {
             continue;
         };
         let wanted = turn.slots.len();
         let (claimed, group_next) = claim_group(ctl, caps, &turn.slots).await?;
+        ctl.registry.claimed(caps, epoch, claimed, group_next);
         let passed_over = turn.end();
         more |= claimed >= wanted || passed_over;
         claimed_any |= claimed > 0;
@@ -783,7 +837,7 @@ async fn reap_once(ctl: &Controller) -> Result<Option<chrono::DateTime<chrono::U
     ctl.settled(&expired);
     ctl.registry
         .release(expired.iter().map(|s| (s.worker_id, s.id, s.attempt)));
-    ctl.dispatch_wake.notify_one();
+    ctl.queue_changed();
     ctl.planner_wake.notify_one();
     ctl.events_changed();
     Ok(next)
@@ -830,6 +884,27 @@ mod tests {
             .begin_claim(&caps())
             .expect("free again once the turn ended");
         assert!(!turn.end());
+    }
+
+    #[test]
+    fn a_group_found_empty_is_skipped_until_the_queue_changes_or_a_backoff_ends() {
+        let r = Registry::default();
+        assert_eq!(r.known_empty(&caps(), 0), None, "never claimed for");
+        r.claimed(&caps(), 0, 0, None);
+        assert_eq!(r.known_empty(&caps(), 0), Some(None));
+        assert_eq!(r.known_empty(&caps(), 1), None, "the queue changed since");
+
+        // A claim that found tasks clears the mark.
+        r.claimed(&caps(), 1, 3, None);
+        assert_eq!(r.known_empty(&caps(), 1), None);
+
+        // Skipped until its pool's next task comes out of its backoff.
+        let later = chrono::Utc::now() + chrono::TimeDelta::seconds(60);
+        r.claimed(&caps(), 1, 0, Some(later));
+        assert_eq!(r.known_empty(&caps(), 1), Some(Some(later)));
+        let due = chrono::Utc::now() - chrono::TimeDelta::milliseconds(1);
+        r.claimed(&caps(), 1, 0, Some(due));
+        assert_eq!(r.known_empty(&caps(), 1), None);
     }
 
     /// Which of these beats the registry answers without a write.

@@ -144,6 +144,7 @@ pub async fn serve_with_http(
         config,
         registry: dispatch::Registry::default(),
         dispatch_wake: Notify::new(),
+        queue_epoch: Default::default(),
         planner_wake: Notify::new(),
         reaper_wake: Notify::new(),
         reaper_watching: Default::default(),

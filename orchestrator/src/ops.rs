@@ -56,7 +56,7 @@ pub(crate) async fn create_campaign(
         }
         return Err(e.into());
     }
-    ctl.dispatch_wake.notify_one();
+    ctl.queue_changed();
     ctl.events_changed();
     tracing::info!(campaign_id = %id, name = %spec.name, "campaign created");
     get(ctl, id).await
@@ -172,7 +172,7 @@ pub(crate) async fn steer(
     // their next heartbeats must hear it.
     ctl.registry.rewrite_leases();
     if action == Steer::Resume {
-        ctl.dispatch_wake.notify_one();
+        ctl.queue_changed();
         ctl.planner_wake.notify_one();
     }
     ctl.events_changed();
@@ -238,7 +238,7 @@ pub(crate) async fn extend(
     let mut tx = ctl.pool.begin().await?;
     extend_in(&mut tx, id, rounds, reason, actor).await?;
     tx.commit().await?;
-    ctl.dispatch_wake.notify_one();
+    ctl.queue_changed();
     ctl.events_changed();
     get(ctl, id).await
 }
@@ -408,7 +408,7 @@ pub(crate) async fn retry_stage(
     e.data = json!({ "round": round_index, "stage": stage, "tasks": reset });
     store::events::insert(&mut tx, e).await?;
     tx.commit().await?;
-    ctl.dispatch_wake.notify_one();
+    ctl.queue_changed();
     ctl.events_changed();
     Ok(reset)
 }

@@ -134,7 +134,7 @@ async fn step(ctl: &Controller) -> Result<()> {
     }
     if changed {
         ctl.events_changed();
-        ctl.dispatch_wake.notify_one();
+        ctl.queue_changed();
     }
     Ok(())
 }

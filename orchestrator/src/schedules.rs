@@ -648,7 +648,7 @@ pub(crate) async fn run(
                 // A `cancel_old` firing told running tasks to stop: their next heartbeats
                 // must hear it.
                 ctl.registry.rewrite_leases();
-                ctl.dispatch_wake.notify_one();
+                ctl.queue_changed();
                 ctl.events_changed();
             }
             Ok(_) => {}

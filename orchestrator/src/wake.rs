@@ -95,7 +95,7 @@ fn route(ctl: &Controller, payload: &str, own: &str) {
 }
 
 fn wake_all(ctl: &Controller) {
-    ctl.dispatch_wake.notify_one();
+    ctl.queue_changed();
     ctl.planner_wake.notify_one();
     ctl.reaper_wake.notify_one();
     ctl.schedules_wake.notify_one();

@@ -138,6 +138,9 @@ struct Committed {
     /// Settled failures: (task, attempt) → will retry.
     failed: HashMap<(Uuid, i32), bool>,
     released: Vec<(Option<Uuid>, Uuid, i32)>,
+    /// Tasks were unblocked or put back: the queue changed.
+    queue_changed: bool,
+    /// Attempts ended: slots are free.
     wake_dispatch: bool,
     wake_planner: bool,
     events: bool,
@@ -362,7 +365,8 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
         completed: accepted,
         failed: settled_failures,
         released,
-        wake_dispatch: !unblocked.is_empty() || !failed.is_empty() || !completed.is_empty(),
+        queue_changed: !unblocked.is_empty() || !failed.is_empty(),
+        wake_dispatch: !completed.is_empty(),
         wake_planner: !completed.is_empty() || failed.iter().any(|f| f.state != TaskState::Queued),
         events: !events.is_empty(),
     })
@@ -423,7 +427,10 @@ fn answer(ctl: &Controller, reports: Vec<Report>, c: Committed) {
     for (report, n) in ["complete", "fail", "heartbeat"].into_iter().zip(stale) {
         ctl.metrics.stale_report(report, n);
     }
-    if ctl.registry.release(released) || c.wake_dispatch {
+    let freed = ctl.registry.release(released);
+    if c.queue_changed {
+        ctl.queue_changed();
+    } else if freed || c.wake_dispatch {
         ctl.dispatch_wake.notify_one();
     }
     if c.wake_planner {
