@@ -265,11 +265,10 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
         .iter()
         .map(|c| (c.round_id, c.stage.clone()))
         .collect();
-    for (campaign_id, _round, round_index, stage) in
-        store::tasks::completed_stages(&mut tx, &pairs).await?
-    {
+    let stages_done = store::tasks::completed_stages(&mut tx, &pairs).await?;
+    for (campaign_id, _round, round_index, stage) in &stages_done {
         events.push(NewEvent {
-            campaign_id: Some(campaign_id),
+            campaign_id: Some(*campaign_id),
             task_id: None,
             kind: "stage_succeeded",
             message: format!("round {}: stage {stage} succeeded", round_index + 1),
@@ -367,7 +366,10 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
         released,
         queue_changed: !unblocked.is_empty() || !failed.is_empty(),
         wake_dispatch: !completed.is_empty(),
-        wake_planner: !completed.is_empty() || failed.iter().any(|f| f.state != TaskState::Queued),
+        // The planner acts on finished stages (a round's end, a promotion made ready) and on
+        // tasks that will not simply retry; a completion inside a stage changes neither.
+        wake_planner: !stages_done.is_empty()
+            || failed.iter().any(|f| f.state != TaskState::Queued),
         events: !events.is_empty(),
     })
 }
