@@ -275,6 +275,65 @@ async fn retry_stage_reruns_exactly_the_failed_stage_and_its_descendants() {
     assert_eq!(actor, "alice");
 }
 
+/// Retry-stage decides which reset tasks may run under the campaign's settling lock, as the
+/// writer does: a dependency completing at the same moment is seen by one of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_stage_waits_for_the_settling_lock_before_queueing() {
+    let mut c = Cluster::start().await;
+    c.add_worker("cpu-1", "cpu", &[]);
+    let stages = "    - { name: once, kind: custom, params: { fail_attempts: 1 } }";
+    let campaign = c.create(&spec(stages, "  max_attempts: 1")).await;
+    c.wait_status(&campaign.id, "failed", Duration::from_secs(30))
+        .await;
+
+    let mut other = c.db.connect().await;
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    let id = uuid::Uuid::parse_str(&campaign.id).unwrap();
+    flywheel_orchestrator::store::campaigns::lock_settling(&mut other, &[id])
+        .await
+        .unwrap();
+    let mut admin = c.admin_client().await;
+    let campaign_id = campaign.id.clone();
+    let retry = tokio::spawn(async move {
+        admin
+            .retry_stage(RetryStageRequest {
+                campaign_id,
+                round_index: 0,
+                stage: "once".into(),
+            })
+            .await
+    });
+    until(
+        "retry-stage to wait for the campaign's settling lock",
+        Duration::from_secs(20),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            )
+            .fetch_one(&mut c.db.connect().await)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    // The waiter is retry-stage itself: its reset is not committed, so nothing ran again.
+    assert_eq!(
+        attempts(&c, "once").await,
+        vec![(1, "failed".into())],
+        "the task ran again while the settling lock was held"
+    );
+    assert!(!retry.is_finished());
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    assert_eq!(retry.await.unwrap().unwrap().len(), 1);
+    c.wait_status(&campaign.id, "succeeded", Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        attempts(&c, "once").await,
+        vec![(1, "failed".into()), (2, "succeeded".into())]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_reaches_a_running_worker_through_its_heartbeat() {
     let mut c = Cluster::start().await;

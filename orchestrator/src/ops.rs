@@ -388,6 +388,10 @@ pub(crate) async fn retry_stage(
     let mut redo = roots.clone();
     redo.extend(store::task_edges::descendants(&mut tx, &roots).await?);
     let reset = store::tasks::reset(&mut tx, &redo).await?;
+    // Which reset tasks may run is decided from their dependencies' states: under the settling
+    // lock (taken after the rows, as the writer does), so a dependency completing meanwhile is
+    // seen either here or by the writer's unblocking.
+    store::campaigns::lock_settling(&mut tx, &[id]).await?;
     store::tasks::queue_ready(&mut tx, &reset).await?;
     if round.status != RoundStatus::Running {
         store::rounds::reopen(&mut tx, round.id).await?;
