@@ -303,20 +303,7 @@ async fn retry_stage_waits_for_the_settling_lock_before_queueing() {
             })
             .await
     });
-    until(
-        "retry-stage to wait for the campaign's settling lock",
-        Duration::from_secs(20),
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-            )
-            .fetch_one(&mut c.db.connect().await)
-            .await
-            .unwrap();
-            (waiting > 0).then_some(())
-        },
-    )
-    .await;
+    common::until_advisory_lock_awaited(&c.db, "retry-stage").await;
     // The waiter is retry-stage itself: its reset is not committed, so nothing ran again.
     assert_eq!(
         attempts(&c, "once").await,

@@ -448,20 +448,7 @@ async fn a_stage_whose_last_shards_settle_concurrently_releases_its_successor() 
         .await
         .unwrap()
     });
-    until(
-        "the writer to wait for the campaign's settling lock",
-        Duration::from_secs(20),
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-            )
-            .fetch_one(&mut c.db.connect().await)
-            .await
-            .unwrap();
-            (waiting > 0).then_some(())
-        },
-    )
-    .await;
+    common::until_advisory_lock_awaited(&c.db, "the writer").await;
     sqlx::query("COMMIT").execute(&mut other).await.unwrap();
 
     let reply = report.await.unwrap();

@@ -133,6 +133,25 @@ where
     }
 }
 
+/// Waits until some session of the test's database waits for an advisory lock (the settling
+/// lock a test holds elsewhere).
+pub async fn until_advisory_lock_awaited(db: &TestDb, who: &str) {
+    until(
+        &format!("{who} to wait for the settling lock"),
+        Duration::from_secs(20),
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            )
+            .fetch_one(&mut db.connect().await)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Creates a token with `flywheel token create`.
 pub fn token(db: &TestDb, scope: &str, name: &str) -> String {
     let out = Command::new(BIN)
