@@ -94,8 +94,8 @@ pub(crate) async fn plan_round(
     Ok(round_id)
 }
 
-/// Runs the planner until shutdown: woken after completions here and changes elsewhere
-/// ([`crate::wake`]).
+/// Runs the planner until shutdown: woken when a stage finishes or a failed task will not simply
+/// retry here (the writer), and for changes elsewhere ([`crate::wake`]).
 pub(crate) async fn run(ctl: Arc<Controller>, mut shutdown: watch::Receiver<bool>) {
     loop {
         if let Err(e) = step(&ctl).await {
