@@ -3,11 +3,11 @@
 //! reported as the worker agent reports: one `Report` at a time per worker, carrying all that
 //! finished meanwhile) against a controller on loopback and the local Postgres.
 //!
-//! Prints tasks/s (assignments received after the last campaign was created, over the time from
-//! then until every campaign succeeded), dispatch latency (claim → assignment received, under load; task committed →
-//! assignment received, at low load), stage handoff latency (a stage's last shard committed →
-//! its successor's first assignment received; idle, and while another campaign drains) and
-//! Postgres transactions per task from `pg_stat_database`.
+//! Prints tasks/s (assignments received after the last campaign was created, over the time
+//! from then until every campaign succeeded), dispatch latency (claim → assignment received,
+//! under load; task committed → assignment received, at low load), stage handoff latency (a
+//! stage's last shard committed → its successor's first assignment received; idle, and while
+//! another campaign drains) and Postgres transactions per task from `pg_stat_database`.
 //!
 //! With `--peer graphile`, each run is followed by graphile-worker 0.18's drain of as many
 //! no-op jobs with its "fast" preset against the same Postgres (installed from npm into

@@ -138,10 +138,9 @@ struct Committed {
     /// Settled failures: (task, attempt) → will retry.
     failed: HashMap<(Uuid, i32), bool>,
     released: Vec<(Option<Uuid>, Uuid, i32)>,
-    /// Tasks were unblocked or put back: the queue changed.
+    /// Tasks were unblocked or put back: the queue changed. (Slots freed by ended attempts
+    /// wake the dispatcher through the registry's release.)
     queue_changed: bool,
-    /// Attempts ended: slots are free.
-    wake_dispatch: bool,
     wake_planner: bool,
     events: bool,
 }
@@ -365,7 +364,6 @@ async fn commit(ctl: &Controller, reports: &[Report]) -> Result<Committed> {
         failed: settled_failures,
         released,
         queue_changed: !unblocked.is_empty() || !failed.is_empty(),
-        wake_dispatch: !completed.is_empty(),
         // The planner acts on finished stages (a round's end, a promotion made ready) and on
         // tasks that will not simply retry; a completion inside a stage changes neither.
         wake_planner: !stages_done.is_empty()
@@ -432,7 +430,7 @@ fn answer(ctl: &Controller, reports: Vec<Report>, c: Committed) {
     let freed = ctl.registry.release(released);
     if c.queue_changed {
         ctl.queue_changed();
-    } else if freed || c.wake_dispatch {
+    } else if freed {
         ctl.dispatch_wake.notify_one();
     }
     if c.wake_planner {
