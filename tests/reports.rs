@@ -460,3 +460,70 @@ async fn a_stage_whose_last_shards_settle_concurrently_releases_its_successor() 
         .expect("an assignment");
     assert_eq!(next.stage, "next");
 }
+
+/// A worker's slot is free once it reports the attempt ended, before the report is written:
+/// the next task is claimed and sent while the completion still waits for the writer. The
+/// completion is acknowledged only once written, and then counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_is_refilled_while_its_completion_is_being_written() {
+    use flywheel_orchestrator::store;
+    let c = Cluster::start().await;
+    let (w, id, mut stream) = hand_worker(&c, 1).await;
+    let campaign = c
+        .create(&common::one_round_spec(
+            "refill",
+            "    - { name: work, kind: custom, shards: 2 }\n",
+            "",
+        ))
+        .await;
+    let a = stream.message().await.unwrap().expect("an assignment");
+
+    // Hold the campaign's settling lock: the writer, which takes it before committing a
+    // completion, waits.
+    let mut other = c.db.connect().await;
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    let campaign_id = uuid::Uuid::parse_str(&campaign.id).unwrap();
+    store::campaigns::lock_settling(&mut other, &[campaign_id])
+        .await
+        .unwrap();
+    let (mut reporter, reporter_id, done) = (w.clone(), id.clone(), a.clone());
+    let report = tokio::spawn(async move {
+        reporter
+            .report(ReportRequest {
+                worker_id: reporter_id,
+                completions: vec![completion(&done.task_id, done.attempt, vec![])],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+    });
+    let b = tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("the freed slot is given the next shard while the completion waits")
+        .unwrap()
+        .expect("an assignment");
+    assert_ne!(b.task_id, a.task_id);
+    common::until_advisory_lock_awaited(&c.db, "the writer").await;
+    assert!(!report.is_finished(), "acknowledged before it was written");
+    assert_eq!(
+        states(&c, &campaign.id).await,
+        [(0, "running".into(), 1), (1, "running".into(), 1)],
+        "both attempts run as the store sees it, the first one's end not yet written"
+    );
+
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    let reply = report.await.unwrap();
+    assert_eq!(reply.completions[0].outcome, Outcome::Accepted as i32);
+    let mut w = w;
+    let reply = w
+        .report(ReportRequest {
+            worker_id: id,
+            completions: vec![completion(&b.task_id, b.attempt, vec![])],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(reply.completions[0].outcome, Outcome::Accepted as i32);
+    c.wait_status(&campaign.id, "succeeded", Duration::from_secs(30))
+        .await;
+}

@@ -41,7 +41,8 @@ struct Registered {
     token_id: Uuid,
     caps: Capabilities,
     slots: usize,
-    /// Tasks this controller believes the worker is running.
+    /// Tasks this controller believes the worker is running, and those whose end the worker
+    /// reported while the report is being written.
     assigned: HashMap<Uuid, Running>,
     /// Present while the assignment stream is open; `stream_id` tells reconnects apart.
     stream: Option<(u64, AssignmentSender)>,
@@ -59,6 +60,9 @@ struct Running {
     /// unknown or when the attempt was given a directive other than `Continue`, so its next
     /// heartbeat is written.
     lease_written: Option<LeaseMark>,
+    /// The worker reported the attempt ended (completed or failed): it no longer holds a slot
+    /// there, though the report may not be written yet.
+    ended: bool,
 }
 
 impl Running {
@@ -67,6 +71,7 @@ impl Running {
             attempt,
             prefix: None,
             lease_written: None,
+            ended: false,
         }
     }
 }
@@ -240,6 +245,25 @@ impl Registry {
         freed
     }
 
+    /// Frees the slots of attempts `(task, attempt)` the worker reports ended, before the report
+    /// is written: the worker runs them no longer, so the next tasks can be claimed while the
+    /// report commits. The entries stay until [`Registry::release`] (or a stale report's end).
+    /// Returns whether a slot was freed.
+    pub(crate) fn ended(&self, worker: Uuid, tasks: &[(Uuid, i32)]) -> bool {
+        let mut workers = self.workers.lock().expect("registry");
+        let Some(w) = workers.get_mut(&worker) else {
+            return false;
+        };
+        let mut freed = false;
+        for (task, attempt) in tasks {
+            if let Some(r) = w.assigned.get_mut(task).filter(|r| r.attempt == *attempt) {
+                freed |= !r.ended;
+                r.ended = true;
+            }
+        }
+        freed
+    }
+
     /// Free slots of connected workers (of one capability group, if given), grouped by
     /// capabilities. Slots are interleaved across workers so that a short batch spreads over
     /// them.
@@ -247,7 +271,8 @@ impl Registry {
         let workers = self.workers.lock().expect("registry");
         let mut per_group: BTreeMap<Capabilities, Vec<(Uuid, usize)>> = BTreeMap::new();
         for (id, w) in workers.iter() {
-            let free = w.slots.saturating_sub(w.assigned.len());
+            let busy = w.assigned.values().filter(|r| !r.ended).count();
+            let free = w.slots.saturating_sub(busy);
             if w.stream.is_some() && free > 0 && only.is_none_or(|c| *c == w.caps) {
                 per_group
                     .entry(w.caps.clone())
@@ -348,6 +373,7 @@ impl Registry {
                 attempt,
                 prefix: Some(prefix),
                 lease_written: Some(claimed),
+                ended: false,
             },
         );
         w.stream.as_ref().map(|(_, tx)| tx.clone())
@@ -884,6 +910,40 @@ mod tests {
             .begin_claim(&caps())
             .expect("free again once the turn ended");
         assert!(!turn.end());
+    }
+
+    #[test]
+    fn a_slot_is_free_once_its_attempt_is_reported_ended_and_held_by_the_next_attempt() {
+        let r = Registry::default();
+        let worker = Uuid::new_v4();
+        let (task, other) = (Uuid::new_v4(), Uuid::new_v4());
+        assert!(r.register(worker, Uuid::new_v4(), caps(), 1, vec![(task, 1)]));
+        let (tx, _rx) = mpsc::channel(4);
+        r.attach(worker, tx).unwrap();
+        assert!(
+            r.idle_groups(None).is_empty(),
+            "the reported task holds the slot"
+        );
+        assert!(
+            !r.ended(worker, &[(task, 2)]),
+            "another attempt frees nothing"
+        );
+        assert!(!r.ended(Uuid::new_v4(), &[(task, 1)]), "nor another worker");
+        assert!(r.ended(worker, &[(task, 1)]));
+        assert!(!r.ended(worker, &[(task, 1)]), "freed once");
+        assert_eq!(r.idle_groups(None)[&caps()], [worker]);
+        // Its report is still checked against the attempt until written.
+        assert!(matches!(r.assigned(worker, task, 1), Assigned::Running(_)));
+
+        // The retried task comes back to the slot; the first attempt's write frees nothing.
+        r.assign(worker, task, 2, "p".into(), r.lease_mark());
+        assert!(r.idle_groups(None).is_empty());
+        assert!(!r.release([(Some(worker), task, 1)]));
+        assert!(r.idle_groups(None).is_empty());
+        r.assign(worker, other, 1, "p".into(), r.lease_mark());
+        assert!(r.ended(worker, &[(task, 2), (other, 1)]));
+        assert!(r.release([(Some(worker), task, 2), (Some(worker), other, 1)]));
+        assert_eq!(r.idle_groups(None)[&caps()], [worker]);
     }
 
     #[test]

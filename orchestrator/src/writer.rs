@@ -441,14 +441,6 @@ fn answer(ctl: &Controller, reports: Vec<Report>, c: Committed) {
     }
 }
 
-/// Sends a report and waits for the batch it lands in to commit.
-pub(crate) async fn submit<T>(
-    ctl: &Controller,
-    make: impl FnOnce(oneshot::Sender<Result<T, Rejected>>) -> Report,
-) -> Result<Result<T, Rejected>> {
-    enqueue(ctl, make).await?.settled().await
-}
-
 /// A report queued for the writer; awaiting it waits for the batch it lands in to commit.
 pub(crate) struct Pending<T>(oneshot::Receiver<Result<T, Rejected>>);
 

@@ -305,6 +305,14 @@ impl WorkerApi {
         })
     }
 
+    /// Gives back the slots of attempts the worker reports ended (their reports queued for the
+    /// writer): the next claim for them overlaps the writes.
+    fn ended(&self, worker_id: Uuid, attempts: &[(Uuid, i32)]) {
+        if self.ctl.registry.ended(worker_id, attempts) {
+            self.ctl.dispatch_wake.notify_one();
+        }
+    }
+
     /// Checks that `worker_id` was registered by the caller's token: another token may neither
     /// report for a worker nor take its assignment stream.
     async fn check_owner(&self, worker_id: Uuid, who: &Principal) -> Result<(), Status> {
@@ -644,7 +652,7 @@ impl WorkerService for WorkerApi {
             .check_completion(worker_id, task_id, r.attempt, r.outputs, &r.metrics)
             .await?;
         let attempt = r.attempt;
-        let result = writer::submit(&self.ctl, |reply| Report::Complete {
+        let pending = writer::enqueue(&self.ctl, |reply| Report::Complete {
             worker_id,
             task_id,
             attempt,
@@ -653,6 +661,8 @@ impl WorkerService for WorkerApi {
             reply,
         })
         .await?;
+        self.ended(worker_id, &[(task_id, attempt)]);
+        let result = pending.settled().await?;
         result.map_err(|e| rejected(e, &r.task_id, attempt))?;
         Ok(Response::new(CompleteTaskResponse {}))
     }
@@ -669,7 +679,7 @@ impl WorkerService for WorkerApi {
         self.check_owner(worker_id, &who).await?;
         let attempt = r.attempt;
         let retryable = r.retryable;
-        let result = writer::submit(&self.ctl, |reply| Report::Fail {
+        let pending = writer::enqueue(&self.ctl, |reply| Report::Fail {
             worker_id,
             task_id,
             attempt,
@@ -678,7 +688,11 @@ impl WorkerService for WorkerApi {
             reply,
         })
         .await?;
-        let will_retry = result.map_err(|e| rejected(e, &r.task_id, attempt))?;
+        self.ended(worker_id, &[(task_id, attempt)]);
+        let will_retry = pending
+            .settled()
+            .await?
+            .map_err(|e| rejected(e, &r.task_id, attempt))?;
         Ok(Response::new(FailTaskResponse { will_retry }))
     }
 
@@ -701,6 +715,7 @@ impl WorkerService for WorkerApi {
         // its own.
         let beaten = self.queue_beats(worker_id, beats).await?;
         let mut completions = Vec::with_capacity(r.completions.len());
+        let mut ended = Vec::with_capacity(r.completions.len() + r.failures.len());
         for (i, c) in r.completions.into_iter().enumerate() {
             let attempt = c.attempt;
             let checked = match parse_id("task_id", &c.task_id) {
@@ -712,6 +727,7 @@ impl WorkerService for WorkerApi {
             };
             let queued = match checked {
                 Ok((task_id, outputs, metrics)) => {
+                    ended.push((task_id, attempt));
                     Ok(writer::enqueue(&self.ctl, |reply| Report::Complete {
                         worker_id,
                         task_id,
@@ -732,19 +748,23 @@ impl WorkerService for WorkerApi {
             let checked = parse_id("task_id", &f.task_id)
                 .and_then(|task_id| Ok((task_id, failure_error(f.error)?)));
             let queued = match checked {
-                Ok((task_id, error)) => Ok(writer::enqueue(&self.ctl, |reply| Report::Fail {
-                    worker_id,
-                    task_id,
-                    attempt,
-                    error,
-                    retryable: f.retryable,
-                    reply,
-                })
-                .await?),
+                Ok((task_id, error)) => {
+                    ended.push((task_id, attempt));
+                    Ok(writer::enqueue(&self.ctl, |reply| Report::Fail {
+                        worker_id,
+                        task_id,
+                        attempt,
+                        error,
+                        retryable: f.retryable,
+                        reply,
+                    })
+                    .await?)
+                }
                 Err(e) => Err(item_status(e.into(), "failures", i)),
             };
             failures.push((f.task_id, attempt, queued));
         }
+        self.ended(worker_id, &ended);
 
         let directives = task_directives(beaten.settled(&self.ctl, worker_id).await?);
         let mut response = ReportResponse {
