@@ -527,3 +527,57 @@ async fn a_slot_is_refilled_while_its_completion_is_being_written() {
     c.wait_status(&campaign.id, "succeeded", Duration::from_secs(30))
         .await;
 }
+
+/// The worker agent's heartbeats do not wait behind its results: while a completion waits for
+/// the writer (the settling lock held elsewhere), the worker's heartbeats still reach the
+/// controller, which hears from it after the stall began. The completion is then written.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agents_heartbeats_go_on_while_its_results_wait_to_be_written() {
+    use flywheel_orchestrator::store;
+    let mut c = Cluster::start().await;
+    c.add_worker("cpu-1", "cpu", &[]);
+    let campaign = c
+        .create(&common::one_round_spec(
+            "beats-beside-results",
+            "    - { name: work, kind: custom, params: { sleep_ms: 1000 } }\n",
+            "",
+        ))
+        .await;
+    until("the task to run", Duration::from_secs(20), || async {
+        (states(&c, &campaign.id).await == [(0, "running".to_string(), 1)]).then_some(())
+    })
+    .await;
+    let mut other = c.db.connect().await;
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    let campaign_id = uuid::Uuid::parse_str(&campaign.id).unwrap();
+    store::campaigns::lock_settling(&mut other, &[campaign_id])
+        .await
+        .unwrap();
+    common::until_advisory_lock_awaited(&c.db, "the writer, with the completion").await;
+    let stalled = std::time::Instant::now();
+    let admin = c.admin_client().await;
+    until(
+        "a heartbeat received after the results stalled",
+        Duration::from_secs(20),
+        || {
+            let mut admin = admin.clone();
+            async move {
+                let workers = admin.list_workers().await.ok()?;
+                let w = workers.iter().find(|w| w.name == "cpu-1")?;
+                (w.heartbeat_age_s + 0.05 < stalled.elapsed().as_secs_f64()
+                    && stalled.elapsed() > Duration::from_secs(1))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        states(&c, &campaign.id).await,
+        [(0, "running".into(), 1)],
+        "the completion was written while the settling lock was held"
+    );
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    c.wait_status(&campaign.id, "succeeded", Duration::from_secs(30))
+        .await;
+    assert_eq!(states(&c, &campaign.id).await, [(0, "succeeded".into(), 1)]);
+}

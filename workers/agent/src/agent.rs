@@ -41,6 +41,8 @@ struct Running {
     ctx: TaskContext,
     /// Set when the controller says this attempt is no longer current: report nothing.
     abandoned: Arc<AtomicBool>,
+    /// Set once the attempt's result is queued for the reporter: it heartbeats no more.
+    finished: Arc<AtomicBool>,
 }
 
 /// Keyed by (task id, attempt): an abandoned attempt may still be winding down (stopping its
@@ -82,9 +84,13 @@ pub async fn run(
     let (finished_tx, finished_rx) = mpsc::unbounded_channel();
     let reporter = AbortOnDrop(tokio::spawn(reporter(
         worker_id.clone(),
+        client_rx.clone(),
+        finished_rx,
+    )));
+    let heartbeater = AbortOnDrop(tokio::spawn(heartbeater(
+        worker_id.clone(),
         running.clone(),
         client_rx,
-        finished_rx,
         beat_now.clone(),
     )));
     let backends: Arc<HashMap<String, Arc<dyn Backend>>> = Arc::new(
@@ -122,11 +128,12 @@ pub async fn run(
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
-    drop(reporter);
+    drop((reporter, heartbeater));
     Ok(())
 }
 
-/// Aborts the task when dropped, so that no path out of [`run`] leaves the reporter behind.
+/// Aborts the task when dropped, so that no path out of [`run`] leaves the reporter or the
+/// heartbeater behind.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -217,6 +224,7 @@ fn start_task(
         ..TaskContext::default()
     };
     let abandoned = Arc::new(AtomicBool::new(false));
+    let finished_flag = Arc::new(AtomicBool::new(false));
     let task_id = assignment.task_id.clone();
     let attempt = assignment.attempt;
     running.lock().expect("running").insert(
@@ -224,6 +232,7 @@ fn start_task(
         Running {
             ctx: ctx.clone(),
             abandoned: abandoned.clone(),
+            finished: finished_flag.clone(),
         },
     );
     tracing::info!(task_id = %task_id, attempt, stage = %assignment.stage, shard = assignment.shard_index, "task started");
@@ -246,6 +255,7 @@ fn start_task(
                 .unwrap_or_else(|e| Err(TaskError::retryable(format!("backend panicked: {e}"))))
             }
         };
+        finished_flag.store(true, Ordering::Relaxed);
         if !abandoned.load(Ordering::Relaxed) {
             let (settled, reported) = oneshot::channel();
             let queued = finished.send(Finished {
@@ -263,28 +273,21 @@ fn start_task(
     });
 }
 
-/// Reports for the whole worker: one `Report` at a time carries every result finished since
-/// the last one, and the running attempts' heartbeats when they are due (every `beat_every`,
-/// or at once when a task asks). Results the controller could not record (unavailable, or no
-/// session) are kept and sent again, across reconnects; a result is dropped only once the
-/// controller has accepted it or refused it for good (stale, invalid).
+/// Reports the worker's results: one `Report` at a time carries every result finished since
+/// the last one. Results the controller could not record (unavailable, or no session) are kept
+/// and sent again, across reconnects; a result is dropped only once the controller has
+/// accepted it or refused it for good (stale, invalid). Heartbeats go separately
+/// ([`heartbeater`]), so that a slow write of results never holds them up.
 async fn reporter(
     worker_id: String,
-    running: RunningMap,
     mut session: watch::Receiver<Option<Connected>>,
     mut finished: mpsc::UnboundedReceiver<Finished>,
-    beat_now: Arc<tokio::sync::Notify>,
 ) {
     let mut pending: Vec<Finished> = Vec::new();
-    let mut next_beat = tokio::time::Instant::now();
     let mut backoff = Duration::from_millis(50);
     loop {
         let connected = session.borrow_and_update().clone();
-        let Some(Connected {
-            mut client,
-            beat_every,
-        }) = connected
-        else {
+        let Some(Connected { mut client, .. }) = connected else {
             tokio::select! {
                 _ = session.changed() => {}
                 f = finished.recv() => match f {
@@ -300,8 +303,6 @@ async fn reporter(
                     Some(f) => pending.push(f),
                     None => return,
                 },
-                _ = beat_now.notified() => next_beat = tokio::time::Instant::now(),
-                _ = tokio::time::sleep_until(next_beat) => {}
                 _ = session.changed() => continue,
             }
         }
@@ -312,25 +313,8 @@ async fn reporter(
             }
         }
         let batch = pending.len().min(MAX_ENTRIES);
-        let beat = tokio::time::Instant::now() >= next_beat;
-        let heartbeats = if beat {
-            next_beat = tokio::time::Instant::now() + beat_every;
-            let reporting: std::collections::HashSet<(&str, i32)> = pending[..batch]
-                .iter()
-                .map(|f| (f.task_id.as_str(), f.attempt))
-                .collect();
-            heartbeats(&running, &reporting)
-        } else {
-            Vec::new()
-        };
-        let sent_jobs: Vec<(String, i32, String)> = heartbeats
-            .iter()
-            .filter(|t| !t.external_job.is_empty())
-            .map(|t| (t.task_id.clone(), t.attempt, t.external_job.clone()))
-            .collect();
         let mut request = ReportRequest {
             worker_id: worker_id.clone(),
-            heartbeats,
             ..Default::default()
         };
         for f in &pending[..batch] {
@@ -351,11 +335,6 @@ async fn reporter(
                 back_off(&mut backoff).await;
                 continue;
             }
-            // A refused heartbeat refuses the whole report: the results go again without it.
-            Err(s) if beat => {
-                tracing::warn!(error = %s, "heartbeat refused");
-                continue;
-            }
             Err(s) => {
                 for f in pending.drain(..batch) {
                     tracing::warn!(task_id = %f.task_id, attempt = f.attempt, error = %s, "report rejected");
@@ -365,7 +344,6 @@ async fn reporter(
             }
         };
         backoff = Duration::from_millis(50);
-        apply_directives(&running, sent_jobs, &reply.directives);
         let outcomes: HashMap<(&str, i32), (Outcome, &str)> = reply
             .completions
             .iter()
@@ -401,6 +379,61 @@ async fn reporter(
     }
 }
 
+/// Heartbeats for the whole worker while a session is open: one `Report` carrying the running
+/// attempts' progress every `beat_every`, or at once when a task asks. It is sent even when
+/// nothing runs, as the worker's liveness.
+async fn heartbeater(
+    worker_id: String,
+    running: RunningMap,
+    mut session: watch::Receiver<Option<Connected>>,
+    beat_now: Arc<tokio::sync::Notify>,
+) {
+    let mut next_beat = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let connected = session.borrow_and_update().clone();
+        let Some(Connected {
+            mut client,
+            beat_every,
+        }) = connected
+        else {
+            if session.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        tokio::select! {
+            _ = beat_now.notified() => {}
+            _ = tokio::time::sleep_until(next_beat) => {}
+            _ = session.changed() => continue,
+        }
+        next_beat = tokio::time::Instant::now() + beat_every;
+        let heartbeats = heartbeats(&running);
+        let sent_jobs: Vec<(String, i32, String)> = heartbeats
+            .iter()
+            .filter(|t| !t.external_job.is_empty())
+            .map(|t| (t.task_id.clone(), t.attempt, t.external_job.clone()))
+            .collect();
+        let request = ReportRequest {
+            worker_id: worker_id.clone(),
+            heartbeats,
+            ..Default::default()
+        };
+        match client.report(request).await {
+            Ok(reply) => {
+                backoff = Duration::from_millis(50);
+                apply_directives(&running, sent_jobs, &reply.directives);
+            }
+            Err(s) if transient(s.code()) => {
+                tracing::warn!(error = %s, "heartbeat failed; retrying");
+                back_off(&mut backoff).await;
+                next_beat = tokio::time::Instant::now();
+            }
+            Err(s) => tracing::warn!(error = %s, "heartbeat refused"),
+        }
+    }
+}
+
 /// Waits `backoff`, then doubles it (up to 2 s) for the next failure.
 async fn back_off(backoff: &mut Duration) {
     tokio::time::sleep(*backoff).await;
@@ -433,18 +466,14 @@ fn completion(f: &Finished, r: &TaskResult) -> TaskCompletion {
     }
 }
 
-/// Progress of the running attempts, but for abandoned ones and those whose result is in
-/// the same report.
-fn heartbeats(
-    running: &RunningMap,
-    reporting: &std::collections::HashSet<(&str, i32)>,
-) -> Vec<TaskProgress> {
+/// Progress of the running attempts, but for abandoned ones and those whose result is queued.
+fn heartbeats(running: &RunningMap) -> Vec<TaskProgress> {
     running
         .lock()
         .expect("running")
         .iter()
-        .filter(|((id, attempt), r)| {
-            !r.abandoned.load(Ordering::Relaxed) && !reporting.contains(&(id.as_str(), *attempt))
+        .filter(|(_, r)| {
+            !r.abandoned.load(Ordering::Relaxed) && !r.finished.load(Ordering::Relaxed)
         })
         .map(|((id, attempt), r)| {
             let p = r.ctx.progress.lock().expect("progress").clone();
@@ -494,7 +523,9 @@ fn apply_directives(
             Ok(Directive::Stop) if !r.ctx.finish.swap(true, Ordering::Relaxed) => {
                 tracing::info!(task_id = %d.task_id, "consumers finished; stopping");
             }
-            Ok(Directive::Abandon) => {
+            // A beat taken before the attempt finished may be answered after its result was
+            // written: the attempt is over, not stale.
+            Ok(Directive::Abandon) if !r.finished.load(Ordering::Relaxed) => {
                 tracing::warn!(task_id = %d.task_id, attempt = d.attempt, "attempt is stale; abandoning it");
                 r.abandoned.store(true, Ordering::Relaxed);
                 r.ctx.stop.store(true, Ordering::Relaxed);
