@@ -1,7 +1,8 @@
 //! Dispatch benchmark: N workers, each a real gRPC client on its own connection, drain M no-op
 //! tasks through the full lifecycle (claim → assignment over the stream → heartbeat → complete,
-//! reported as the worker agent reports: one `Report` at a time per worker, carrying all that
-//! finished meanwhile) against a controller on loopback and the local Postgres.
+//! reported as the worker agent reports: per worker one heartbeat `Report` and one results
+//! `Report` at a time, each carrying all that happened meanwhile) against a controller on
+//! loopback and the local Postgres.
 //!
 //! Prints tasks/s (assignments received after the last campaign was created, over the time
 //! from then until every campaign succeeded), dispatch latency (claim → assignment received,
@@ -121,29 +122,42 @@ async fn worker(
         .await
         .unwrap();
     let mut stream = client.stream_assignments(id.clone()).await.unwrap();
-    // Reports go as the worker agent sends them: one Report in flight at a time, carrying
-    // everything that happened meanwhile. Each task's heartbeat goes in one report and its
-    // completion in the next, so that both are written.
+    // Reports go as the worker agent sends them: heartbeats and results each in their own
+    // `Report`, one of each in flight at a time, each carrying everything that happened
+    // meanwhile. A task's heartbeat goes in one report and, once answered, its completion in
+    // a results report, so that both are written.
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(String, i32)>();
-    let reporter_id = id.clone();
-    let reporter = tokio::spawn(async move {
-        let mut arrived = Vec::new();
-        let mut beaten: Vec<(String, i32)> = Vec::new();
-        loop {
-            if beaten.is_empty() {
-                if done_rx.recv_many(&mut arrived, 1024).await == 0 {
-                    return;
-                }
-            } else {
-                while arrived.len() < 1024 {
-                    match done_rx.try_recv() {
-                        Ok(a) => arrived.push(a),
-                        Err(_) => break,
-                    }
-                }
-            }
+    let (beaten_tx, mut beaten_rx) = mpsc::unbounded_channel::<(String, i32)>();
+    let mut results_client = client.clone();
+    let results_id = id.clone();
+    let results = tokio::spawn(async move {
+        let mut beaten = Vec::new();
+        while beaten_rx.recv_many(&mut beaten, 1024).await > 0 {
             let request = ReportRequest {
-                worker_id: reporter_id.clone(),
+                worker_id: results_id.clone(),
+                completions: beaten
+                    .drain(..)
+                    .map(|(task_id, attempt)| TaskCompletion {
+                        task_id,
+                        attempt,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            // Errors only happen when the benchmark shuts the controller down.
+            if results_client.report(request).await.is_err() {
+                return;
+            }
+        }
+    });
+    let heartbeat_id = id.clone();
+    let heartbeater = tokio::spawn(async move {
+        let _results = AbortOnDrop(results);
+        let mut arrived = Vec::new();
+        while done_rx.recv_many(&mut arrived, 1024).await > 0 {
+            let request = ReportRequest {
+                worker_id: heartbeat_id.clone(),
                 heartbeats: arrived
                     .iter()
                     .map(|(task_id, attempt)| TaskProgress {
@@ -153,21 +167,16 @@ async fn worker(
                         ..Default::default()
                     })
                     .collect(),
-                completions: beaten
-                    .drain(..)
-                    .map(|(task_id, attempt)| TaskCompletion {
-                        task_id,
-                        attempt,
-                        ..Default::default()
-                    })
-                    .collect(),
-                failures: vec![],
+                ..Default::default()
             };
-            // Errors only happen when the benchmark shuts the controller down.
             if client.report(request).await.is_err() {
                 return;
             }
-            beaten = std::mem::take(&mut arrived);
+            for a in arrived.drain(..) {
+                if beaten_tx.send(a).is_err() {
+                    return;
+                }
+            }
         }
     });
     loop {
@@ -182,9 +191,18 @@ async fn worker(
             .unwrap()
             .push((a.task_id.clone(), SystemTime::now()));
         if done_tx.send((a.task_id, a.attempt)).is_err() {
-            reporter.abort();
+            heartbeater.abort();
             return;
         }
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
