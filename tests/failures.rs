@@ -286,12 +286,7 @@ async fn retry_stage_waits_for_the_settling_lock_before_queueing() {
     c.wait_status(&campaign.id, "failed", Duration::from_secs(30))
         .await;
 
-    let mut other = c.db.connect().await;
-    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
-    let id = uuid::Uuid::parse_str(&campaign.id).unwrap();
-    flywheel_orchestrator::store::campaigns::lock_settling(&mut other, &[id])
-        .await
-        .unwrap();
+    let mut other = common::hold_settling_lock(&c.db, &campaign.id).await;
     let mut admin = c.admin_client().await;
     let campaign_id = campaign.id.clone();
     let retry = tokio::spawn(async move {

@@ -466,7 +466,6 @@ async fn a_stage_whose_last_shards_settle_concurrently_releases_its_successor() 
 /// completion is acknowledged only once written, and then counts.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slot_is_refilled_while_its_completion_is_being_written() {
-    use flywheel_orchestrator::store;
     let c = Cluster::start().await;
     let (w, id, mut stream) = hand_worker(&c, 1).await;
     let campaign = c
@@ -480,12 +479,7 @@ async fn a_slot_is_refilled_while_its_completion_is_being_written() {
 
     // Hold the campaign's settling lock: the writer, which takes it before committing a
     // completion, waits.
-    let mut other = c.db.connect().await;
-    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
-    let campaign_id = uuid::Uuid::parse_str(&campaign.id).unwrap();
-    store::campaigns::lock_settling(&mut other, &[campaign_id])
-        .await
-        .unwrap();
+    let mut other = common::hold_settling_lock(&c.db, &campaign.id).await;
     let (mut reporter, reporter_id, done) = (w.clone(), id.clone(), a.clone());
     let report = tokio::spawn(async move {
         reporter
@@ -533,7 +527,6 @@ async fn a_slot_is_refilled_while_its_completion_is_being_written() {
 /// controller, which hears from it after the stall began. The completion is then written.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agents_heartbeats_go_on_while_its_results_wait_to_be_written() {
-    use flywheel_orchestrator::store;
     let mut c = Cluster::start().await;
     c.add_worker("cpu-1", "cpu", &[]);
     let campaign = c
@@ -547,12 +540,7 @@ async fn an_agents_heartbeats_go_on_while_its_results_wait_to_be_written() {
         (states(&c, &campaign.id).await == [(0, "running".to_string(), 1)]).then_some(())
     })
     .await;
-    let mut other = c.db.connect().await;
-    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
-    let campaign_id = uuid::Uuid::parse_str(&campaign.id).unwrap();
-    store::campaigns::lock_settling(&mut other, &[campaign_id])
-        .await
-        .unwrap();
+    let mut other = common::hold_settling_lock(&c.db, &campaign.id).await;
     common::until_advisory_lock_awaited(&c.db, "the writer, with the completion").await;
     let stalled = std::time::Instant::now();
     let admin = c.admin_client().await;

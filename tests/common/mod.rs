@@ -152,6 +152,19 @@ pub async fn until_advisory_lock_awaited(db: &TestDb, who: &str) {
     .await;
 }
 
+/// Holds a campaign's settling lock (`store::campaigns::lock_settling`) in an open transaction
+/// on a connection of its own, until that connection commits or is dropped: writes that decide
+/// from other tasks' states wait meanwhile.
+pub async fn hold_settling_lock(db: &TestDb, campaign: &str) -> PgConnection {
+    let mut conn = db.connect().await;
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    let id = uuid::Uuid::parse_str(campaign).unwrap();
+    flywheel_orchestrator::store::campaigns::lock_settling(&mut conn, &[id])
+        .await
+        .unwrap();
+    conn
+}
+
 /// Creates a token with `flywheel token create`.
 pub fn token(db: &TestDb, scope: &str, name: &str) -> String {
     let out = Command::new(BIN)
