@@ -247,8 +247,8 @@ impl Registry {
 
     /// Frees the slots of attempts `(task, attempt)` the worker reports ended, before the report
     /// is written: the worker runs them no longer, so the next tasks can be claimed while the
-    /// report commits. The entries stay until [`Registry::release`] (or a stale report's end).
-    /// Returns whether a slot was freed.
+    /// report commits. The entries stay until the write releases them ([`Registry::release`]),
+    /// accepted or stale. Returns whether a slot was freed.
     pub(crate) fn ended(&self, worker: Uuid, tasks: &[(Uuid, i32)]) -> bool {
         let mut workers = self.workers.lock().expect("registry");
         let Some(w) = workers.get_mut(&worker) else {

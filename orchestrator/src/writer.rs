@@ -398,14 +398,19 @@ fn answer(ctl: &Controller, reports: Vec<Report>, c: Committed) {
                     .collect();
                 let _ = reply.send(Ok(directives));
             }
+            // A stale end still ends the attempt on the worker: its registry entry goes too.
             Report::Complete {
+                worker_id,
                 task_id,
                 attempt,
                 reply,
                 ..
             } => {
                 let accepted = c.completed.contains(&(task_id, attempt));
-                stale[0] += u64::from(!accepted);
+                if !accepted {
+                    released.push((Some(worker_id), task_id, attempt));
+                    stale[0] += 1;
+                }
                 let _ = reply.send(if accepted {
                     Ok(())
                 } else {
@@ -413,13 +418,17 @@ fn answer(ctl: &Controller, reports: Vec<Report>, c: Committed) {
                 });
             }
             Report::Fail {
+                worker_id,
                 task_id,
                 attempt,
                 reply,
                 ..
             } => {
                 let settled = c.failed.get(&(task_id, attempt)).copied();
-                stale[1] += u64::from(settled.is_none());
+                if settled.is_none() {
+                    released.push((Some(worker_id), task_id, attempt));
+                    stale[1] += 1;
+                }
                 let _ = reply.send(settled.ok_or(Rejected::Stale));
             }
         }
